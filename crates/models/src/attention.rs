@@ -1,0 +1,328 @@
+//! Attention and transformer blocks of the diffusers UNet, following diffusers
+//! `models/attention_processor.py` (`Attention` with `AttnProcessor2_0`), `models/attention.py`
+//! (`BasicTransformerBlock`, `FeedForward`), `models/activations.py` (`GEGLU`) and
+//! `models/transformers/transformer_2d.py` (`Transformer2DModel`, continuous input).
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::weights::{conv2d, group_norm, layer_norm, linear};
+
+/// diffusers' `Attention` as used by `BasicTransformerBlock`: multi-head (cross-)attention on
+/// `[batch, tokens, dim]` through `scaled_dot_product_attention`.
+#[derive(Debug)]
+pub struct Attention {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+    heads: i64,
+    upcast_attention: bool,
+}
+
+impl Attention {
+    /// Builds `to_q`, `to_k`, `to_v` and `to_out.0`; keys and values come from
+    /// `cross_attention_dim` features when given, else from the queries' `query_dim`.
+    pub fn new(
+        vs: &nn::Path,
+        query_dim: i64,
+        cross_attention_dim: Option<i64>,
+        heads: i64,
+        dim_head: i64,
+        bias: bool,
+        upcast_attention: bool,
+    ) -> Self {
+        let inner_dim = heads * dim_head;
+        let kv_dim = cross_attention_dim.unwrap_or(query_dim);
+        Self {
+            to_q: linear(vs / "to_q", query_dim, inner_dim, bias),
+            to_k: linear(vs / "to_k", kv_dim, inner_dim, bias),
+            to_v: linear(vs / "to_v", kv_dim, inner_dim, bias),
+            to_out: linear(vs / "to_out" / "0", inner_dim, query_dim, true),
+            heads,
+            upcast_attention,
+        }
+    }
+
+    /// Attends from `xs` (`[batch, tokens, query_dim]`) to `context` (or to `xs` itself).
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
+        let batch = xs.size()[0];
+        let context = context.unwrap_or(xs);
+        let query = self.to_q.forward(xs);
+        let key = self.to_k.forward(context);
+        let value = self.to_v.forward(context);
+        let inner_dim = key.size()[2];
+        let head_dim = inner_dim / self.heads;
+        let split = |t: Tensor| t.view([batch, -1, self.heads, head_dim]).transpose(1, 2);
+        let (query, key, value) = (split(query), split(key), split(value));
+        let kind = query.kind();
+        // diffusers' SDPA processor ignores `upcast_attention`; the flag exists for checkpoints
+        // (SD 2.x) whose attention overflows in half precision, so honour it by computing in f32.
+        let upcast = self.upcast_attention && matches!(kind, Kind::Half | Kind::BFloat16);
+        let out = if upcast {
+            Tensor::scaled_dot_product_attention(
+                &query.to_kind(Kind::Float),
+                &key.to_kind(Kind::Float),
+                &value.to_kind(Kind::Float),
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            )
+            .to_kind(kind)
+        } else {
+            Tensor::scaled_dot_product_attention(
+                &query,
+                &key,
+                &value,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            )
+        };
+        let out = out
+            .transpose(1, 2)
+            .reshape([batch, -1, self.heads * head_dim]);
+        self.to_out.forward(&out)
+    }
+}
+
+/// diffusers' `GEGLU`: `proj` to twice the width, then `hidden * gelu(gate)`.
+#[derive(Debug)]
+pub struct GeGlu {
+    proj: nn::Linear,
+}
+
+impl GeGlu {
+    /// Builds `proj` (`dim_in` → `2 * dim_out`).
+    pub fn new(vs: &nn::Path, dim_in: i64, dim_out: i64) -> Self {
+        Self {
+            proj: linear(vs / "proj", dim_in, dim_out * 2, true),
+        }
+    }
+
+    /// Applies the gated GELU.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let xs = self.proj.forward(xs);
+        let chunks = xs.chunk(2, -1);
+        &chunks[0] * chunks[1].gelu("none")
+    }
+}
+
+/// diffusers' `FeedForward` with the `"geglu"` activation (`net.0` GEGLU, `net.2` Linear).
+#[derive(Debug)]
+pub struct FeedForward {
+    geglu: GeGlu,
+    out: nn::Linear,
+}
+
+impl FeedForward {
+    /// Builds the feed-forward of width `dim * mult`.
+    pub fn new(vs: &nn::Path, dim: i64, mult: i64) -> Self {
+        let inner_dim = dim * mult;
+        let net = vs / "net";
+        Self {
+            geglu: GeGlu::new(&(&net / "0"), dim, inner_dim),
+            out: linear(&net / "2", inner_dim, dim, true),
+        }
+    }
+
+    /// Applies the feed-forward.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        self.out.forward(&self.geglu.forward(xs))
+    }
+}
+
+/// Settings shared by every `BasicTransformerBlock` of one `Transformer2DModel`.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerBlockConfig {
+    /// Attention heads.
+    pub num_attention_heads: i64,
+    /// Width of each head.
+    pub attention_head_dim: i64,
+    /// Feature width of `encoder_hidden_states`.
+    pub cross_attention_dim: i64,
+    /// `attn1` attends to `encoder_hidden_states` instead of to itself.
+    pub only_cross_attention: bool,
+    /// Compute attention in f32 for half-precision models.
+    pub upcast_attention: bool,
+}
+
+/// diffusers' `BasicTransformerBlock` with `norm_type="layer_norm"`: self-attention,
+/// cross-attention and a GEGLU feed-forward, each pre-normed and residual.
+#[derive(Debug)]
+pub struct BasicTransformerBlock {
+    norm1: nn::LayerNorm,
+    attn1: Attention,
+    norm2: nn::LayerNorm,
+    attn2: Attention,
+    norm3: nn::LayerNorm,
+    ff: FeedForward,
+    only_cross_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    /// Builds a block of width `dim`.
+    pub fn new(vs: &nn::Path, dim: i64, cfg: &TransformerBlockConfig) -> Self {
+        let heads = cfg.num_attention_heads;
+        let head_dim = cfg.attention_head_dim;
+        let attn1_ctx = cfg.only_cross_attention.then_some(cfg.cross_attention_dim);
+        Self {
+            norm1: layer_norm(vs / "norm1", dim, 1e-5),
+            attn1: Attention::new(
+                &(vs / "attn1"),
+                dim,
+                attn1_ctx,
+                heads,
+                head_dim,
+                false,
+                cfg.upcast_attention,
+            ),
+            norm2: layer_norm(vs / "norm2", dim, 1e-5),
+            attn2: Attention::new(
+                &(vs / "attn2"),
+                dim,
+                Some(cfg.cross_attention_dim),
+                heads,
+                head_dim,
+                false,
+                cfg.upcast_attention,
+            ),
+            norm3: layer_norm(vs / "norm3", dim, 1e-5),
+            ff: FeedForward::new(&(vs / "ff"), dim, 4),
+            only_cross_attention: cfg.only_cross_attention,
+        }
+    }
+
+    /// Runs the block on `[batch, tokens, dim]`.
+    pub fn forward(&self, xs: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+        let ctx1 = self.only_cross_attention.then_some(encoder_hidden_states);
+        let xs = self.attn1.forward(&self.norm1.forward(xs), ctx1) + xs;
+        let xs = self
+            .attn2
+            .forward(&self.norm2.forward(&xs), Some(encoder_hidden_states))
+            + xs;
+        self.ff.forward(&self.norm3.forward(&xs)) + xs
+    }
+}
+
+/// Input/output projection of a `Transformer2DModel`: a `Linear` on tokens or a 1x1 `Conv2d` on
+/// the feature map, depending on `use_linear_projection`.
+#[derive(Debug)]
+enum Projection {
+    Linear(nn::Linear),
+    Conv(nn::Conv2D),
+}
+
+impl Projection {
+    fn new(vs: nn::Path, in_dim: i64, out_dim: i64, use_linear: bool) -> Self {
+        if use_linear {
+            Self::Linear(linear(vs, in_dim, out_dim, true))
+        } else {
+            Self::Conv(conv2d(vs, in_dim, out_dim, 1, 1, 0))
+        }
+    }
+}
+
+/// Settings of one `Transformer2DModel` inside a UNet block.
+#[derive(Debug, Clone, Copy)]
+pub struct Transformer2DConfig {
+    /// Attention heads.
+    pub num_attention_heads: i64,
+    /// Width of each head; `heads * head_dim` is the transformer's inner width.
+    pub attention_head_dim: i64,
+    /// Channels of the feature map it runs on.
+    pub in_channels: i64,
+    /// Number of stacked `BasicTransformerBlock`s.
+    pub num_layers: i64,
+    /// Feature width of `encoder_hidden_states`.
+    pub cross_attention_dim: i64,
+    /// Groups of the input `GroupNorm` (eps 1e-6).
+    pub norm_num_groups: i64,
+    /// `proj_in`/`proj_out` are `Linear` (SD 2.x, SDXL) rather than 1x1 `Conv2d` (SD 1.x).
+    pub use_linear_projection: bool,
+    /// `attn1` of every block is a cross-attention.
+    pub only_cross_attention: bool,
+    /// Compute attention in f32 for half-precision models.
+    pub upcast_attention: bool,
+}
+
+/// diffusers' `Transformer2DModel` on continuous input: group norm, projection to tokens,
+/// transformer blocks, projection back, residual.
+#[derive(Debug)]
+pub struct Transformer2DModel {
+    norm: nn::GroupNorm,
+    proj_in: Projection,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    /// Builds the model under `vs` (`norm`, `proj_in`, `transformer_blocks.N`, `proj_out`).
+    pub fn new(vs: &nn::Path, cfg: &Transformer2DConfig) -> Self {
+        let inner_dim = cfg.num_attention_heads * cfg.attention_head_dim;
+        let norm = group_norm(vs / "norm", cfg.norm_num_groups, cfg.in_channels, 1e-6);
+        let proj_in = Projection::new(
+            vs / "proj_in",
+            cfg.in_channels,
+            inner_dim,
+            cfg.use_linear_projection,
+        );
+        let block_cfg = TransformerBlockConfig {
+            num_attention_heads: cfg.num_attention_heads,
+            attention_head_dim: cfg.attention_head_dim,
+            cross_attention_dim: cfg.cross_attention_dim,
+            only_cross_attention: cfg.only_cross_attention,
+            upcast_attention: cfg.upcast_attention,
+        };
+        let blocks = vs / "transformer_blocks";
+        let transformer_blocks = (0..cfg.num_layers)
+            .map(|i| BasicTransformerBlock::new(&(&blocks / i), inner_dim, &block_cfg))
+            .collect();
+        let proj_out = Projection::new(
+            vs / "proj_out",
+            inner_dim,
+            cfg.in_channels,
+            cfg.use_linear_projection,
+        );
+        Self {
+            norm,
+            proj_in,
+            transformer_blocks,
+            proj_out,
+        }
+    }
+
+    /// Runs on a `[batch, channels, height, width]` map conditioned on `encoder_hidden_states`.
+    pub fn forward(&self, xs: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+        let size = xs.size();
+        let (batch, height, width) = (size[0], size[2], size[3]);
+        let residual = xs;
+        let xs = self.norm.forward(xs);
+        let to_tokens = |t: &Tensor| {
+            let c = t.size()[1];
+            t.permute([0, 2, 3, 1]).reshape([batch, height * width, c])
+        };
+        let mut xs = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&xs)),
+            Projection::Linear(lin) => lin.forward(&to_tokens(&xs)),
+        };
+        for block in &self.transformer_blocks {
+            xs = block.forward(&xs, encoder_hidden_states);
+        }
+        let to_map = |t: &Tensor| {
+            let c = t.size()[2];
+            t.reshape([batch, height, width, c])
+                .permute([0, 3, 1, 2])
+                .contiguous()
+        };
+        let xs = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(&xs)),
+            Projection::Linear(lin) => to_map(&lin.forward(&xs)),
+        };
+        xs + residual
+    }
+}

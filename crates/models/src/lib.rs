@@ -1,0 +1,14 @@
+//! Diffusion model components as libtorch (`tch`) modules, built from diffusers' `config.json`
+//! and loaded from its safetensors files with the checkpoint's own parameter paths.
+
+pub mod attention;
+pub mod clip;
+pub mod embeddings;
+pub mod error;
+pub mod resnet;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
+pub mod weights;
+
+pub use error::{Error, Result};

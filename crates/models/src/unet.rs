@@ -1,0 +1,1018 @@
+//! The conditional denoising UNet of Stable Diffusion 1.x/2.x/XL (and their inpainting
+//! variants), following diffusers `models/unets/unet_2d_condition.py` (`UNet2DConditionModel`).
+//!
+//! Parameters live at the checkpoint's own key paths (`down_blocks.0.attentions.0...`), so
+//! loading `diffusion_pytorch_model.safetensors` is a lookup by name.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::embeddings::{Activation, TimestepEmbedding, Timesteps};
+use crate::unet_blocks::{
+    CrossAttnSettings, DownBlock, DownBlockConfig, MidBlock, ResnetSettings, UpBlock, UpBlockConfig,
+};
+use crate::weights;
+use crate::{Error, Result};
+
+/// A config value given either once for every block or as one value per block.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    /// One value per block (listed first so that nested lists parse as lists).
+    Many(Vec<T>),
+    /// The same value for every block.
+    One(T),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// Expands to `n` values, or errors naming `field` when a list has the wrong length.
+    pub fn expand(&self, n: usize, field: &str) -> Result<Vec<T>> {
+        match self {
+            Self::One(v) => Ok(vec![v.clone(); n]),
+            Self::Many(vs) if vs.len() == n => Ok(vs.clone()),
+            Self::Many(vs) => Err(Error::Config(format!(
+                "{field}: {} values given for {n} down blocks",
+                vs.len()
+            ))),
+        }
+    }
+}
+
+fn default_in_channels() -> i64 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_down_block_types() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_mid_block_type() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".to_string())
+}
+fn default_up_block_types() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_only_cross_attention() -> PerBlock<bool> {
+    PerBlock::One(false)
+}
+fn default_block_out_channels() -> Vec<i64> {
+    vec![320, 640, 1280, 1280]
+}
+fn default_layers_per_block() -> PerBlock<i64> {
+    PerBlock::One(2)
+}
+fn default_one_i64() -> i64 {
+    1
+}
+fn default_one_f64() -> f64 {
+    1.0
+}
+fn default_act_fn() -> String {
+    "silu".to_string()
+}
+fn default_norm_num_groups() -> Option<i64> {
+    Some(32)
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_cross_attention_dim() -> PerBlock<i64> {
+    PerBlock::One(1280)
+}
+fn default_transformer_layers_per_block() -> PerBlock<PerBlock<i64>> {
+    PerBlock::One(PerBlock::One(1))
+}
+fn default_attention_head_dim() -> PerBlock<i64> {
+    PerBlock::One(8)
+}
+fn default_resnet_time_scale_shift() -> String {
+    "default".to_string()
+}
+fn default_time_embedding_type() -> String {
+    "positional".to_string()
+}
+fn default_kernel() -> i64 {
+    3
+}
+fn default_attention_type() -> String {
+    "default".to_string()
+}
+fn default_addition_embed_type_num_heads() -> i64 {
+    64
+}
+
+/// `unet/config.json`, field for field as diffusers' `UNet2DConditionModel.__init__` takes it,
+/// with diffusers' defaults for what a config omits.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNet2DConditionConfig {
+    /// Nominal latent height/width (informational).
+    #[serde(default)]
+    pub sample_size: Option<PerBlock<i64>>,
+    /// Input channels: 4, or 9 for inpainting checkpoints (latents + mask + masked latents).
+    #[serde(default = "default_in_channels")]
+    pub in_channels: i64,
+    /// Output channels.
+    #[serde(default = "default_in_channels")]
+    pub out_channels: i64,
+    /// Maps the input sample from [0, 1] to [-1, 1] first.
+    #[serde(default)]
+    pub center_input_sample: bool,
+    /// Timestep embedding order `cos, sin` (true) or `sin, cos`.
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    /// Frequency shift of the timestep embedding.
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// Down block class names.
+    #[serde(default = "default_down_block_types")]
+    pub down_block_types: Vec<String>,
+    /// Mid block class name; `null` for no mid block.
+    #[serde(default = "default_mid_block_type")]
+    pub mid_block_type: Option<String>,
+    /// Up block class names.
+    #[serde(default = "default_up_block_types")]
+    pub up_block_types: Vec<String>,
+    /// Whether `attn1` is a cross-attention, once or per block.
+    #[serde(default = "default_only_cross_attention")]
+    pub only_cross_attention: PerBlock<bool>,
+    /// Output channels of each down block.
+    #[serde(default = "default_block_out_channels")]
+    pub block_out_channels: Vec<i64>,
+    /// Resnets per down block (up blocks have one more), once or per block.
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: PerBlock<i64>,
+    /// Padding of the downsampling convs.
+    #[serde(default = "default_one_i64")]
+    pub downsample_padding: i64,
+    /// Output scale factor of the mid block's resnets.
+    #[serde(default = "default_one_f64")]
+    pub mid_block_scale_factor: f64,
+    /// Training dropout (unused at inference).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Activation of the time embedding and output head (resnets use SiLU).
+    #[serde(default = "default_act_fn")]
+    pub act_fn: String,
+    /// Group-norm groups; `null` (no output norm) is not supported.
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: Option<i64>,
+    /// Group-norm epsilon.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Feature width of `encoder_hidden_states`, once or per block.
+    #[serde(default = "default_cross_attention_dim")]
+    pub cross_attention_dim: PerBlock<i64>,
+    /// Transformer blocks per attention, once, per block, or per block and layer.
+    #[serde(default = "default_transformer_layers_per_block")]
+    pub transformer_layers_per_block: PerBlock<PerBlock<i64>>,
+    /// Per-block, per-layer transformer depths of the up path, for asymmetric UNets.
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<PerBlock<i64>>>,
+    /// Width of `encoder_hidden_states` before `encoder_hid_proj` (`text_proj`).
+    #[serde(default)]
+    pub encoder_hid_dim: Option<i64>,
+    /// How `encoder_hidden_states` is projected; only `text_proj` is supported.
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    /// Number of attention heads per block, despite the name (diffusers' naming quirk).
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: PerBlock<i64>,
+    /// The real number of heads when set; `null` means "use `attention_head_dim`".
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<i64>>,
+    /// Dual transformers (not supported).
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    /// `proj_in`/`proj_out` are `Linear` rather than 1x1 `Conv2d`.
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    /// Class conditioning (not supported).
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    /// Extra conditioning added to the time embedding: `null` or `"text_time"` (SDXL).
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Width of each SDXL `time_ids` embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// Number of class embeddings (not supported).
+    #[serde(default)]
+    pub num_class_embeds: Option<i64>,
+    /// Compute attention in f32 (SD 2.x).
+    #[serde(default)]
+    pub upcast_attention: bool,
+    /// Resnet time-embedding mode; only `"default"` is supported.
+    #[serde(default = "default_resnet_time_scale_shift")]
+    pub resnet_time_scale_shift: String,
+    /// Only used by block types not supported here.
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    /// Only used by block types not supported here.
+    #[serde(default = "default_one_f64")]
+    pub resnet_out_scale_factor: f64,
+    /// Timestep embedding kind; only `"positional"` is supported.
+    #[serde(default = "default_time_embedding_type")]
+    pub time_embedding_type: String,
+    /// Width of the time embedding; defaults to `4 * block_out_channels[0]`.
+    #[serde(default)]
+    pub time_embedding_dim: Option<i64>,
+    /// Activation applied once to the summed embeddings.
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    /// Activation after the time embedding's second linear layer.
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    /// Width of the optional `timestep_cond` input (LCM guidance embedding).
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<i64>,
+    /// Kernel size of `conv_in`.
+    #[serde(default = "default_kernel")]
+    pub conv_in_kernel: i64,
+    /// Kernel size of `conv_out`.
+    #[serde(default = "default_kernel")]
+    pub conv_out_kernel: i64,
+    /// Input width of `add_embedding` (SDXL: pooled text embeds + `time_ids` embeddings).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
+    /// Attention kind; only `"default"` is supported.
+    #[serde(default = "default_attention_type")]
+    pub attention_type: String,
+    /// Concatenate class embeddings (not supported).
+    #[serde(default)]
+    pub class_embeddings_concat: bool,
+    /// Only used by `UNetMidBlock2DSimpleCrossAttn`, not supported here.
+    #[serde(default)]
+    pub mid_block_only_cross_attention: Option<bool>,
+    /// Only used by `SimpleCrossAttn` blocks, not supported here.
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    /// Only used by `addition_embed_type="text"`, not supported here.
+    #[serde(default = "default_addition_embed_type_num_heads")]
+    pub addition_embed_type_num_heads: i64,
+}
+
+/// Which of the two supported block flavours a block type name denotes.
+fn block_has_cross_attention(name: &str, plain: &str, cross: &str, field: &str) -> Result<bool> {
+    // diffusers' get_down_block/get_up_block accept a "UNetRes" prefix.
+    let name = name.strip_prefix("UNetRes").unwrap_or(name);
+    if name == plain {
+        Ok(false)
+    } else if name == cross {
+        Ok(true)
+    } else {
+        Err(Error::Config(format!(
+            "{field}: unsupported block type {name:?} (supported: {plain}, {cross})"
+        )))
+    }
+}
+
+/// The SDXL micro-conditioning (`added_cond_kwargs`) for `addition_embed_type="text_time"`.
+#[derive(Debug)]
+pub struct SdxlConditioning {
+    /// Pooled text embeddings, `[batch, D]`.
+    pub text_embeds: Tensor,
+    /// Original size, crop offset and target size, `[batch, 6]` (refiner: `[batch, 5]`).
+    pub time_ids: Tensor,
+}
+
+/// Optional inputs of [`UNet2DConditionModel::forward_with`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UNetExtraInputs<'a> {
+    /// SDXL micro-conditioning; required when the config has `addition_embed_type="text_time"`.
+    pub added: Option<&'a SdxlConditioning>,
+    /// Guidance embedding for `time_cond_proj_dim` UNets (LCM), `[batch, time_cond_proj_dim]`.
+    pub timestep_cond: Option<&'a Tensor>,
+    /// ControlNet residuals added to each skip connection (conv_in output first).
+    pub down_block_additional_residuals: Option<&'a [Tensor]>,
+    /// ControlNet residual added to the mid block output.
+    pub mid_block_additional_residual: Option<&'a Tensor>,
+}
+
+/// diffusers' `UNet2DConditionModel`: predicts noise (or v) from a noisy latent, a timestep and
+/// text embeddings.
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    config: UNet2DConditionConfig,
+    conv_in: nn::Conv2D,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    encoder_hid_proj: Option<nn::Linear>,
+    add_time_proj: Option<Timesteps>,
+    add_embedding: Option<TimestepEmbedding>,
+    time_embed_act: Option<Activation>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: nn::GroupNorm,
+    conv_act: Activation,
+    conv_out: nn::Conv2D,
+    /// Feature width `encoder_hidden_states` must have.
+    context_dim: Option<i64>,
+    kind: Kind,
+    device: Device,
+    var_store: Option<nn::VarStore>,
+}
+
+impl UNet2DConditionModel {
+    /// Declares the model's parameters under `vs` (at the checkpoint's key paths), rejecting
+    /// config values this implementation does not support.
+    pub fn new(vs: &nn::Path, config: UNet2DConditionConfig) -> Result<Self> {
+        let cfg = &config;
+        let n = cfg.down_block_types.len();
+        let cerr = |m: String| Err(Error::Config(m));
+        if n == 0 {
+            return cerr("down_block_types: empty".into());
+        }
+        if cfg.up_block_types.len() != n {
+            return cerr(format!(
+                "up_block_types: {} entries but {n} down_block_types",
+                cfg.up_block_types.len()
+            ));
+        }
+        if cfg.block_out_channels.len() != n {
+            return cerr(format!(
+                "block_out_channels: {} entries but {n} down_block_types",
+                cfg.block_out_channels.len()
+            ));
+        }
+        let unsupported = |field: &str, value: &dyn std::fmt::Debug| {
+            Err(Error::Config(format!(
+                "{field}: {value:?} is not supported"
+            )))
+        };
+        if cfg.time_embedding_type != "positional" {
+            return unsupported("time_embedding_type", &cfg.time_embedding_type);
+        }
+        if cfg.resnet_time_scale_shift != "default" {
+            return unsupported("resnet_time_scale_shift", &cfg.resnet_time_scale_shift);
+        }
+        if cfg.attention_type != "default" {
+            return unsupported("attention_type", &cfg.attention_type);
+        }
+        if cfg.dual_cross_attention {
+            return unsupported("dual_cross_attention", &true);
+        }
+        if cfg.class_embed_type.is_some() {
+            return unsupported("class_embed_type", &cfg.class_embed_type);
+        }
+        if cfg.num_class_embeds.is_some() {
+            return unsupported("num_class_embeds", &cfg.num_class_embeds);
+        }
+        if cfg.class_embeddings_concat {
+            return unsupported("class_embeddings_concat", &true);
+        }
+        // Resnets hard-wire SiLU, as every Stable Diffusion checkpoint uses.
+        let act = Activation::from_name(&cfg.act_fn, "act_fn")?;
+        if act != Activation::Silu {
+            return unsupported("act_fn", &cfg.act_fn);
+        }
+        let Some(groups) = cfg.norm_num_groups else {
+            return unsupported("norm_num_groups", &cfg.norm_num_groups);
+        };
+        if groups <= 0 {
+            return cerr(format!("norm_num_groups: {groups} must be positive"));
+        }
+        for &c in &cfg.block_out_channels {
+            if c <= 0 || c % groups != 0 {
+                return cerr(format!(
+                    "block_out_channels: {c} is not a positive multiple of norm_num_groups {groups}"
+                ));
+            }
+        }
+        for (field, k) in [
+            ("conv_in_kernel", cfg.conv_in_kernel),
+            ("conv_out_kernel", cfg.conv_out_kernel),
+        ] {
+            if k <= 0 || k % 2 == 0 {
+                return cerr(format!("{field}: {k} must be a positive odd number"));
+            }
+        }
+        for (field, c) in [
+            ("in_channels", cfg.in_channels),
+            ("out_channels", cfg.out_channels),
+        ] {
+            if c <= 0 {
+                return cerr(format!("{field}: {c} must be positive"));
+            }
+        }
+
+        let down_cross = cfg
+            .down_block_types
+            .iter()
+            .map(|t| {
+                block_has_cross_attention(
+                    t,
+                    "DownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "down_block_types",
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let up_cross = cfg
+            .up_block_types
+            .iter()
+            .map(|t| {
+                block_has_cross_attention(t, "UpBlock2D", "CrossAttnUpBlock2D", "up_block_types")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_cross = match cfg.mid_block_type.as_deref() {
+            None => None,
+            Some("UNetMidBlock2DCrossAttn") => Some(true),
+            Some("UNetMidBlock2D") => Some(false),
+            Some(other) => return unsupported("mid_block_type", &other),
+        };
+
+        let only_cross = cfg.only_cross_attention.expand(n, "only_cross_attention")?;
+        let heads = match &cfg.num_attention_heads {
+            Some(h) => h.expand(n, "num_attention_heads")?,
+            None => cfg.attention_head_dim.expand(n, "attention_head_dim")?,
+        };
+        let cross_dims = cfg.cross_attention_dim.expand(n, "cross_attention_dim")?;
+        let layers = cfg.layers_per_block.expand(n, "layers_per_block")?;
+        let transformer_layers = cfg
+            .transformer_layers_per_block
+            .expand(n, "transformer_layers_per_block")?;
+        for (i, (&h, &c)) in heads.iter().zip(&cfg.block_out_channels).enumerate() {
+            if h <= 0 || c % h != 0 {
+                return cerr(format!(
+                    "attention_head_dim: {h} heads do not divide the {c} channels of block {i}"
+                ));
+            }
+        }
+        if layers.iter().any(|&l| l <= 0) {
+            return cerr(format!("layers_per_block: {layers:?} must be positive"));
+        }
+        // Per-layer transformer depths of the down path (and, reversed, of the up path).
+        let per_layer = |v: &PerBlock<i64>, count: i64, field: &str| -> Result<Vec<i64>> {
+            let d = v.expand(count as usize, field)?;
+            if d.iter().any(|&x| x <= 0) {
+                return Err(Error::Config(format!("{field}: {d:?} must be positive")));
+            }
+            Ok(d)
+        };
+        let down_tl = transformer_layers
+            .iter()
+            .zip(&layers)
+            .map(|(t, &l)| per_layer(t, l, "transformer_layers_per_block"))
+            .collect::<Result<Vec<_>>>()?;
+        let up_tl = match &cfg.reverse_transformer_layers_per_block {
+            Some(r) => {
+                if r.len() != n {
+                    return cerr(format!(
+                        "reverse_transformer_layers_per_block: {} entries for {n} up blocks",
+                        r.len()
+                    ));
+                }
+                r.iter()
+                    .zip(layers.iter().rev())
+                    .map(|(t, &l)| per_layer(t, l + 1, "reverse_transformer_layers_per_block"))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => {
+                if matches!(&cfg.transformer_layers_per_block, PerBlock::Many(v) if v.iter().any(|x| matches!(x, PerBlock::Many(_))))
+                {
+                    return cerr("reverse_transformer_layers_per_block: required when transformer_layers_per_block lists per-layer depths".into());
+                }
+                transformer_layers
+                    .iter()
+                    .rev()
+                    .zip(layers.iter().rev())
+                    .map(|(t, &l)| per_layer(t, l + 1, "transformer_layers_per_block"))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let mid_tl = match transformer_layers.last() {
+            Some(PerBlock::One(v)) => vec![*v],
+            Some(PerBlock::Many(v)) => v.clone(),
+            None => vec![1],
+        };
+
+        let b0 = cfg.block_out_channels[0];
+        // Time embedding.
+        let time_embed_dim = cfg.time_embedding_dim.unwrap_or(b0 * 4);
+        let time_proj = Timesteps::new(b0, cfg.flip_sin_to_cos, cfg.freq_shift);
+        let post_act = cfg
+            .timestep_post_act
+            .as_deref()
+            .map(|a| Activation::from_name(a, "timestep_post_act"))
+            .transpose()?;
+        let time_embedding = TimestepEmbedding::new(
+            &(vs / "time_embedding"),
+            b0,
+            time_embed_dim,
+            act,
+            None,
+            post_act,
+            cfg.time_cond_proj_dim,
+        );
+
+        // Encoder hidden states projection.
+        let encoder_hid_proj = match (cfg.encoder_hid_dim_type.as_deref(), cfg.encoder_hid_dim) {
+            (None, None) => None,
+            (None | Some("text_proj"), Some(d)) => {
+                let PerBlock::One(ca) = cfg.cross_attention_dim else {
+                    return unsupported(
+                        "cross_attention_dim",
+                        &"a per-block list with encoder_hid_dim",
+                    );
+                };
+                Some(weights::linear(vs / "encoder_hid_proj", d, ca, true))
+            }
+            (Some(t), None) => {
+                return cerr(format!(
+                    "encoder_hid_dim: required when encoder_hid_dim_type is {t:?}"
+                ))
+            }
+            (Some(t), Some(_)) => return unsupported("encoder_hid_dim_type", &t),
+        };
+        let context_dim = match (cfg.encoder_hid_dim, &cfg.cross_attention_dim) {
+            (Some(d), _) => Some(d),
+            (None, PerBlock::One(d)) => Some(*d),
+            (None, PerBlock::Many(v)) => v.first().copied().filter(|f| v.iter().all(|x| x == f)),
+        };
+
+        // Additional (SDXL) embedding.
+        let (add_time_proj, add_embedding) = match cfg.addition_embed_type.as_deref() {
+            None => (None, None),
+            Some("text_time") => {
+                let Some(dim) = cfg.addition_time_embed_dim else {
+                    return cerr(
+                        "addition_time_embed_dim: required for addition_embed_type \"text_time\""
+                            .into(),
+                    );
+                };
+                let Some(input_dim) = cfg.projection_class_embeddings_input_dim else {
+                    return cerr("projection_class_embeddings_input_dim: required for addition_embed_type \"text_time\"".into());
+                };
+                (
+                    Some(Timesteps::new(dim, cfg.flip_sin_to_cos, cfg.freq_shift)),
+                    Some(TimestepEmbedding::new(
+                        &(vs / "add_embedding"),
+                        input_dim,
+                        time_embed_dim,
+                        Activation::Silu,
+                        None,
+                        None,
+                        None,
+                    )),
+                )
+            }
+            Some(other) => return unsupported("addition_embed_type", &other),
+        };
+        let time_embed_act = cfg
+            .time_embedding_act_fn
+            .as_deref()
+            .map(|a| Activation::from_name(a, "time_embedding_act_fn"))
+            .transpose()?;
+
+        let conv_in = weights::conv2d(
+            vs / "conv_in",
+            cfg.in_channels,
+            b0,
+            cfg.conv_in_kernel,
+            1,
+            (cfg.conv_in_kernel - 1) / 2,
+        );
+
+        let resnet = ResnetSettings {
+            temb_channels: time_embed_dim,
+            groups,
+            eps: cfg.norm_eps,
+        };
+        let cross = |i: usize, tl: Vec<i64>, only: bool| CrossAttnSettings {
+            transformer_layers: tl,
+            num_attention_heads: heads[i],
+            cross_attention_dim: cross_dims[i],
+            use_linear_projection: cfg.use_linear_projection,
+            only_cross_attention: only,
+            upcast_attention: cfg.upcast_attention,
+        };
+
+        // Down path.
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut output_channel = b0;
+        for i in 0..n {
+            let input_channel = output_channel;
+            output_channel = cfg.block_out_channels[i];
+            let settings = down_cross[i].then(|| cross(i, down_tl[i].clone(), only_cross[i]));
+            down_blocks.push(DownBlock::new(
+                &(vs / "down_blocks" / i),
+                &DownBlockConfig {
+                    in_channels: input_channel,
+                    out_channels: output_channel,
+                    num_layers: layers[i],
+                    add_downsample: i + 1 < n,
+                    downsample_padding: cfg.downsample_padding,
+                },
+                &resnet,
+                settings.as_ref(),
+            ));
+        }
+
+        // Mid block. diffusers builds the mid transformer without `only_cross_attention`.
+        let last = n - 1;
+        let mid_block = mid_cross.map(|has_cross| {
+            let settings = has_cross.then(|| cross(last, mid_tl.clone(), false));
+            MidBlock::new(
+                &(vs / "mid_block"),
+                cfg.block_out_channels[last],
+                cfg.mid_block_scale_factor,
+                &resnet,
+                settings.as_ref(),
+            )
+        });
+
+        // Up path: per-block lists reversed.
+        let rev_channels: Vec<i64> = cfg.block_out_channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut output_channel = rev_channels[0];
+        for i in 0..n {
+            let prev_output_channel = output_channel;
+            output_channel = rev_channels[i];
+            let input_channel = rev_channels[(i + 1).min(n - 1)];
+            let j = n - 1 - i;
+            let settings = up_cross[i].then(|| cross(j, up_tl[i].clone(), only_cross[j]));
+            up_blocks.push(UpBlock::new(
+                &(vs / "up_blocks" / i),
+                &UpBlockConfig {
+                    in_channels: input_channel,
+                    prev_output_channel,
+                    out_channels: output_channel,
+                    num_layers: layers[j] + 1,
+                    add_upsample: i + 1 < n,
+                },
+                &resnet,
+                settings.as_ref(),
+            ));
+        }
+
+        let conv_norm_out = weights::group_norm(vs / "conv_norm_out", groups, b0, cfg.norm_eps);
+        let conv_out = weights::conv2d(
+            vs / "conv_out",
+            b0,
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            1,
+            (cfg.conv_out_kernel - 1) / 2,
+        );
+
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            encoder_hid_proj,
+            add_time_proj,
+            add_embedding,
+            time_embed_act,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_act: act,
+            conv_out,
+            context_dim,
+            kind: vs.kind(),
+            device: vs.device(),
+            var_store: None,
+            config,
+        })
+    }
+
+    /// Loads `unet/config.json` and the (optionally `variant`) safetensors weights of
+    /// `component_dir` into a model of `kind` on `device`.
+    pub fn load(
+        component_dir: &Path,
+        variant: Option<&str>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let config: UNet2DConditionConfig = weights::read_config(component_dir)?;
+        let files = weights::weight_files(component_dir, variant)?;
+        let mut vs = weights::var_store(kind, device);
+        let mut model = Self::new(&vs.root(), config)?;
+        weights::load(&mut vs, &files, &|name| name.to_string())?;
+        vs.freeze();
+        model.var_store = Some(vs);
+        Ok(model)
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &UNet2DConditionConfig {
+        &self.config
+    }
+
+    /// The dtype of the model's parameters (and of its output).
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The device the model's parameters live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The var store holding the parameters, when the model was built by [`Self::load`].
+    pub fn var_store(&self) -> Option<&nn::VarStore> {
+        self.var_store.as_ref()
+    }
+
+    /// How many skip connections the down path produces (the length ControlNet residuals need).
+    pub fn num_down_block_residuals(&self) -> usize {
+        1 + self
+            .down_blocks
+            .iter()
+            .map(DownBlock::num_outputs)
+            .sum::<usize>()
+    }
+
+    /// Predicts the model output for `sample` (`[batch, in_channels, h, w]`) at `timestep`
+    /// (0-d or `[batch]`/`[1]`, float or int) given `encoder_hidden_states`
+    /// (`[batch, tokens, cross_attention_dim]`) and, for SDXL, `added` conditioning.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&SdxlConditioning>,
+    ) -> Result<Tensor> {
+        let extra = UNetExtraInputs {
+            added,
+            ..Default::default()
+        };
+        self.forward_with(sample, timestep, encoder_hidden_states, &extra)
+    }
+
+    /// [`Self::forward`] with ControlNet residuals added to the skip connections and mid block.
+    pub fn forward_with_residuals(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&SdxlConditioning>,
+        down_block_additional_residuals: Option<&[Tensor]>,
+        mid_block_additional_residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let extra = UNetExtraInputs {
+            added,
+            timestep_cond: None,
+            down_block_additional_residuals,
+            mid_block_additional_residual,
+        };
+        self.forward_with(sample, timestep, encoder_hidden_states, &extra)
+    }
+
+    /// The full forward pass. Inputs are moved to the model's device and dtype; shapes are
+    /// checked first, and a libtorch failure (e.g. out of memory) comes back as
+    /// [`Error::Torch`] rather than a panic.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        extra: &UNetExtraInputs,
+    ) -> Result<Tensor> {
+        self.check_inputs(sample, timestep, encoder_hidden_states, extra)?;
+        let run = || {
+            let _guard = tch::no_grad_guard();
+            self.forward_unchecked(sample, timestep, encoder_hidden_states, extra)
+        };
+        match catch_unwind(AssertUnwindSafe(run)) {
+            Ok(result) => result,
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "UNet forward panicked".to_string());
+                Err(Error::Torch(tch::TchError::Torch(msg)))
+            }
+        }
+    }
+
+    fn check_inputs(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        extra: &UNetExtraInputs,
+    ) -> Result<()> {
+        let ierr = |m: String| Err(Error::Input(m));
+        let s = sample.size();
+        if s.len() != 4 || s[1] != self.config.in_channels {
+            return ierr(format!(
+                "sample: shape {s:?}, expected [batch, {}, height, width]",
+                self.config.in_channels
+            ));
+        }
+        let batch = s[0];
+        if !sample.is_floating_point() {
+            return ierr(format!(
+                "sample: dtype {:?} is not a float type",
+                sample.kind()
+            ));
+        }
+        let t = timestep.size();
+        let t_ok = match t[..] {
+            [] => true,
+            [len] => len == 1 || len == batch,
+            _ => false,
+        };
+        if !t_ok {
+            return ierr(format!(
+                "timestep: shape {t:?}, expected a scalar, [1] or [{batch}]"
+            ));
+        }
+        let e = encoder_hidden_states.size();
+        let e_ok = e.len() == 3 && e[0] == batch && self.context_dim.is_none_or(|d| e[2] == d);
+        if !e_ok {
+            let dim = self
+                .context_dim
+                .map_or_else(|| "dim".to_string(), |d| d.to_string());
+            return ierr(format!(
+                "encoder_hidden_states: shape {e:?}, expected [{batch}, tokens, {dim}]"
+            ));
+        }
+        if let (Some(add_proj), Some(add_emb_dim)) = (
+            &self.add_time_proj,
+            self.config.projection_class_embeddings_input_dim,
+        ) {
+            let Some(added) = extra.added else {
+                return ierr(
+                    "added: this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids"
+                        .into(),
+                );
+            };
+            let te = added.text_embeds.size();
+            let ti = added.time_ids.size();
+            let per_id = add_proj.num_channels();
+            let ok = te.len() == 2
+                && ti.len() == 2
+                && te[0] == batch
+                && ti[0] == batch
+                && te[1] + ti[1] * per_id == add_emb_dim;
+            if !ok {
+                return ierr(format!(
+                    "added: text_embeds {te:?} and time_ids {ti:?} do not fit batch {batch} and \
+                     projection_class_embeddings_input_dim {add_emb_dim} ({per_id} features per time id)"
+                ));
+            }
+        }
+        if let (Some(tc), Some(dim)) = (extra.timestep_cond, self.config.time_cond_proj_dim) {
+            let ts = tc.size();
+            if ts.len() != 2 || ts[1] != dim || (ts[0] != batch && ts[0] != 1) {
+                return ierr(format!(
+                    "timestep_cond: shape {ts:?}, expected [{batch}, {dim}]"
+                ));
+            }
+        }
+        match (
+            extra.down_block_additional_residuals,
+            extra.mid_block_additional_residual,
+        ) {
+            (None, None) => {}
+            (Some(down), Some(_)) => {
+                let want = self.num_down_block_residuals();
+                if down.len() != want {
+                    return ierr(format!(
+                        "down_block_additional_residuals: {} tensors, this UNet has {want} skip connections",
+                        down.len()
+                    ));
+                }
+            }
+            _ => {
+                return ierr(
+                    "down_block_additional_residuals and mid_block_additional_residual must be given together"
+                        .into(),
+                )
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_unchecked(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        extra: &UNetExtraInputs,
+    ) -> Result<Tensor> {
+        let (kind, device) = (self.kind, self.device);
+        let to_model = |t: &Tensor| t.to_device_(device, kind, false, false);
+        let mut sample = to_model(sample);
+        let size = sample.size();
+        let (batch, height, width) = (size[0], size[2], size[3]);
+        let encoder_hidden_states = to_model(encoder_hidden_states);
+
+        // Upsampling sizes must be forced when the sample is not a multiple of the overall factor.
+        let up_factor = 1i64 << self.up_blocks.len().saturating_sub(1);
+        let forward_upsample_size = height % up_factor != 0 || width % up_factor != 0;
+
+        if self.config.center_input_sample {
+            sample = sample * 2.0 - 1.0;
+        }
+
+        // 1. time
+        let timesteps = timestep
+            .to_device(device)
+            .reshape([-1])
+            .expand([batch], false);
+        let t_emb = self.time_proj.forward(&timesteps).to_kind(kind);
+        let timestep_cond = extra.timestep_cond.map(to_model);
+        let mut emb = self.time_embedding.forward(&t_emb, timestep_cond.as_ref());
+        if let (Some(add_proj), Some(add_emb), Some(added)) =
+            (&self.add_time_proj, &self.add_embedding, extra.added)
+        {
+            let time_ids = added.time_ids.to_device(device);
+            let time_embeds = add_proj
+                .forward(&time_ids.flatten(0, -1))
+                .reshape([batch, -1])
+                .to_kind(kind);
+            let add_embeds = Tensor::cat(&[to_model(&added.text_embeds), time_embeds], -1);
+            emb = emb + add_emb.forward(&add_embeds, None);
+        }
+        if let Some(act) = self.time_embed_act {
+            emb = act.forward(&emb);
+        }
+        let encoder_hidden_states = match &self.encoder_hid_proj {
+            Some(proj) => proj.forward(&encoder_hidden_states),
+            None => encoder_hidden_states,
+        };
+
+        // 2. pre-process
+        let mut xs = self.conv_in.forward(&sample);
+
+        // 3. down
+        let mut res_samples = Vec::with_capacity(self.num_down_block_residuals());
+        res_samples.push(xs.shallow_clone());
+        for block in &self.down_blocks {
+            let (out, res) = block.forward(&xs, &emb, &encoder_hidden_states);
+            xs = out;
+            res_samples.extend(res);
+        }
+        if let Some(down_residuals) = extra.down_block_additional_residuals {
+            for (i, (res, add)) in res_samples.iter_mut().zip(down_residuals).enumerate() {
+                if res.size() != add.size() {
+                    return Err(Error::Input(format!(
+                        "down_block_additional_residuals[{i}]: shape {:?}, expected {:?}",
+                        add.size(),
+                        res.size()
+                    )));
+                }
+                *res = &*res + to_model(add);
+            }
+        }
+
+        // 4. mid
+        if let Some(mid) = &self.mid_block {
+            xs = mid.forward(&xs, &emb, &encoder_hidden_states);
+        }
+        if let Some(add) = extra.mid_block_additional_residual {
+            if xs.size() != add.size() {
+                return Err(Error::Input(format!(
+                    "mid_block_additional_residual: shape {:?}, expected {:?}",
+                    add.size(),
+                    xs.size()
+                )));
+            }
+            xs = xs + to_model(add);
+        }
+
+        // 5. up
+        let last = self.up_blocks.len().saturating_sub(1);
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let take = block.num_inputs().min(res_samples.len());
+            let res = res_samples.split_off(res_samples.len() - take);
+            let upsample_size = match res_samples.last() {
+                Some(next) if i < last && forward_upsample_size => {
+                    let s = next.size();
+                    Some((s[2], s[3]))
+                }
+                _ => None,
+            };
+            xs = block.forward(&xs, &res, &emb, &encoder_hidden_states, upsample_size);
+        }
+
+        // 6. post-process
+        let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs));
+        Ok(self.conv_out.forward(&xs))
+    }
+}

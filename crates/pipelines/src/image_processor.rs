@@ -1,0 +1,123 @@
+//! diffusers' `VaeImageProcessor` (diffusers/image_processor.py) for PIL-style inputs: decode,
+//! resize to multiples of the VAE scale factor, normalize to [-1, 1]; masks converted to grayscale
+//! with PIL's `convert("L")` weights and binarized at 0.5; outputs denormalized and quantized as
+//! `numpy_to_pil` does.
+
+use crate::{PipelineError, Result};
+use image::{imageops::FilterType, DynamicImage, GrayImage, RgbImage};
+use tch::{Device, Kind, Tensor};
+
+/// Decodes PNG/JPEG bytes; `field` names the request field in errors.
+pub fn decode(bytes: &[u8], field: &'static str) -> Result<DynamicImage> {
+    if bytes.is_empty() {
+        return Err(PipelineError::invalid(field, "is required for this task"));
+    }
+    image::load_from_memory(bytes).map_err(|e| PipelineError::invalid(field, format!("cannot decode image: {e}")))
+}
+
+/// `get_default_height_width`: the image's size rounded down to a multiple of `vae_scale_factor`.
+pub fn default_size(img: &DynamicImage, vae_scale_factor: u32) -> (u32, u32) {
+    let (w, h) = (img.width(), img.height());
+    (w - w % vae_scale_factor, h - h % vae_scale_factor)
+}
+
+fn resize_rgb(img: &DynamicImage, width: u32, height: u32) -> RgbImage {
+    let rgb = img.to_rgb8();
+    if rgb.width() == width && rgb.height() == height {
+        rgb
+    } else {
+        // PIL's LANCZOS and image's Lanczos3 agree closely but not bit for bit.
+        image::imageops::resize(&rgb, width, height, FilterType::Lanczos3)
+    }
+}
+
+/// `VaeImageProcessor.preprocess` for one image: [1, 3, H, W] float32 in [-1, 1].
+pub fn preprocess(img: &DynamicImage, width: u32, height: u32) -> Tensor {
+    let rgb = resize_rgb(img, width, height);
+    let t = Tensor::from_slice(rgb.as_raw()).reshape([height as i64, width as i64, 3]);
+    let t = t.to_kind(Kind::Float) / 255.0;
+    (t.permute([2, 0, 1]).unsqueeze(0) * 2.0 - 1.0).contiguous()
+}
+
+/// PIL's `convert("L")`: ITU-R 601-2 luma with its fixed-point rounding.
+fn pil_luma(img: &DynamicImage) -> GrayImage {
+    match img {
+        DynamicImage::ImageLuma8(g) => g.clone(),
+        _ => {
+            let rgb = img.to_rgb8();
+            GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+                let p = rgb.get_pixel(x, y).0;
+                let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
+                image::Luma([l as u8])
+            })
+        }
+    }
+}
+
+/// The mask processor's `preprocess`: grayscale, resized, in [0, 1], binarized at 0.5: [1, 1, H, W].
+pub fn preprocess_mask(img: &DynamicImage, width: u32, height: u32) -> Tensor {
+    let mut gray = pil_luma(img);
+    if gray.width() != width || gray.height() != height {
+        gray = image::imageops::resize(&gray, width, height, FilterType::Lanczos3);
+    }
+    let t = Tensor::from_slice(gray.as_raw()).reshape([1, 1, height as i64, width as i64]).to_kind(Kind::Float) / 255.0;
+    t.ge(0.5).to_kind(Kind::Float)
+}
+
+/// `postprocess(output_type="np")` then `numpy_to_pil`: float NHWC in [0, 1] and PNG bytes per image.
+pub fn postprocess(decoded: &Tensor) -> Result<(Tensor, Vec<crate::GeneratedImage>)> {
+    let images = (decoded.to_device(Device::Cpu).to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0);
+    let nhwc = images.permute([0, 2, 3, 1]).contiguous();
+    let quantized = (&nhwc * 255.0).round().to_kind(Kind::Uint8);
+    let (n, h, w) = (nhwc.size()[0], nhwc.size()[1] as u32, nhwc.size()[2] as u32);
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let one = quantized.get(i).contiguous();
+        let len = (h * w * 3) as usize;
+        let mut raw = vec![0u8; len];
+        one.f_copy_data_u8(&mut raw, len)?;
+        let img = RgbImage::from_raw(w, h, raw).ok_or_else(|| PipelineError::Internal("image buffer size".into()))?;
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(|e| PipelineError::Internal(format!("png encode: {e}")))?;
+        out.push(crate::GeneratedImage { png, width: w, height: h });
+    }
+    Ok((nhwc, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pil_luma_matches_pil_fixed_point() {
+        // PIL: Image.new("RGB", (1, 1), (200, 100, 50)).convert("L").getpixel((0, 0)) == 124
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(1, 1, image::Rgb([200, 100, 50])));
+        assert_eq!(pil_luma(&img).get_pixel(0, 0).0[0], 124);
+    }
+
+    #[test]
+    fn mask_binarizes_at_half() {
+        let img = DynamicImage::ImageLuma8(GrayImage::from_fn(4, 1, |x, _| image::Luma([[0, 127, 128, 255][x as usize]])));
+        let m = preprocess_mask(&img, 4, 1);
+        let v: Vec<f32> = m.flatten(0, -1).try_into().unwrap();
+        assert_eq!(v, vec![0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn preprocess_normalizes_and_postprocess_inverts() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30) as u8, (y * 30) as u8, 255])));
+        let t = preprocess(&img, 8, 8);
+        assert_eq!(t.size(), vec![1, 3, 8, 8]);
+        assert!((t.max().double_value(&[]) - 1.0).abs() < 1e-6 && (t.min().double_value(&[]) + 1.0).abs() < 1e-6);
+        let (_, pngs) = postprocess(&t).unwrap();
+        let back = image::load_from_memory(&pngs[0].png).unwrap().to_rgb8();
+        assert_eq!(back.as_raw(), img.to_rgb8().as_raw());
+    }
+
+    #[test]
+    fn undecodable_bytes_name_the_field() {
+        let err = decode(b"not an image", "mask_image").unwrap_err();
+        assert!(err.to_string().starts_with("mask_image:"), "{err}");
+    }
+}

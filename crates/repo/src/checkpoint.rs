@@ -1,0 +1,172 @@
+//! A diffusers checkpoint folder: `model_index.json` and one sub-folder per component.
+
+use crate::{Error, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One `model_index.json` entry: `"unet": ["diffusers", "UNet2DConditionModel"]`, or `[null, null]`
+/// for a component saved as `None` (e.g. a removed safety checker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ComponentEntry {
+    Present { library: String, class_name: String },
+    Absent,
+}
+
+/// The parsed `model_index.json`.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    /// The pipeline class the checkpoint was saved from, e.g. `StableDiffusionPipeline`.
+    pub class_name: String,
+    /// `_diffusers_version`, when present.
+    pub diffusers_version: Option<String>,
+    /// Component name → entry, for every non-underscore key that is a `[library, class]` pair.
+    pub components: BTreeMap<String, ComponentEntry>,
+    /// Every other plain key (e.g. `requires_safety_checker`, `force_zeros_for_empty_prompt`).
+    pub options: BTreeMap<String, Value>,
+}
+
+impl ModelIndex {
+    /// Parses `model_index.json` text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let malformed = |reason: String| Error::Malformed { path: path.to_path_buf(), reason };
+        let value: Value = serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
+        let obj = value.as_object().ok_or_else(|| malformed("not a JSON object".into()))?;
+        let class_name = obj
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| malformed("missing \"_class_name\"".into()))?
+            .to_string();
+        let diffusers_version = obj.get("_diffusers_version").and_then(Value::as_str).map(str::to_string);
+        let mut components = BTreeMap::new();
+        let mut options = BTreeMap::new();
+        for (key, v) in obj {
+            if key.starts_with('_') {
+                continue;
+            }
+            match v.as_array().map(Vec::as_slice) {
+                Some([Value::String(lib), Value::String(class)]) => {
+                    components.insert(
+                        key.clone(),
+                        ComponentEntry::Present { library: lib.clone(), class_name: class.clone() },
+                    );
+                }
+                Some([Value::Null, Value::Null]) => {
+                    components.insert(key.clone(), ComponentEntry::Absent);
+                }
+                Some(_) => {
+                    return Err(malformed(format!(
+                        "component {key:?} must be [library, class] or [null, null], got {v}"
+                    )))
+                }
+                None => {
+                    options.insert(key.clone(), v.clone());
+                }
+            }
+        }
+        Ok(Self { class_name, diffusers_version, components, options })
+    }
+
+    /// The class name of a present component.
+    pub fn component_class(&self, name: &str) -> Option<&str> {
+        match self.components.get(name) {
+            Some(ComponentEntry::Present { class_name, .. }) => Some(class_name),
+            _ => None,
+        }
+    }
+}
+
+/// A diffusers checkpoint folder on the local filesystem.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    root: PathBuf,
+    index: ModelIndex,
+}
+
+impl Checkpoint {
+    /// Opens a local checkpoint folder, reading its `model_index.json`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root: PathBuf = root.into();
+        if !root.is_dir() {
+            return Err(Error::NotFound(format!("model folder {} does not exist", root.display())));
+        }
+        let path = root.join("model_index.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::NotFound(format!("{} is not a diffusers folder: no model_index.json", root.display()))
+            }
+            _ => Error::Io { path: path.clone(), source: e },
+        })?;
+        let index = ModelIndex::parse(&text, &path)?;
+        let root = root.canonicalize().map_err(|e| Error::Io { path: root.clone(), source: e })?;
+        Ok(Self { root, index })
+    }
+
+    /// The checkpoint folder (canonical path).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The parsed `model_index.json`.
+    pub fn index(&self) -> &ModelIndex {
+        &self.index
+    }
+
+    /// The folder of a component listed in `model_index.json`.
+    pub fn component_dir(&self, name: &str) -> Result<PathBuf> {
+        if self.index.component_class(name).is_none() {
+            return Err(Error::NotFound(format!(
+                "component {name:?} is not in {}/model_index.json",
+                self.root.display()
+            )));
+        }
+        let dir = self.root.join(name);
+        if !dir.is_dir() {
+            return Err(Error::NotFound(format!("component folder {} does not exist", dir.display())));
+        }
+        Ok(dir)
+    }
+
+    /// Reads a JSON file of a component folder, e.g. `("scheduler", "scheduler_config.json")`.
+    pub fn read_json(&self, component: &str, file: &str) -> Result<Value> {
+        let path = self.component_dir(component)?.join(file);
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(format!("{} does not exist", path.display())),
+            _ => Error::Io { path: path.clone(), source: e },
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Malformed { path, reason: e.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_components_nulls_and_options() {
+        let text = r#"{"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"], "safety_checker": [null, null],
+            "requires_safety_checker": false}"#;
+        let idx = ModelIndex::parse(text, Path::new("model_index.json")).unwrap();
+        assert_eq!(idx.class_name, "StableDiffusionPipeline");
+        assert_eq!(idx.component_class("unet"), Some("UNet2DConditionModel"));
+        assert_eq!(idx.components.get("safety_checker"), Some(&ComponentEntry::Absent));
+        assert_eq!(idx.component_class("safety_checker"), None);
+        assert_eq!(idx.options.get("requires_safety_checker"), Some(&Value::Bool(false)));
+    }
+
+    #[test]
+    fn rejects_what_diffusers_does_not_write() {
+        for bad in [r#"[]"#, r#"{"unet": ["diffusers", "UNet2DConditionModel"]}"#, r#"{"_class_name": "X", "unet": ["diffusers"]}"#, "{"] {
+            let err = ModelIndex::parse(bad, Path::new("m.json")).unwrap_err();
+            assert!(matches!(err, Error::Malformed { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_folder_is_not_found() {
+        let err = Checkpoint::open("/nonexistent/autopipe/model").unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+    }
+}

@@ -1,0 +1,29 @@
+//! Model references and diffusers checkpoints on disk: `model_index.json`, component folders and
+//! their `config.json` files (diffusers' `pipeline_utils.py` / `pipeline_loading_utils.py` layout).
+
+mod checkpoint;
+mod model_ref;
+
+pub use checkpoint::{Checkpoint, ComponentEntry, ModelIndex};
+pub use model_ref::ModelRef;
+
+use std::path::PathBuf;
+
+/// A model reference or checkpoint that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The folder, hub repo or file does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A file exists but is not what diffusers writes.
+    #[error("malformed {path}: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    /// The model reference itself is not a path or a hub repo id.
+    #[error("invalid model reference {0:?}: expected a local diffusers folder or a hub repo id like \"org/name\"")]
+    InvalidReference(String),
+    #[error("io error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

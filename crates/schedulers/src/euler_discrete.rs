@@ -1,0 +1,194 @@
+//! EulerDiscreteScheduler, after `diffusers/schedulers/scheduling_euler_discrete.py`
+//! (Algorithm 2 of Karras et al., 2206.00364, without churn).
+
+use autopipe_rng::Generator;
+use serde::Deserialize;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{parse, PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::schedule::{self, check_shapes, check_steps, FinalSigmasType, SigmaRamp, SigmaRampConfig, SigmaSchedule};
+use crate::{Result, Scheduler};
+
+const CLASS: &str = "EulerDiscreteScheduler";
+
+/// diffusers' `interpolation_type`: how sigmas are placed between training timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InterpolationType {
+    /// `np.interp` of the training sigmas at the timesteps.
+    #[default]
+    Linear,
+    /// Log-uniform between the largest and smallest training sigma.
+    LogLinear,
+}
+
+/// diffusers' `timestep_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepType {
+    /// Timesteps are (fractional) training timesteps.
+    #[default]
+    Discrete,
+    /// With v-prediction, timesteps are `0.25 * log(sigma)`.
+    Continuous,
+}
+
+/// EulerDiscreteScheduler's own `scheduler_config.json` fields (the shared ones are in [`SchedulerConfig`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EulerDiscreteSchedulerConfig {
+    /// `interpolation_type` (default linear).
+    #[serde(default)]
+    pub interpolation_type: InterpolationType,
+    /// `timestep_type` (default discrete).
+    #[serde(default)]
+    pub timestep_type: TimestepType,
+    /// `rescale_betas_zero_snr` (default false).
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+    /// `final_sigmas_type` (default zero).
+    #[serde(default)]
+    pub final_sigmas_type: FinalSigmasType,
+    /// Karras / exponential sigma ramps.
+    #[serde(flatten)]
+    pub sigmas: SigmaRampConfig,
+}
+
+/// diffusers' EulerDiscreteScheduler.
+#[derive(Debug)]
+pub struct EulerDiscreteScheduler {
+    config: SchedulerConfig,
+    options: EulerDiscreteSchedulerConfig,
+    ramp: Option<SigmaRamp>,
+    alphas_cumprod: Vec<f32>,
+    schedule: SigmaSchedule,
+}
+
+impl EulerDiscreteScheduler {
+    /// Builds the scheduler from `scheduler_config.json` (diffusers' `EulerDiscreteScheduler.from_config`).
+    pub fn from_config(json: &Value) -> Result<Self> {
+        let config = SchedulerConfig::parse(CLASS, json, TimestepSpacing::Linspace)?;
+        let options: EulerDiscreteSchedulerConfig = parse(CLASS, json)?;
+        let ramp = options.sigmas.ramp(CLASS)?;
+        let betas = schedule::betas(&config, false, options.rescale_betas_zero_snr)?;
+        let alphas_cumprod =
+            schedule::f32_values(&schedule::alphas_cumprod(&betas, options.rescale_betas_zero_snr))?;
+        let train_sigmas = schedule::train_sigmas(&alphas_cumprod);
+        let mut this = Self {
+            schedule: SigmaSchedule::training(CLASS, &train_sigmas, Vec::new()),
+            config,
+            options,
+            ramp,
+            alphas_cumprod,
+        };
+        let train = this.config.num_train_timesteps;
+        let timesteps = if this.continuous() {
+            this.schedule.sigmas[..train_sigmas.len()].iter().map(|&s| f64::from(0.25 * s.ln())).collect()
+        } else {
+            schedule::linspace(0.0, (train - 1) as f64, train).into_iter().rev().map(|t| f64::from(t as f32)).collect()
+        };
+        this.schedule.timesteps = timesteps;
+        Ok(this)
+    }
+
+    /// The class-specific config.
+    pub fn options(&self) -> &EulerDiscreteSchedulerConfig {
+        &self.options
+    }
+
+    /// diffusers' `sigmas` (one more than the timesteps).
+    pub fn sigmas(&self) -> &[f32] {
+        &self.schedule.sigmas
+    }
+
+    fn continuous(&self) -> bool {
+        self.options.timestep_type == TimestepType::Continuous
+            && self.config.prediction_type == PredictionType::VPrediction
+    }
+}
+
+impl Scheduler for EulerDiscreteScheduler {
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+        check_steps(CLASS, num_inference_steps)?;
+        let n = num_inference_steps;
+        let mut timesteps: Vec<f64> =
+            schedule::sigma_timesteps(&self.config, n).into_iter().map(f64::from).collect();
+        let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
+        let log_sigmas = schedule::log_f32(&train_sigmas);
+        let mut sigmas: Vec<f64> = match self.options.interpolation_type {
+            InterpolationType::Linear => timesteps.iter().map(|&t| schedule::interp(t, &train_sigmas)).collect(),
+            InterpolationType::LogLinear => {
+                let (first, last) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
+                let ramp = Tensor::linspace(f64::from(last.ln()), f64::from(first.ln()), n as i64 + 1, (Kind::Float, Device::Cpu));
+                schedule::f32_values(&ramp.exp())?.into_iter().map(f64::from).collect()
+            }
+        };
+        if let Some(ramp) = self.ramp {
+            (sigmas, timesteps) = self.options.sigmas.apply(ramp, &sigmas, n, &log_sigmas, true);
+        }
+        let sigma_last = match self.options.final_sigmas_type {
+            FinalSigmasType::SigmaMin => {
+                let a = self.alphas_cumprod[0];
+                ((1.0 - a) / a).sqrt()
+            }
+            FinalSigmasType::Zero => 0.0,
+        };
+        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain(std::iter::once(sigma_last)).collect();
+        let timesteps = if self.continuous() {
+            sigmas[..sigmas.len() - 1].iter().map(|&s| f64::from(0.25 * s.ln())).collect()
+        } else {
+            timesteps.into_iter().map(|t| f64::from(t as f32)).collect()
+        };
+        self.schedule.reset(sigmas, timesteps);
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.schedule.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule.init_noise_sigma(self.config.timestep_spacing)
+    }
+
+    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor {
+        self.schedule.scale_model_input(sample, timestep)
+    }
+
+    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generator: &mut Generator) -> Result<Tensor> {
+        check_shapes(CLASS, model_output, sample)?;
+        let i = self.schedule.step_index(timestep)?;
+        let sample = sample.to_kind(Kind::Float);
+        // s_churn is 0 in diffusers' pipelines, so gamma = 0 and sigma_hat = sigma.
+        let sigma = self.schedule.sigmas[i];
+        let pred_original_sample = schedule::pred_original_sample_sigma(
+            CLASS,
+            self.config.prediction_type,
+            model_output,
+            &sample,
+            sigma,
+            true,
+        )?;
+        let derivative = (&sample - pred_original_sample) / f64::from(sigma);
+        let dt = self.schedule.sigmas[i + 1] - sigma;
+        let prev_sample = sample + derivative * f64::from(dt);
+        self.schedule.index.step = Some(i + 1);
+        Ok(prev_sample.to_kind(model_output.kind()))
+    }
+
+    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timestep: f64) -> Tensor {
+        self.schedule.add_noise(original_samples, noise, timestep)
+    }
+
+    fn set_begin_index(&mut self, begin_index: usize) {
+        self.schedule.index.begin = Some(begin_index);
+    }
+
+    fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    fn class_name(&self) -> &'static str {
+        CLASS
+    }
+}
