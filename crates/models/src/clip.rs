@@ -517,3 +517,40 @@ impl CLIPTextModelWithProjection {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_adds_prefix_and_skips_position_ids() {
+        assert_eq!(
+            clip_rename("embeddings.token_embedding.weight"),
+            "text_model.embeddings.token_embedding.weight"
+        );
+        assert_eq!(
+            clip_rename("text_model.final_layer_norm.bias"),
+            "text_model.final_layer_norm.bias"
+        );
+        assert_eq!(
+            clip_rename("text_projection.weight"),
+            "text_projection.weight"
+        );
+        assert_eq!(clip_rename("text_model.embeddings.position_ids"), "");
+    }
+
+    #[test]
+    fn old_configs_get_transformers_defaults() {
+        let cfg: CLIPTextConfig = serde_json::from_str(
+            r#"{"hidden_size": 768, "eos_token_id": 2, "projection_dim": null}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.hidden_act, Activation::QuickGelu);
+        assert_eq!(cfg.max_position_embeddings, 77);
+        assert_eq!(cfg.projection_dim, None);
+        let gelu: CLIPTextConfig =
+            serde_json::from_str(r#"{"hidden_act": "gelu"}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(gelu.hidden_act, Activation::Gelu);
+        assert!(serde_json::from_str::<CLIPTextConfig>(r#"{"hidden_act": "relu"}"#).is_err());
+    }
+}

@@ -42,6 +42,12 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
+/// A bool that some published configs write as `null` (SDXL's `upcast_attention`), which
+/// diffusers treats as false.
+fn bool_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 fn default_in_channels() -> i64 {
     4
 }
@@ -134,10 +140,10 @@ pub struct UNet2DConditionConfig {
     #[serde(default = "default_in_channels")]
     pub out_channels: i64,
     /// Maps the input sample from [0, 1] to [-1, 1] first.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_null")]
     pub center_input_sample: bool,
     /// Timestep embedding order `cos, sin` (true) or `sin, cos`.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "bool_or_null")]
     pub flip_sin_to_cos: bool,
     /// Frequency shift of the timestep embedding.
     #[serde(default)]
@@ -200,10 +206,10 @@ pub struct UNet2DConditionConfig {
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<i64>>,
     /// Dual transformers (not supported).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_null")]
     pub dual_cross_attention: bool,
     /// `proj_in`/`proj_out` are `Linear` rather than 1x1 `Conv2d`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_null")]
     pub use_linear_projection: bool,
     /// Class conditioning (not supported).
     #[serde(default)]
@@ -218,13 +224,13 @@ pub struct UNet2DConditionConfig {
     #[serde(default)]
     pub num_class_embeds: Option<i64>,
     /// Compute attention in f32 (SD 2.x).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_null")]
     pub upcast_attention: bool,
     /// Resnet time-embedding mode; only `"default"` is supported.
     #[serde(default = "default_resnet_time_scale_shift")]
     pub resnet_time_scale_shift: String,
     /// Only used by block types not supported here.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_null")]
     pub resnet_skip_time_act: bool,
     /// Only used by block types not supported here.
     #[serde(default = "default_one_f64")]
@@ -257,7 +263,7 @@ pub struct UNet2DConditionConfig {
     #[serde(default = "default_attention_type")]
     pub attention_type: String,
     /// Concatenate class embeddings (not supported).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_null")]
     pub class_embeddings_concat: bool,
     /// Only used by `UNetMidBlock2DSimpleCrossAttn`, not supported here.
     #[serde(default)]
@@ -332,11 +338,36 @@ pub struct UNet2DConditionModel {
     var_store: Option<nn::VarStore>,
 }
 
-impl UNet2DConditionModel {
-    /// Declares the model's parameters under `vs` (at the checkpoint's key paths), rejecting
-    /// config values this implementation does not support.
-    pub fn new(vs: &nn::Path, config: UNet2DConditionConfig) -> Result<Self> {
-        let cfg = &config;
+/// The per-block values of a validated config, as diffusers' `__init__` derives them.
+#[derive(Debug)]
+struct BlockPlan {
+    act: Activation,
+    post_act: Option<Activation>,
+    time_embed_act: Option<Activation>,
+    /// `encoder_hid_proj` input and output widths.
+    encoder_hid_proj: Option<(i64, i64)>,
+    /// SDXL `add_time_proj` width and `add_embedding` input width.
+    add_embedding: Option<(i64, i64)>,
+    groups: i64,
+    down_cross: Vec<bool>,
+    up_cross: Vec<bool>,
+    /// `None`: no mid block; `Some(true)`: `UNetMidBlock2DCrossAttn`.
+    mid_cross: Option<bool>,
+    only_cross: Vec<bool>,
+    heads: Vec<i64>,
+    cross_dims: Vec<i64>,
+    layers: Vec<i64>,
+    /// Transformer depth per layer of each down block, each up block (in up order), the mid block.
+    down_tl: Vec<Vec<i64>>,
+    up_tl: Vec<Vec<i64>>,
+    mid_tl: Vec<i64>,
+}
+
+impl UNet2DConditionConfig {
+    /// Checks the config and expands its per-block values, rejecting (by field name) whatever
+    /// this implementation does not build.
+    fn plan(&self) -> Result<BlockPlan> {
+        let cfg = self;
         let n = cfg.down_block_types.len();
         let cerr = |m: String| Err(Error::Config(m));
         if n == 0 {
@@ -452,7 +483,9 @@ impl UNet2DConditionModel {
             .transformer_layers_per_block
             .expand(n, "transformer_layers_per_block")?;
         for (i, (&h, &c)) in heads.iter().zip(&cfg.block_out_channels).enumerate() {
-            if h <= 0 || c % h != 0 {
+            let attends =
+                down_cross[i] || up_cross[n - 1 - i] || (i == n - 1 && mid_cross == Some(true));
+            if attends && (h <= 0 || c % h != 0) {
                 return cerr(format!(
                     "attention_head_dim: {h} heads do not divide the {c} channels of block {i}"
                 ));
@@ -506,15 +539,101 @@ impl UNet2DConditionModel {
             None => vec![1],
         };
 
-        let b0 = cfg.block_out_channels[0];
-        // Time embedding.
-        let time_embed_dim = cfg.time_embedding_dim.unwrap_or(b0 * 4);
-        let time_proj = Timesteps::new(b0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let post_act = cfg
             .timestep_post_act
             .as_deref()
             .map(|a| Activation::from_name(a, "timestep_post_act"))
             .transpose()?;
+        let time_embed_act = cfg
+            .time_embedding_act_fn
+            .as_deref()
+            .map(|a| Activation::from_name(a, "time_embedding_act_fn"))
+            .transpose()?;
+        let encoder_hid_proj = match (cfg.encoder_hid_dim_type.as_deref(), cfg.encoder_hid_dim) {
+            (None, None) => None,
+            (None | Some("text_proj"), Some(d)) => match cfg.cross_attention_dim {
+                PerBlock::One(ca) => Some((d, ca)),
+                PerBlock::Many(_) => {
+                    return unsupported(
+                        "cross_attention_dim",
+                        &"a per-block list with encoder_hid_dim",
+                    )
+                }
+            },
+            (Some(t), None) => {
+                return cerr(format!(
+                    "encoder_hid_dim: required when encoder_hid_dim_type is {t:?}"
+                ))
+            }
+            (Some(t), Some(_)) => return unsupported("encoder_hid_dim_type", &t),
+        };
+        let add_embedding = match cfg.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let (Some(dim), Some(input_dim)) = (
+                    cfg.addition_time_embed_dim,
+                    cfg.projection_class_embeddings_input_dim,
+                ) else {
+                    return cerr(
+                        "addition_time_embed_dim, projection_class_embeddings_input_dim: both \
+                         required for addition_embed_type \"text_time\""
+                            .into(),
+                    );
+                };
+                Some((dim, input_dim))
+            }
+            Some(other) => return unsupported("addition_embed_type", &other),
+        };
+
+        Ok(BlockPlan {
+            act,
+            post_act,
+            time_embed_act,
+            encoder_hid_proj,
+            add_embedding,
+            groups,
+            down_cross,
+            up_cross,
+            mid_cross,
+            only_cross,
+            heads,
+            cross_dims,
+            layers,
+            down_tl,
+            up_tl,
+            mid_tl,
+        })
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Declares the model's parameters under `vs` (at the checkpoint's key paths), rejecting
+    /// config values this implementation does not support.
+    pub fn new(vs: &nn::Path, config: UNet2DConditionConfig) -> Result<Self> {
+        let cfg = &config;
+        let BlockPlan {
+            act,
+            post_act,
+            time_embed_act,
+            encoder_hid_proj,
+            add_embedding,
+            groups,
+            down_cross,
+            up_cross,
+            mid_cross,
+            only_cross,
+            heads,
+            cross_dims,
+            layers,
+            down_tl,
+            up_tl,
+            mid_tl,
+        } = cfg.plan()?;
+        let n = cfg.down_block_types.len();
+        let b0 = cfg.block_out_channels[0];
+        // Time embedding.
+        let time_embed_dim = cfg.time_embedding_dim.unwrap_or(b0 * 4);
+        let time_proj = Timesteps::new(b0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(
             &(vs / "time_embedding"),
             b0,
@@ -525,64 +644,27 @@ impl UNet2DConditionModel {
             cfg.time_cond_proj_dim,
         );
 
-        // Encoder hidden states projection.
-        let encoder_hid_proj = match (cfg.encoder_hid_dim_type.as_deref(), cfg.encoder_hid_dim) {
-            (None, None) => None,
-            (None | Some("text_proj"), Some(d)) => {
-                let PerBlock::One(ca) = cfg.cross_attention_dim else {
-                    return unsupported(
-                        "cross_attention_dim",
-                        &"a per-block list with encoder_hid_dim",
-                    );
-                };
-                Some(weights::linear(vs / "encoder_hid_proj", d, ca, true))
-            }
-            (Some(t), None) => {
-                return cerr(format!(
-                    "encoder_hid_dim: required when encoder_hid_dim_type is {t:?}"
-                ))
-            }
-            (Some(t), Some(_)) => return unsupported("encoder_hid_dim_type", &t),
-        };
+        let encoder_hid_proj =
+            encoder_hid_proj.map(|(d, ca)| weights::linear(vs / "encoder_hid_proj", d, ca, true));
         let context_dim = match (cfg.encoder_hid_dim, &cfg.cross_attention_dim) {
             (Some(d), _) => Some(d),
             (None, PerBlock::One(d)) => Some(*d),
             (None, PerBlock::Many(v)) => v.first().copied().filter(|f| v.iter().all(|x| x == f)),
         };
-
-        // Additional (SDXL) embedding.
-        let (add_time_proj, add_embedding) = match cfg.addition_embed_type.as_deref() {
-            None => (None, None),
-            Some("text_time") => {
-                let Some(dim) = cfg.addition_time_embed_dim else {
-                    return cerr(
-                        "addition_time_embed_dim: required for addition_embed_type \"text_time\""
-                            .into(),
-                    );
-                };
-                let Some(input_dim) = cfg.projection_class_embeddings_input_dim else {
-                    return cerr("projection_class_embeddings_input_dim: required for addition_embed_type \"text_time\"".into());
-                };
-                (
-                    Some(Timesteps::new(dim, cfg.flip_sin_to_cos, cfg.freq_shift)),
-                    Some(TimestepEmbedding::new(
-                        &(vs / "add_embedding"),
-                        input_dim,
-                        time_embed_dim,
-                        Activation::Silu,
-                        None,
-                        None,
-                        None,
-                    )),
-                )
-            }
-            Some(other) => return unsupported("addition_embed_type", &other),
-        };
-        let time_embed_act = cfg
-            .time_embedding_act_fn
-            .as_deref()
-            .map(|a| Activation::from_name(a, "time_embedding_act_fn"))
-            .transpose()?;
+        // SDXL: pooled text embeddings + `time_ids` projections, added to the time embedding.
+        let add_time_proj =
+            add_embedding.map(|(dim, _)| Timesteps::new(dim, cfg.flip_sin_to_cos, cfg.freq_shift));
+        let add_embedding = add_embedding.map(|(_, input_dim)| {
+            TimestepEmbedding::new(
+                &(vs / "add_embedding"),
+                input_dim,
+                time_embed_dim,
+                Activation::Silu,
+                None,
+                None,
+                None,
+            )
+        });
 
         let conv_in = weights::conv2d(
             vs / "conv_in",
@@ -947,7 +1029,7 @@ impl UNet2DConditionModel {
                 .reshape([batch, -1])
                 .to_kind(kind);
             let add_embeds = Tensor::cat(&[to_model(&added.text_embeds), time_embeds], -1);
-            emb = emb + add_emb.forward(&add_embeds, None);
+            emb += add_emb.forward(&add_embeds, None);
         }
         if let Some(act) = self.time_embed_act {
             emb = act.forward(&emb);
@@ -993,7 +1075,8 @@ impl UNet2DConditionModel {
                     xs.size()
                 )));
             }
-            xs = xs + to_model(add);
+            // Not in place: without a mid block `xs` is also the last skip connection.
+            xs = &xs + to_model(add);
         }
 
         // 5. up
@@ -1014,5 +1097,84 @@ impl UNet2DConditionModel {
         // 6. post-process
         let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs));
         Ok(self.conv_out.forward(&xs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// stabilityai/stable-diffusion-xl-base-1.0 unet/config.json.
+    const SDXL_BASE: &str = r#"{
+      "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+      "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+      "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+      "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+      "class_embed_type": null, "class_embeddings_concat": false, "conv_in_kernel": 3,
+      "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": null,
+      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+      "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+      "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+      "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+      "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+      "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+      "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+      "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": false,
+      "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": null,
+      "time_embedding_act_fn": null, "time_embedding_dim": null,
+      "time_embedding_type": "positional", "timestep_post_act": null,
+      "transformer_layers_per_block": [1, 2, 10],
+      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+      "upcast_attention": null, "use_linear_projection": true
+    }"#;
+
+    /// CompVis/stable-diffusion-v1-4 unet/config.json as diffusers 0.2 wrote it (most fields absent).
+    const SD14_OLD: &str = r#"{
+      "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.2.2", "act_fn": "silu",
+      "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+      "center_input_sample": false, "cross_attention_dim": 768,
+      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+      "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+      "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+      "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    }"#;
+
+    #[test]
+    fn sdxl_base_config_plans_like_diffusers() {
+        let cfg: UNet2DConditionConfig = serde_json::from_str(SDXL_BASE).expect("parse");
+        assert!(!cfg.upcast_attention);
+        let plan = cfg.plan().expect("plan");
+        assert_eq!(plan.heads, vec![5, 10, 20]);
+        assert_eq!(plan.down_cross, vec![false, true, true]);
+        assert_eq!(plan.up_cross, vec![true, true, false]);
+        assert_eq!(plan.down_tl, vec![vec![1, 1], vec![2, 2], vec![10, 10]]);
+        assert_eq!(plan.up_tl, vec![vec![10; 3], vec![2; 3], vec![1; 3]]);
+        assert_eq!(plan.mid_tl, vec![10]);
+        assert_eq!(plan.add_embedding, Some((256, 2816)));
+        assert_eq!(plan.mid_cross, Some(true));
+    }
+
+    #[test]
+    fn old_sd14_config_takes_diffusers_defaults() {
+        let cfg: UNet2DConditionConfig = serde_json::from_str(SD14_OLD).expect("parse");
+        assert_eq!(
+            cfg.mid_block_type.as_deref(),
+            Some("UNetMidBlock2DCrossAttn")
+        );
+        assert_eq!(cfg.time_embedding_type, "positional");
+        let plan = cfg.plan().expect("plan");
+        assert_eq!(plan.heads, vec![8; 4]);
+        assert_eq!(plan.cross_dims, vec![768; 4]);
+        assert_eq!(plan.up_tl, vec![vec![1; 3]; 4]);
+        assert!(plan.add_embedding.is_none() && plan.encoder_hid_proj.is_none());
+    }
+
+    #[test]
+    fn null_mid_block_type_means_no_mid_block() {
+        let mut v: serde_json::Value = serde_json::from_str(SD14_OLD).expect("parse");
+        v["mid_block_type"] = serde_json::Value::Null;
+        let cfg: UNet2DConditionConfig = serde_json::from_value(v).expect("parse");
+        assert_eq!(cfg.plan().expect("plan").mid_cross, None);
     }
 }

@@ -30,6 +30,8 @@ pub struct GenerateParams {
     pub mask_image: Option<Vec<u8>>,
     /// Scheduler class override; `None` = the checkpoint's own.
     pub scheduler: Option<String>,
+    /// Keys merged over the checkpoint's scheduler config (diffusers' `from_config(config, **kwargs)`).
+    pub scheduler_options: serde_json::Map<String, serde_json::Value>,
     pub num_images_per_prompt: Option<u32>,
 }
 

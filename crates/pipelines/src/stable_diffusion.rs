@@ -194,7 +194,11 @@ impl<'a> StableDiffusion<'a> {
         }
 
         let scheduler_class = params.scheduler.as_deref().unwrap_or(&cfg.scheduler_class);
-        let mut scheduler = autopipe_schedulers::from_config(scheduler_class, &cfg.scheduler_config)?;
+        let mut scheduler_config = cfg.scheduler_config.clone();
+        if let Some(obj) = scheduler_config.as_object_mut() {
+            obj.extend(params.scheduler_options.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let mut scheduler = autopipe_schedulers::from_config(scheduler_class, &scheduler_config)?;
         let mut generator = Generator::new(params.seed);
 
         let t0 = Instant::now();

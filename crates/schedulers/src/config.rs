@@ -112,14 +112,24 @@ fn default_prediction_type() -> PredictionType {
 
 impl SchedulerConfig {
     /// Reads the shared fields of `class` from `json`, `timestep_spacing` defaulting to `spacing`.
-    pub(crate) fn parse(class: &'static str, json: &Value, spacing: TimestepSpacing) -> Result<Self> {
+    pub(crate) fn parse(
+        class: &'static str,
+        json: &Value,
+        spacing: TimestepSpacing,
+    ) -> Result<Self> {
         let raw: RawCommon = parse(class, json)?;
         if raw.num_train_timesteps == 0 {
-            return Err(Error::Config { class, message: "num_train_timesteps must be positive".into() });
+            return Err(Error::Config {
+                class,
+                message: "num_train_timesteps must be positive".into(),
+            });
         }
         if let Some(b) = &raw.trained_betas {
             if b.is_empty() {
-                return Err(Error::Config { class, message: "trained_betas is empty".into() });
+                return Err(Error::Config {
+                    class,
+                    message: "trained_betas is empty".into(),
+                });
             }
         }
         Ok(Self {
@@ -140,21 +150,34 @@ impl SchedulerConfig {
         if allowed.contains(&self.prediction_type) {
             Ok(())
         } else {
-            Err(unsupported(self.class_name, "prediction_type", format!("{:?}", self.prediction_type)))
+            Err(unsupported(
+                self.class_name,
+                "prediction_type",
+                format!("{:?}", self.prediction_type),
+            ))
         }
     }
 }
 
 /// An [`Error::Unsupported`] for `field` = `value`.
-pub(crate) fn unsupported(class: &'static str, field: &'static str, value: impl Into<String>) -> Error {
-    Error::Unsupported { class, field, value: value.into() }
+pub(crate) fn unsupported(
+    class: &'static str,
+    field: &'static str,
+    value: impl Into<String>,
+) -> Error {
+    Error::Unsupported {
+        class,
+        field,
+        value: value.into(),
+    }
 }
 
 /// Deserializes a class's config struct from `scheduler_config.json` the way `extract_init_dict` filters it.
 pub(crate) fn parse<T: DeserializeOwned>(class: &'static str, json: &Value) -> Result<T> {
-    let object = json
-        .as_object()
-        .ok_or_else(|| Error::Config { class, message: "scheduler config must be a JSON object".into() })?;
+    let object = json.as_object().ok_or_else(|| Error::Config {
+        class,
+        message: "scheduler config must be a JSON object".into(),
+    })?;
     let use_defaults: Vec<&str> = object
         .get("_use_default_values")
         .and_then(Value::as_array)
@@ -166,8 +189,10 @@ pub(crate) fn parse<T: DeserializeOwned>(class: &'static str, json: &Value) -> R
         .filter(|(k, v)| !k.starts_with('_') && !use_defaults.contains(&k.as_str()) && !v.is_null())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    serde_json::from_value(Value::Object(filtered))
-        .map_err(|e| Error::Config { class, message: e.to_string() })
+    serde_json::from_value(Value::Object(filtered)).map_err(|e| Error::Config {
+        class,
+        message: e.to_string(),
+    })
 }
 
 /// serde default `true`.

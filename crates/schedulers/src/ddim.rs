@@ -5,7 +5,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::Tensor;
 
-use crate::config::{default_one, default_true, parse, PredictionType, SchedulerConfig, Thresholding, TimestepSpacing};
+use crate::config::{
+    default_one, default_true, parse, PredictionType, SchedulerConfig, Thresholding,
+    TimestepSpacing,
+};
+use crate::scalar::S;
 use crate::schedule::{self, add_noise_alphas, check_not_above_train, check_shapes, train_index};
 use crate::{Error, Result, Scheduler};
 
@@ -36,8 +40,8 @@ pub struct DDIMSchedulerConfig {
 pub struct DDIMScheduler {
     config: SchedulerConfig,
     options: DDIMSchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f32,
+    alphas_cumprod: Tensor,
+    final_alpha_cumprod: S,
     timesteps: Vec<f64>,
     num_inference_steps: Option<usize>,
     eta: f64,
@@ -47,12 +51,23 @@ impl DDIMScheduler {
     /// Builds the scheduler from `scheduler_config.json` (diffusers' `DDIMScheduler.from_config`).
     pub fn from_config(json: &Value) -> Result<Self> {
         let config = SchedulerConfig::parse(CLASS, json, TimestepSpacing::Leading)?;
-        config.require_prediction(&[PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction])?;
+        config.require_prediction(&[
+            PredictionType::Epsilon,
+            PredictionType::Sample,
+            PredictionType::VPrediction,
+        ])?;
         let options: DDIMSchedulerConfig = parse(CLASS, json)?;
         let betas = schedule::betas(&config, false, options.rescale_betas_zero_snr)?;
-        let alphas_cumprod = schedule::f32_values(&schedule::alphas_cumprod(&betas, false))?;
-        let final_alpha_cumprod = if options.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let alphas_cumprod = schedule::alphas_cumprod(&betas, false);
+        let final_alpha_cumprod = if options.set_alpha_to_one {
+            S::new(1.0)
+        } else {
+            S::at(&alphas_cumprod, 0)
+        };
+        let timesteps = (0..config.num_train_timesteps)
+            .rev()
+            .map(|t| t as f64)
+            .collect();
         Ok(Self {
             config,
             options,
@@ -69,11 +84,11 @@ impl DDIMScheduler {
         &self.options
     }
 
-    fn alpha_prod(&self, timestep: i64) -> f32 {
+    fn alpha_prod(&self, timestep: i64) -> S {
         if timestep >= 0 {
-            self.alphas_cumprod[timestep as usize]
+            S::at(&self.alphas_cumprod, timestep as usize)
         } else {
-            self.final_alpha_cumprod
+            self.final_alpha_cumprod.clone()
         }
     }
 }
@@ -101,38 +116,63 @@ impl Scheduler for DDIMScheduler {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generator: &mut Generator) -> Result<Tensor> {
-        let n = self.num_inference_steps.ok_or(Error::TimestepsNotSet(CLASS))?;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generator: &mut Generator,
+    ) -> Result<Tensor> {
+        let n = self
+            .num_inference_steps
+            .ok_or(Error::TimestepsNotSet(CLASS))?;
         check_shapes(CLASS, model_output, sample)?;
-        let t = train_index(CLASS, timestep, self.alphas_cumprod.len())? as i64;
+        let t = train_index(CLASS, timestep, self.alphas_cumprod.size()[0] as usize)? as i64;
         // diffusers steps back by num_train_timesteps // n whatever the spacing.
         let prev_t = t - (self.config.num_train_timesteps / n) as i64;
-        let alpha_prod_t = self.alphas_cumprod[t as usize];
+        let alpha_prod_t = S::at(&self.alphas_cumprod, t as usize);
         let alpha_prod_t_prev = self.alpha_prod(prev_t);
-        let beta_prod_t = 1.0 - alpha_prod_t;
+        let beta_prod_t = alpha_prod_t.rsub(1.0);
 
-        let pred_original_sample =
-            schedule::pred_original_sample(CLASS, self.config.prediction_type, model_output, sample, alpha_prod_t)?;
+        let pred_original_sample = schedule::pred_original_sample(
+            CLASS,
+            self.config.prediction_type,
+            model_output,
+            sample,
+            &alpha_prod_t,
+        )?;
         let pred_epsilon = match self.config.prediction_type {
             PredictionType::Sample => {
-                (sample - &pred_original_sample * f64::from(alpha_prod_t.sqrt())) / f64::from(beta_prod_t.sqrt())
+                (sample - alpha_prod_t.sqrt().t() * &pred_original_sample) / beta_prod_t.sqrt().t()
             }
             PredictionType::VPrediction => {
-                model_output * f64::from(alpha_prod_t.sqrt()) + sample * f64::from(beta_prod_t.sqrt())
+                alpha_prod_t.sqrt().t() * model_output + beta_prod_t.sqrt().t() * sample
             }
             _ => model_output.shallow_clone(),
         };
-        let clip = self.options.clip_sample.then_some(self.options.clip_sample_range);
-        let pred_original_sample = schedule::clip_or_threshold(pred_original_sample, &self.options.thresholding, clip)?;
+        let clip = self
+            .options
+            .clip_sample
+            .then_some(self.options.clip_sample_range);
+        let pred_original_sample =
+            schedule::clip_or_threshold(pred_original_sample, &self.options.thresholding, clip)?;
 
-        let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
-        let variance = (beta_prod_t_prev / beta_prod_t) * (1.0 - alpha_prod_t / alpha_prod_t_prev);
-        let std_dev_t = self.eta as f32 * variance.sqrt();
-        let pred_sample_direction = pred_epsilon * f64::from((1.0 - alpha_prod_t_prev - std_dev_t * std_dev_t).sqrt());
-        let prev_sample = pred_original_sample * f64::from(alpha_prod_t_prev.sqrt()) + pred_sample_direction;
+        // _get_variance
+        let beta_prod_t_prev = alpha_prod_t_prev.rsub(1.0);
+        let variance =
+            (&beta_prod_t_prev / &beta_prod_t) * (&alpha_prod_t / &alpha_prod_t_prev).rsub(1.0);
+        let std_dev_t = variance.sqrt() * self.eta;
+        let direction_coeff = (alpha_prod_t_prev.rsub(1.0) - std_dev_t.sq()).sqrt();
+        let pred_sample_direction = direction_coeff.t() * pred_epsilon;
+        let prev_sample =
+            alpha_prod_t_prev.sqrt().t() * pred_original_sample + pred_sample_direction;
         if self.eta > 0.0 {
-            let noise = generator.randn(&model_output.size(), model_output.kind(), model_output.device());
-            return Ok(prev_sample + noise * f64::from(std_dev_t));
+            let noise = generator.randn(
+                &model_output.size(),
+                model_output.kind(),
+                model_output.device(),
+            );
+            return Ok(prev_sample + std_dev_t.t() * noise);
         }
         Ok(prev_sample)
     }

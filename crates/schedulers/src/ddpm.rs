@@ -5,7 +5,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::Tensor;
 
-use crate::config::{default_one, default_true, parse, PredictionType, SchedulerConfig, Thresholding, TimestepSpacing};
+use crate::config::{
+    default_one, default_true, parse, PredictionType, SchedulerConfig, Thresholding,
+    TimestepSpacing,
+};
+use crate::scalar::S;
 use crate::schedule::{self, add_noise_alphas, check_not_above_train, train_index};
 use crate::{Error, Result, Scheduler};
 
@@ -55,7 +59,7 @@ pub struct DDPMSchedulerConfig {
 pub struct DDPMScheduler {
     config: SchedulerConfig,
     options: DDPMSchedulerConfig,
-    alphas_cumprod: Vec<f32>,
+    alphas_cumprod: Tensor,
     timesteps: Vec<f64>,
     num_inference_steps: Option<usize>,
 }
@@ -64,12 +68,25 @@ impl DDPMScheduler {
     /// Builds the scheduler from `scheduler_config.json` (diffusers' `DDPMScheduler.from_config`).
     pub fn from_config(json: &Value) -> Result<Self> {
         let config = SchedulerConfig::parse(CLASS, json, TimestepSpacing::Leading)?;
-        config.require_prediction(&[PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction])?;
+        config.require_prediction(&[
+            PredictionType::Epsilon,
+            PredictionType::Sample,
+            PredictionType::VPrediction,
+        ])?;
         let options: DDPMSchedulerConfig = parse(CLASS, json)?;
         let betas = schedule::betas(&config, true, options.rescale_betas_zero_snr)?;
-        let alphas_cumprod = schedule::f32_values(&schedule::alphas_cumprod(&betas, false))?;
-        let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
-        Ok(Self { config, options, alphas_cumprod, timesteps, num_inference_steps: None })
+        let alphas_cumprod = schedule::alphas_cumprod(&betas, false);
+        let timesteps = (0..config.num_train_timesteps)
+            .rev()
+            .map(|t| t as f64)
+            .collect();
+        Ok(Self {
+            config,
+            options,
+            alphas_cumprod,
+            timesteps,
+            num_inference_steps: None,
+        })
     }
 
     /// The class-specific config.
@@ -85,22 +102,27 @@ impl DDPMScheduler {
         match self.timesteps.iter().position(|&t| t == timestep as f64) {
             Some(i) if i + 1 < self.timesteps.len() => Ok(self.timesteps[i + 1] as i64),
             Some(_) => Ok(-1),
-            None => Err(Error::TimestepNotInSchedule { class: CLASS, timestep: timestep as f64 }),
+            None => Err(Error::TimestepNotInSchedule {
+                class: CLASS,
+                timestep: timestep as f64,
+            }),
         }
     }
 
-    fn alpha_prod_prev(&self, prev_t: i64) -> f32 {
+    fn alpha_prod_prev(&self, prev_t: i64) -> S {
         if prev_t >= 0 {
-            self.alphas_cumprod[prev_t as usize]
+            S::at(&self.alphas_cumprod, prev_t as usize)
         } else {
-            1.0
+            S::new(1.0)
         }
     }
 
-    /// diffusers' `_get_variance` as a float32 scalar (the `learned*` types are handled in `step`).
-    fn fixed_variance(&self, alpha_prod_t: f32, alpha_prod_t_prev: f32) -> (f32, f32) {
-        let current_beta_t = 1.0 - alpha_prod_t / alpha_prod_t_prev;
-        let variance = ((1.0 - alpha_prod_t_prev) / (1.0 - alpha_prod_t) * current_beta_t).max(1e-20);
+    /// diffusers' `_get_variance` before the variance type is applied: the clamped posterior
+    /// variance and `current_beta_t`.
+    fn posterior_variance(&self, alpha_prod_t: &S, alpha_prod_t_prev: &S) -> (S, S) {
+        let current_beta_t = (alpha_prod_t / alpha_prod_t_prev).rsub(1.0);
+        let variance = (alpha_prod_t_prev.rsub(1.0) / alpha_prod_t.rsub(1.0) * &current_beta_t)
+            .clamp_min(1e-20);
         (variance, current_beta_t)
     }
 }
@@ -128,11 +150,20 @@ impl Scheduler for DDPMScheduler {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generator: &mut Generator) -> Result<Tensor> {
-        let t = train_index(CLASS, timestep, self.alphas_cumprod.len())? as i64;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generator: &mut Generator,
+    ) -> Result<Tensor> {
+        let t = train_index(CLASS, timestep, self.alphas_cumprod.size()[0] as usize)? as i64;
         let prev_t = self.previous_timestep(t)?;
         let channels = sample.size().get(1).copied().unwrap_or(0);
-        let learned = matches!(self.options.variance_type, VarianceType::Learned | VarianceType::LearnedRange);
+        let learned = matches!(
+            self.options.variance_type,
+            VarianceType::Learned | VarianceType::LearnedRange
+        );
         let (model_output, predicted_variance) =
             if learned && model_output.size().get(1).copied() == Some(channels * 2) {
                 let parts = model_output.split(channels, 1);
@@ -142,37 +173,51 @@ impl Scheduler for DDPMScheduler {
             };
         schedule::check_shapes(CLASS, &model_output, sample)?;
 
-        let alpha_prod_t = self.alphas_cumprod[t as usize];
+        let alpha_prod_t = S::at(&self.alphas_cumprod, t as usize);
         let alpha_prod_t_prev = self.alpha_prod_prev(prev_t);
-        let beta_prod_t = 1.0 - alpha_prod_t;
-        let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
-        let current_alpha_t = alpha_prod_t / alpha_prod_t_prev;
-        let current_beta_t = 1.0 - current_alpha_t;
+        let beta_prod_t = alpha_prod_t.rsub(1.0);
+        let beta_prod_t_prev = alpha_prod_t_prev.rsub(1.0);
+        let current_alpha_t = &alpha_prod_t / &alpha_prod_t_prev;
+        let current_beta_t = current_alpha_t.rsub(1.0);
 
+        let pred_original_sample = schedule::pred_original_sample(
+            CLASS,
+            self.config.prediction_type,
+            &model_output,
+            sample,
+            &alpha_prod_t,
+        )?;
+        let clip = self
+            .options
+            .clip_sample
+            .then_some(self.options.clip_sample_range);
         let pred_original_sample =
-            schedule::pred_original_sample(CLASS, self.config.prediction_type, &model_output, sample, alpha_prod_t)?;
-        let clip = self.options.clip_sample.then_some(self.options.clip_sample_range);
-        let pred_original_sample = schedule::clip_or_threshold(pred_original_sample, &self.options.thresholding, clip)?;
+            schedule::clip_or_threshold(pred_original_sample, &self.options.thresholding, clip)?;
 
-        let pred_original_sample_coeff = (alpha_prod_t_prev.sqrt() * current_beta_t) / beta_prod_t;
-        let current_sample_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t;
-        let pred_prev_sample = pred_original_sample * f64::from(pred_original_sample_coeff)
-            + sample * f64::from(current_sample_coeff);
+        let pred_original_sample_coeff =
+            (alpha_prod_t_prev.sqrt() * &current_beta_t) / &beta_prod_t;
+        let current_sample_coeff = current_alpha_t.sqrt() * &beta_prod_t_prev / &beta_prod_t;
+        let pred_prev_sample = pred_original_sample_coeff.t() * pred_original_sample
+            + current_sample_coeff.t() * sample;
         if t == 0 {
             return Ok(pred_prev_sample);
         }
-        let noise = generator.randn(&model_output.size(), model_output.kind(), model_output.device());
-        let (variance, beta) = self.fixed_variance(alpha_prod_t, alpha_prod_t_prev);
+        let noise = generator.randn(
+            &model_output.size(),
+            model_output.kind(),
+            model_output.device(),
+        );
+        let (variance, beta) = self.posterior_variance(&alpha_prod_t, &alpha_prod_t_prev);
         let variance = match (self.options.variance_type, &predicted_variance) {
-            (VarianceType::FixedSmall, _) => noise * f64::from(variance.sqrt()),
-            (VarianceType::FixedSmallLog, _) => noise * f64::from((0.5 * variance.ln()).exp()),
-            (VarianceType::FixedLarge, _) => noise * f64::from(beta.sqrt()),
-            (VarianceType::FixedLargeLog, _) => noise * f64::from(beta.ln().sqrt()),
-            (VarianceType::Learned, Some(v)) => v.sqrt() * noise,
+            (VarianceType::FixedSmall, _) => variance.sqrt().t() * noise,
+            (VarianceType::FixedSmallLog, _) => (variance.ln() * 0.5).exp().t() * noise,
+            (VarianceType::FixedLarge, _) => beta.sqrt().t() * noise,
+            (VarianceType::FixedLargeLog, _) => beta.ln().sqrt().t() * noise,
+            (VarianceType::Learned, Some(v)) => v.pow_tensor_scalar(0.5) * noise,
             (VarianceType::LearnedRange, Some(v)) => {
                 let (min_log, max_log) = (variance.ln(), beta.ln());
                 let frac = (v + 1.0) / 2.0;
-                let log_variance = &frac * f64::from(max_log) + (frac.ones_like() - &frac) * f64::from(min_log);
+                let log_variance = &frac * max_log.t() + (-(&frac - 1.0)) * min_log.t();
                 (log_variance * 0.5).exp() * noise
             }
             (_, None) => {

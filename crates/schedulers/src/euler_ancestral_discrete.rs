@@ -25,7 +25,7 @@ pub struct EulerAncestralDiscreteSchedulerConfig {
 pub struct EulerAncestralDiscreteScheduler {
     config: SchedulerConfig,
     options: EulerAncestralDiscreteSchedulerConfig,
-    alphas_cumprod: Vec<f32>,
+    alphas_cumprod: Tensor,
     schedule: SigmaSchedule,
 }
 
@@ -33,15 +33,27 @@ impl EulerAncestralDiscreteScheduler {
     /// Builds the scheduler from `scheduler_config.json`.
     pub fn from_config(json: &Value) -> Result<Self> {
         let config = SchedulerConfig::parse(CLASS, json, TimestepSpacing::Linspace)?;
-        config.require_prediction(&[PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction])?;
+        config.require_prediction(&[
+            PredictionType::Epsilon,
+            PredictionType::Sample,
+            PredictionType::VPrediction,
+        ])?;
         let options: EulerAncestralDiscreteSchedulerConfig = parse(CLASS, json)?;
         let betas = schedule::betas(&config, false, options.rescale_betas_zero_snr)?;
-        let alphas_cumprod =
-            schedule::f32_values(&schedule::alphas_cumprod(&betas, options.rescale_betas_zero_snr))?;
+        let alphas_cumprod = schedule::alphas_cumprod(&betas, options.rescale_betas_zero_snr);
         let train = config.num_train_timesteps;
-        let timesteps = schedule::linspace(0.0, (train - 1) as f64, train).into_iter().rev().collect();
-        let schedule = SigmaSchedule::training(CLASS, &schedule::train_sigmas(&alphas_cumprod), timesteps);
-        Ok(Self { config, options, alphas_cumprod, schedule })
+        let timesteps = schedule::linspace(0.0, (train - 1) as f64, train)
+            .into_iter()
+            .rev()
+            .collect();
+        let schedule =
+            SigmaSchedule::training(CLASS, &schedule::train_sigmas(&alphas_cumprod), timesteps);
+        Ok(Self {
+            config,
+            options,
+            alphas_cumprod,
+            schedule,
+        })
     }
 
     /// The class-specific config.
@@ -49,8 +61,8 @@ impl EulerAncestralDiscreteScheduler {
         &self.options
     }
 
-    /// diffusers' `sigmas` (one more than the timesteps).
-    pub fn sigmas(&self) -> &[f32] {
+    /// diffusers' `sigmas` (float32, one more than the timesteps).
+    pub fn sigmas(&self) -> &Tensor {
         &self.schedule.sigmas
     }
 }
@@ -59,13 +71,13 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(CLASS, num_inference_steps)?;
         let timesteps = schedule::sigma_timesteps(&self.config, num_inference_steps);
-        let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
-        let sigmas = timesteps
+        let train_sigmas = schedule::f32_values(&schedule::train_sigmas(&self.alphas_cumprod))?;
+        let sigmas: Vec<f64> = timesteps
             .iter()
-            .map(|&t| schedule::interp(f64::from(t), &train_sigmas) as f32)
-            .chain(std::iter::once(0.0))
+            .map(|&t| schedule::interp(f64::from(t), &train_sigmas))
             .collect();
-        self.schedule.reset(sigmas, timesteps.into_iter().map(f64::from).collect());
+        self.schedule
+            .reset(&sigmas, 0.0, timesteps.into_iter().map(f64::from).collect());
         Ok(())
     }
 
@@ -81,28 +93,37 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         self.schedule.scale_model_input(sample, timestep)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, generator: &mut Generator) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        generator: &mut Generator,
+    ) -> Result<Tensor> {
         check_shapes(CLASS, model_output, sample)?;
         let i = self.schedule.step_index(timestep)?;
-        let sigma = self.schedule.sigmas[i];
+        let sigma = self.schedule.sigma(i);
         let sample = sample.to_kind(Kind::Float);
         let pred_original_sample = schedule::pred_original_sample_sigma(
             CLASS,
             self.config.prediction_type,
             model_output,
             &sample,
-            sigma,
+            &sigma,
             false,
         )?;
-        let (sigma_from, sigma_to) = (sigma, self.schedule.sigmas[i + 1]);
-        let sigma_up =
-            (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from)).sqrt();
-        let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
-        let derivative = (&sample - pred_original_sample) / f64::from(sigma);
-        let dt = sigma_down - sigma;
-        let prev_sample = sample + derivative * f64::from(dt);
-        let noise = generator.randn(&model_output.size(), model_output.kind(), model_output.device());
-        let prev_sample = prev_sample + noise * f64::from(sigma_up);
+        let (sigma_from, sigma_to) = (&sigma, self.schedule.sigma(i + 1));
+        let sigma_up = (sigma_to.sq() * (sigma_from.sq() - sigma_to.sq()) / sigma_from.sq()).sqrt();
+        let sigma_down = (sigma_to.sq() - sigma_up.sq()).sqrt();
+        let derivative = (&sample - pred_original_sample) / sigma.t();
+        let dt = sigma_down - &sigma;
+        let prev_sample = sample + derivative * dt.t();
+        let noise = generator.randn(
+            &model_output.size(),
+            model_output.kind(),
+            model_output.device(),
+        );
+        let prev_sample = prev_sample + noise * sigma_up.t();
         self.schedule.index.step = Some(i + 1);
         Ok(prev_sample.to_kind(model_output.kind()))
     }

@@ -7,7 +7,9 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{parse, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::schedule::{self, check_shapes, check_steps, FinalSigmasType, SigmaRamp, SigmaRampConfig, SigmaSchedule};
+use crate::schedule::{
+    self, check_shapes, check_steps, FinalSigmasType, SigmaRamp, SigmaRampConfig, SigmaSchedule,
+};
 use crate::{Result, Scheduler};
 
 const CLASS: &str = "EulerDiscreteScheduler";
@@ -60,7 +62,7 @@ pub struct EulerDiscreteScheduler {
     config: SchedulerConfig,
     options: EulerDiscreteSchedulerConfig,
     ramp: Option<SigmaRamp>,
-    alphas_cumprod: Vec<f32>,
+    alphas_cumprod: Tensor,
     schedule: SigmaSchedule,
 }
 
@@ -71,8 +73,7 @@ impl EulerDiscreteScheduler {
         let options: EulerDiscreteSchedulerConfig = parse(CLASS, json)?;
         let ramp = options.sigmas.ramp(CLASS)?;
         let betas = schedule::betas(&config, false, options.rescale_betas_zero_snr)?;
-        let alphas_cumprod =
-            schedule::f32_values(&schedule::alphas_cumprod(&betas, options.rescale_betas_zero_snr))?;
+        let alphas_cumprod = schedule::alphas_cumprod(&betas, options.rescale_betas_zero_snr);
         let train_sigmas = schedule::train_sigmas(&alphas_cumprod);
         let mut this = Self {
             schedule: SigmaSchedule::training(CLASS, &train_sigmas, Vec::new()),
@@ -83,9 +84,17 @@ impl EulerDiscreteScheduler {
         };
         let train = this.config.num_train_timesteps;
         let timesteps = if this.continuous() {
-            this.schedule.sigmas[..train_sigmas.len()].iter().map(|&s| f64::from(0.25 * s.ln())).collect()
+            let sigmas = this
+                .schedule
+                .sigmas
+                .narrow(0, 0, this.schedule.len() as i64 - 1);
+            continuous_timesteps(&sigmas)?
         } else {
-            schedule::linspace(0.0, (train - 1) as f64, train).into_iter().rev().map(|t| f64::from(t as f32)).collect()
+            schedule::linspace(0.0, (train - 1) as f64, train)
+                .into_iter()
+                .rev()
+                .map(|t| f64::from(t as f32))
+                .collect()
         };
         this.schedule.timesteps = timesteps;
         Ok(this)
@@ -96,8 +105,8 @@ impl EulerDiscreteScheduler {
         &self.options
     }
 
-    /// diffusers' `sigmas` (one more than the timesteps).
-    pub fn sigmas(&self) -> &[f32] {
+    /// diffusers' `sigmas` (float32, one more than the timesteps).
+    pub fn sigmas(&self) -> &Tensor {
         &self.schedule.sigmas
     }
 
@@ -107,39 +116,59 @@ impl EulerDiscreteScheduler {
     }
 }
 
+/// `torch.Tensor([0.25 * sigma.log() for sigma in sigmas])`: continuous-time timesteps.
+fn continuous_timesteps(sigmas: &Tensor) -> Result<Vec<f64>> {
+    Ok(schedule::f32_values(&(sigmas.log() * 0.25))?
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
 impl Scheduler for EulerDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(CLASS, num_inference_steps)?;
         let n = num_inference_steps;
-        let mut timesteps: Vec<f64> =
-            schedule::sigma_timesteps(&self.config, n).into_iter().map(f64::from).collect();
-        let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
+        let mut timesteps: Vec<f64> = schedule::sigma_timesteps(&self.config, n)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let train_sigmas = schedule::f32_values(&schedule::train_sigmas(&self.alphas_cumprod))?;
         let log_sigmas = schedule::log_f32(&train_sigmas);
         let mut sigmas: Vec<f64> = match self.options.interpolation_type {
-            InterpolationType::Linear => timesteps.iter().map(|&t| schedule::interp(t, &train_sigmas)).collect(),
+            InterpolationType::Linear => timesteps
+                .iter()
+                .map(|&t| schedule::interp(t, &train_sigmas))
+                .collect(),
             InterpolationType::LogLinear => {
                 let (first, last) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
-                let ramp = Tensor::linspace(f64::from(last.ln()), f64::from(first.ln()), n as i64 + 1, (Kind::Float, Device::Cpu));
-                schedule::f32_values(&ramp.exp())?.into_iter().map(f64::from).collect()
+                let ramp = Tensor::linspace(
+                    f64::from(last.ln()),
+                    f64::from(first.ln()),
+                    n as i64 + 1,
+                    (Kind::Float, Device::Cpu),
+                );
+                schedule::f32_values(&ramp.exp())?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
             }
         };
         if let Some(ramp) = self.ramp {
-            (sigmas, timesteps) = self.options.sigmas.apply(ramp, &sigmas, n, &log_sigmas, true);
+            (sigmas, timesteps) = self
+                .options
+                .sigmas
+                .apply(ramp, &sigmas, n, &log_sigmas, true);
         }
         let sigma_last = match self.options.final_sigmas_type {
-            FinalSigmasType::SigmaMin => {
-                let a = self.alphas_cumprod[0];
-                ((1.0 - a) / a).sqrt()
-            }
+            FinalSigmasType::SigmaMin => schedule::sigma_min(&self.alphas_cumprod),
             FinalSigmasType::Zero => 0.0,
         };
-        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain(std::iter::once(sigma_last)).collect();
-        let timesteps = if self.continuous() {
-            sigmas[..sigmas.len() - 1].iter().map(|&s| f64::from(0.25 * s.ln())).collect()
-        } else {
-            timesteps.into_iter().map(|t| f64::from(t as f32)).collect()
-        };
-        self.schedule.reset(sigmas, timesteps);
+        let timesteps = timesteps.into_iter().map(|t| f64::from(t as f32)).collect();
+        self.schedule.reset(&sigmas, sigma_last, timesteps);
+        if self.continuous() {
+            let n = self.schedule.len() as i64 - 1;
+            self.schedule.timesteps = continuous_timesteps(&self.schedule.sigmas.narrow(0, 0, n))?;
+        }
         Ok(())
     }
 
@@ -155,23 +184,29 @@ impl Scheduler for EulerDiscreteScheduler {
         self.schedule.scale_model_input(sample, timestep)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generator: &mut Generator) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generator: &mut Generator,
+    ) -> Result<Tensor> {
         check_shapes(CLASS, model_output, sample)?;
         let i = self.schedule.step_index(timestep)?;
         let sample = sample.to_kind(Kind::Float);
         // s_churn is 0 in diffusers' pipelines, so gamma = 0 and sigma_hat = sigma.
-        let sigma = self.schedule.sigmas[i];
+        let sigma = self.schedule.sigma(i);
         let pred_original_sample = schedule::pred_original_sample_sigma(
             CLASS,
             self.config.prediction_type,
             model_output,
             &sample,
-            sigma,
+            &sigma,
             true,
         )?;
-        let derivative = (&sample - pred_original_sample) / f64::from(sigma);
-        let dt = self.schedule.sigmas[i + 1] - sigma;
-        let prev_sample = sample + derivative * f64::from(dt);
+        let derivative = (&sample - pred_original_sample) / sigma.t();
+        let dt = self.schedule.sigma(i + 1) - &sigma;
+        let prev_sample = sample + derivative * dt.t();
         self.schedule.index.step = Some(i + 1);
         Ok(prev_sample.to_kind(model_output.kind()))
     }

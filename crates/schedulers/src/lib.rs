@@ -16,6 +16,7 @@ mod euler_ancestral_discrete;
 mod euler_discrete;
 mod lms_discrete;
 mod pndm;
+mod scalar;
 mod schedule;
 
 pub use config::{BetaSchedule, PredictionType, SchedulerConfig, Thresholding, TimestepSpacing};
@@ -56,13 +57,23 @@ pub enum Error {
     UnknownScheduler(String),
     /// `scheduler_config.json` could not be read into the class's config (bad type or value).
     #[error("invalid {class} config: {message}")]
-    Config { class: &'static str, message: String },
+    Config {
+        class: &'static str,
+        message: String,
+    },
     /// A config option diffusers has but this port does not implement.
     #[error("{class}: `{field}` = {value} is not supported")]
-    Unsupported { class: &'static str, field: &'static str, value: String },
+    Unsupported {
+        class: &'static str,
+        field: &'static str,
+        value: String,
+    },
     /// A bad argument to `set_timesteps` or `step` (e.g. zero inference steps).
     #[error("{class}: {message}")]
-    InvalidArgument { class: &'static str, message: String },
+    InvalidArgument {
+        class: &'static str,
+        message: String,
+    },
     /// `step` was called before `set_timesteps`.
     #[error("{0}: `set_timesteps` must be called before `step`")]
     TimestepsNotSet(&'static str),
@@ -120,7 +131,9 @@ pub fn from_config(class_name: &str, config: &serde_json::Value) -> Result<Box<d
     Ok(match class_name {
         "DDIMScheduler" => Box::new(DDIMScheduler::from_config(config)?),
         "DDPMScheduler" => Box::new(DDPMScheduler::from_config(config)?),
-        "DPMSolverMultistepScheduler" => Box::new(DPMSolverMultistepScheduler::from_config(config)?),
+        "DPMSolverMultistepScheduler" => {
+            Box::new(DPMSolverMultistepScheduler::from_config(config)?)
+        }
         "EulerAncestralDiscreteScheduler" => {
             Box::new(EulerAncestralDiscreteScheduler::from_config(config)?)
         }

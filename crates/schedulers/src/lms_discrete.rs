@@ -1,8 +1,11 @@
 //! LMSDiscreteScheduler, after `diffusers/schedulers/scheduling_lms_discrete.py` (k-diffusion's
 //! `sample_lms`): a linear multistep method of order 4 on the sigma ODE.
 //!
-//! diffusers integrates each Lagrange basis polynomial with `scipy.integrate.quad`; the basis is a
-//! polynomial of degree at most 3, so a two-point Gauss-Legendre rule integrates it exactly.
+//! diffusers integrates each Lagrange basis polynomial (degree at most 3) with `scipy.integrate.quad`.
+//! For such an integrand QUADPACK's QAGS accepts its first 21-point Gauss-Kronrod estimate, which
+//! is exact for polynomials up to degree 31; [`gauss_kronrod_21`] is that rule with QUADPACK's
+//! constants and summation order, and the integrand is evaluated in float32 as diffusers' tensor
+//! arithmetic does, so the coefficients match diffusers' to the last bit.
 
 use autopipe_rng::Generator;
 use serde::Deserialize;
@@ -31,8 +34,9 @@ pub struct LMSDiscreteScheduler {
     config: SchedulerConfig,
     options: LMSDiscreteSchedulerConfig,
     ramp: Option<SigmaRamp>,
-    alphas_cumprod: Vec<f32>,
+    alphas_cumprod: Tensor,
     schedule: SigmaSchedule,
+    sigma_values: Vec<f32>,
     derivatives: Vec<Tensor>,
 }
 
@@ -40,13 +44,26 @@ impl LMSDiscreteScheduler {
     /// Builds the scheduler from `scheduler_config.json`.
     pub fn from_config(json: &Value) -> Result<Self> {
         let config = SchedulerConfig::parse(CLASS, json, TimestepSpacing::Linspace)?;
-        config.require_prediction(&[PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction])?;
+        config.require_prediction(&[
+            PredictionType::Epsilon,
+            PredictionType::Sample,
+            PredictionType::VPrediction,
+        ])?;
         let options: LMSDiscreteSchedulerConfig = parse(CLASS, json)?;
         let ramp = options.sigmas.ramp(CLASS)?;
         let betas = schedule::betas(&config, false, false)?;
-        let alphas_cumprod = schedule::f32_values(&schedule::alphas_cumprod(&betas, false))?;
-        let schedule = SigmaSchedule::training(CLASS, &schedule::train_sigmas(&alphas_cumprod), Vec::new());
-        let mut this = Self { config, options, ramp, alphas_cumprod, schedule, derivatives: Vec::new() };
+        let alphas_cumprod = schedule::alphas_cumprod(&betas, false);
+        let schedule =
+            SigmaSchedule::training(CLASS, &schedule::train_sigmas(&alphas_cumprod), Vec::new());
+        let mut this = Self {
+            config,
+            options,
+            ramp,
+            alphas_cumprod,
+            schedule,
+            sigma_values: Vec::new(),
+            derivatives: Vec::new(),
+        };
         // diffusers' __init__ ends with set_timesteps(num_train_timesteps).
         this.set_timesteps(this.config.num_train_timesteps)?;
         Ok(this)
@@ -57,42 +74,103 @@ impl LMSDiscreteScheduler {
         &self.options
     }
 
-    /// diffusers' `sigmas` (one more than the timesteps).
-    pub fn sigmas(&self) -> &[f32] {
+    /// diffusers' `sigmas` (float32, one more than the timesteps).
+    pub fn sigmas(&self) -> &Tensor {
         &self.schedule.sigmas
     }
 
     /// diffusers' `get_lms_coefficient`: the integral of the `current_order`-th Lagrange basis
     /// polynomial over the sigmas `t - k` (k < order), from `sigmas[t]` to `sigmas[t + 1]`.
     fn lms_coefficient(&self, order: usize, t: usize, current_order: usize) -> f64 {
-        let sigmas = &self.schedule.sigmas;
+        let sigmas = &self.sigma_values;
+        // `lms_derivative(tau)`: `tau - sigmas[..]` etc. are float32 0-d tensor ops in diffusers.
         let basis = |tau: f64| {
-            (0..order).filter(|&k| k != current_order).fold(1.0, |prod, k| {
-                let node = f64::from(sigmas[t - k]);
-                prod * (tau - node) / (f64::from(sigmas[t - current_order]) - node)
-            })
+            let tau = tau as f32;
+            let product =
+                (0..order)
+                    .filter(|&k| k != current_order)
+                    .fold(None, |prod: Option<f32>, k| {
+                        let factor =
+                            (tau - sigmas[t - k]) / (sigmas[t - current_order] - sigmas[t - k]);
+                        Some(prod.map_or(factor, |p| p * factor))
+                    });
+            product.map_or(1.0, f64::from)
         };
-        let (a, b) = (f64::from(sigmas[t]), f64::from(sigmas[t + 1]));
-        let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
-        let offset = half / 3f64.sqrt();
-        half * (basis(mid - offset) + basis(mid + offset))
+        gauss_kronrod_21(basis, f64::from(sigmas[t]), f64::from(sigmas[t + 1]))
     }
+}
+
+/// QUADPACK's 21-point Gauss-Kronrod rule (`dqk21`): abscissae and weights of the Kronrod rule,
+/// and the weights of the embedded 10-point Gauss rule (only used for QUADPACK's error estimate).
+#[allow(clippy::excessive_precision)] // QUADPACK's literals, verbatim.
+const XGK: [f64; 11] = [
+    0.995657163025808080735527280689003,
+    0.973906528517171720077964012084452,
+    0.930157491355708226001207180059508,
+    0.865063366688984510732096688423493,
+    0.780817726586416897063717578345042,
+    0.679409568299024406234327365114874,
+    0.562757134668604683339000099272694,
+    0.433395394129247190799265943165784,
+    0.294392862701460198131126603103866,
+    0.148874338981631210884826001129720,
+    0.000000000000000000000000000000000,
+];
+#[allow(clippy::excessive_precision)] // QUADPACK's literals, verbatim.
+const WGK: [f64; 11] = [
+    0.011694638867371874278064396062192,
+    0.032558162307964727478818972459390,
+    0.054755896574351996031381300244580,
+    0.075039674810919952767043140916190,
+    0.093125454583697605535065465083366,
+    0.109387158802297641899210590325805,
+    0.123491976262065851077600525478996,
+    0.134709217311473325928054001771707,
+    0.142775938577060080797094273138717,
+    0.147739104901338491374841515972068,
+    0.149445554002916905664936468389821,
+];
+
+/// The integral of `f` over `[a, b]` by QUADPACK's `dqk21`, summed in its order.
+fn gauss_kronrod_21(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
+    let centr = 0.5 * (a + b);
+    let hlgth = 0.5 * (b - a);
+    let mut resk = WGK[10] * f(centr);
+    // QUADPACK adds the Gauss points (odd 0-based indices) first, then the Kronrod-only ones.
+    for j in (1..10).step_by(2).chain((0..10).step_by(2)) {
+        let absc = hlgth * XGK[j];
+        let fsum = f(centr - absc) + f(centr + absc);
+        resk += WGK[j] * fsum;
+    }
+    resk * hlgth
 }
 
 impl Scheduler for LMSDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(CLASS, num_inference_steps)?;
         let n = num_inference_steps;
-        let mut timesteps: Vec<f64> =
-            schedule::sigma_timesteps(&self.config, n).into_iter().map(f64::from).collect();
-        let train_sigmas = schedule::train_sigmas(&self.alphas_cumprod);
+        let mut timesteps: Vec<f64> = schedule::sigma_timesteps(&self.config, n)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let train_sigmas = schedule::f32_values(&schedule::train_sigmas(&self.alphas_cumprod))?;
         let log_sigmas = schedule::log_f32(&train_sigmas);
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| schedule::interp(t, &train_sigmas)).collect();
+        let mut sigmas: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| schedule::interp(t, &train_sigmas))
+            .collect();
         if let Some(ramp) = self.ramp {
-            (sigmas, timesteps) = self.options.sigmas.apply(ramp, &sigmas, n, &log_sigmas, false);
+            (sigmas, timesteps) = self
+                .options
+                .sigmas
+                .apply(ramp, &sigmas, n, &log_sigmas, false);
         }
-        let sigmas = sigmas.iter().map(|&s| s as f32).chain(std::iter::once(0.0)).collect();
-        self.schedule.reset(sigmas, timesteps.into_iter().map(|t| f64::from(t as f32)).collect());
+        self.schedule.reset(
+            &sigmas,
+            0.0,
+            timesteps.into_iter().map(|t| f64::from(t as f32)).collect(),
+        );
+        self.sigma_values = schedule::f32_values(&self.schedule.sigmas)?;
         self.derivatives.clear();
         Ok(())
     }
@@ -109,19 +187,25 @@ impl Scheduler for LMSDiscreteScheduler {
         self.schedule.scale_model_input(sample, timestep)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generator: &mut Generator) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generator: &mut Generator,
+    ) -> Result<Tensor> {
         check_shapes(CLASS, model_output, sample)?;
         let i = self.schedule.step_index(timestep)?;
-        let sigma = self.schedule.sigmas[i];
+        let sigma = self.schedule.sigma(i);
         let pred_original_sample = schedule::pred_original_sample_sigma(
             CLASS,
             self.config.prediction_type,
             model_output,
             sample,
-            sigma,
+            &sigma,
             false,
         )?;
-        let derivative = (sample - pred_original_sample) / f64::from(sigma);
+        let derivative = (sample - pred_original_sample) / sigma.t();
         self.derivatives.push(derivative);
         if self.derivatives.len() > LMS_ORDER {
             drop(self.derivatives.remove(0));
@@ -158,5 +242,21 @@ impl Scheduler for LMSDiscreteScheduler {
 
     fn class_name(&self) -> &'static str {
         CLASS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauss_kronrod_integrates_cubics() {
+        let cubic = |x: f64| 4.0 * x * x * x - 3.0 * x * x + 2.0 * x - 1.0;
+        // Antiderivative x^4 - x^3 + x^2 - x from -1.5 to 2.5.
+        let exact = |x: f64| x.powi(4) - x.powi(3) + x * x - x;
+        let got = gauss_kronrod_21(cubic, -1.5, 2.5);
+        assert!((got - (exact(2.5) - exact(-1.5))).abs() < 1e-12, "{got}");
+        // Reversed bounds give the negated integral, as in quad.
+        assert!((gauss_kronrod_21(cubic, 2.5, -1.5) + got).abs() < 1e-12);
     }
 }

@@ -7,6 +7,7 @@ use serde_json::Value;
 use tch::Tensor;
 
 use crate::config::{parse, PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::scalar::S;
 use crate::schedule::{self, add_noise_alphas, check_shapes, check_steps};
 use crate::{Error, Result, Scheduler};
 
@@ -29,8 +30,8 @@ pub struct PNDMSchedulerConfig {
 pub struct PNDMScheduler {
     config: SchedulerConfig,
     options: PNDMSchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f32,
+    alphas_cumprod: Tensor,
+    final_alpha_cumprod: S,
     num_inference_steps: Option<usize>,
     prk_timesteps: Vec<i64>,
     timesteps: Vec<f64>,
@@ -59,8 +60,12 @@ impl PNDMScheduler {
         config.require_prediction(&[PredictionType::Epsilon, PredictionType::VPrediction])?;
         let options: PNDMSchedulerConfig = parse(CLASS, json)?;
         let betas = schedule::betas(&config, false, false)?;
-        let alphas_cumprod = schedule::f32_values(&schedule::alphas_cumprod(&betas, false))?;
-        let final_alpha_cumprod = if options.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let alphas_cumprod = schedule::alphas_cumprod(&betas, false);
+        let final_alpha_cumprod = if options.set_alpha_to_one {
+            S::new(1.0)
+        } else {
+            S::at(&alphas_cumprod, 0)
+        };
         Ok(Self {
             config,
             options,
@@ -85,8 +90,18 @@ impl PNDMScheduler {
         (self.config.num_train_timesteps / n) as i64
     }
 
-    fn step_prk(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor, n: usize) -> Result<Tensor> {
-        let diff_to_prev = if self.counter % 2 == 1 { 0 } else { self.step_ratio(n) / 2 };
+    fn step_prk(
+        &mut self,
+        model_output: &Tensor,
+        timestep: i64,
+        sample: &Tensor,
+        n: usize,
+    ) -> Result<Tensor> {
+        let diff_to_prev = if self.counter % 2 == 1 {
+            0
+        } else {
+            self.step_ratio(n) / 2
+        };
         let prev_timestep = timestep - diff_to_prev;
         let timestep = self.prk_timesteps[self.counter / 4 * 4];
         let model_output = match self.counter % 4 {
@@ -109,7 +124,8 @@ impl PNDMScheduler {
             }
         };
         let cur_sample = self.cur_sample.as_ref().unwrap_or(sample).shallow_clone();
-        let prev_sample = self.get_prev_sample(&cur_sample, timestep, prev_timestep, &model_output)?;
+        let prev_sample =
+            self.get_prev_sample(&cur_sample, timestep, prev_timestep, &model_output)?;
         self.counter += 1;
         Ok(prev_sample)
     }
@@ -121,7 +137,13 @@ impl PNDMScheduler {
         });
     }
 
-    fn step_plms(&mut self, model_output: &Tensor, timestep: i64, sample: &Tensor, n: usize) -> Result<Tensor> {
+    fn step_plms(
+        &mut self,
+        model_output: &Tensor,
+        timestep: i64,
+        sample: &Tensor,
+        n: usize,
+    ) -> Result<Tensor> {
         if !self.options.skip_prk_steps && self.ets.len() < 3 {
             return Err(Error::InvalidArgument {
                 class: CLASS,
@@ -155,7 +177,8 @@ impl PNDMScheduler {
         } else if l == 3 {
             (&e[l - 1] * 23.0 - &e[l - 2] * 16.0 + &e[l - 3] * 5.0) / 12.0
         } else {
-            (&e[l - 1] * 55.0 - &e[l - 2] * 59.0 + &e[l - 3] * 37.0 - &e[l - 4] * 9.0) * (1.0 / 24.0)
+            (&e[l - 1] * 55.0 - &e[l - 2] * 59.0 + &e[l - 3] * 37.0 - &e[l - 4] * 9.0)
+                * (1.0 / 24.0)
         };
         let prev_sample = self.get_prev_sample(&sample, timestep, prev_timestep, &model_output)?;
         self.counter += 1;
@@ -163,29 +186,44 @@ impl PNDMScheduler {
     }
 
     /// diffusers' `_get_prev_sample` (formula (9) of the PNDM paper).
-    fn get_prev_sample(&self, sample: &Tensor, timestep: i64, prev_timestep: i64, model_output: &Tensor) -> Result<Tensor> {
-        let index = |t: i64| {
-            usize::try_from(t)
-                .ok()
-                .filter(|&i| i < self.alphas_cumprod.len())
-                .ok_or(Error::TimestepNotInSchedule { class: CLASS, timestep: t as f64 })
+    fn get_prev_sample(
+        &self,
+        sample: &Tensor,
+        timestep: i64,
+        prev_timestep: i64,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
+        let len = self.alphas_cumprod.size()[0];
+        let alpha = |t: i64| {
+            if (0..len).contains(&t) {
+                Ok(S::at(&self.alphas_cumprod, t as usize))
+            } else {
+                Err(Error::TimestepNotInSchedule {
+                    class: CLASS,
+                    timestep: t as f64,
+                })
+            }
         };
-        let alpha_prod_t = self.alphas_cumprod[index(timestep)?];
-        let alpha_prod_t_prev =
-            if prev_timestep >= 0 { self.alphas_cumprod[index(prev_timestep)?] } else { self.final_alpha_cumprod };
-        let beta_prod_t = 1.0 - alpha_prod_t;
-        let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
+        let alpha_prod_t = alpha(timestep)?;
+        let alpha_prod_t_prev = if prev_timestep >= 0 {
+            alpha(prev_timestep)?
+        } else {
+            self.final_alpha_cumprod.clone()
+        };
+        let beta_prod_t = alpha_prod_t.rsub(1.0);
+        let beta_prod_t_prev = alpha_prod_t_prev.rsub(1.0);
         let model_output = match self.config.prediction_type {
             PredictionType::VPrediction => {
-                model_output * f64::from(alpha_prod_t.sqrt()) + sample * f64::from(beta_prod_t.sqrt())
+                alpha_prod_t.sqrt().t() * model_output + beta_prod_t.sqrt().t() * sample
             }
             _ => model_output.shallow_clone(),
         };
-        let sample_coeff = (alpha_prod_t_prev / alpha_prod_t).sqrt();
-        let model_output_denom_coeff =
-            alpha_prod_t * beta_prod_t_prev.sqrt() + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
-        Ok(sample * f64::from(sample_coeff)
-            - model_output * f64::from(alpha_prod_t_prev - alpha_prod_t) / f64::from(model_output_denom_coeff))
+        let sample_coeff = (&alpha_prod_t_prev / &alpha_prod_t).sqrt();
+        let model_output_denom_coeff = &alpha_prod_t * beta_prod_t_prev.sqrt()
+            + (&alpha_prod_t * &beta_prod_t * &alpha_prod_t_prev).sqrt();
+        Ok(sample_coeff.t() * sample
+            - (&alpha_prod_t_prev - &alpha_prod_t).t() * model_output
+                / model_output_denom_coeff.t())
     }
 }
 
@@ -208,7 +246,10 @@ impl Scheduler for PNDMScheduler {
             let half = self.step_ratio(n) / 2;
             let last = py_slice(&ascending, -(PNDM_ORDER as isize), isize::MAX);
             let prk: Vec<i64> = last.iter().flat_map(|&t| [t, t + half]).collect();
-            let doubled: Vec<i64> = py_slice(&prk, 0, -1).into_iter().flat_map(|t| [t, t]).collect();
+            let doubled: Vec<i64> = py_slice(&prk, 0, -1)
+                .into_iter()
+                .flat_map(|t| [t, t])
+                .collect();
             let mut prk = py_slice(&doubled, 1, -1);
             prk.reverse();
             self.prk_timesteps = prk;
@@ -216,7 +257,12 @@ impl Scheduler for PNDMScheduler {
             t.reverse();
             plms = t;
         }
-        self.timesteps = self.prk_timesteps.iter().chain(plms.iter()).map(|&t| t as f64).collect();
+        self.timesteps = self
+            .prk_timesteps
+            .iter()
+            .chain(plms.iter())
+            .map(|&t| t as f64)
+            .collect();
         self.ets.clear();
         self.counter = 0;
         self.cur_model_output = None;
@@ -236,11 +282,22 @@ impl Scheduler for PNDMScheduler {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _generator: &mut Generator) -> Result<Tensor> {
-        let n = self.num_inference_steps.ok_or(Error::TimestepsNotSet(CLASS))?;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _generator: &mut Generator,
+    ) -> Result<Tensor> {
+        let n = self
+            .num_inference_steps
+            .ok_or(Error::TimestepsNotSet(CLASS))?;
         check_shapes(CLASS, model_output, sample)?;
         if timestep.fract() != 0.0 {
-            return Err(Error::TimestepNotInSchedule { class: CLASS, timestep });
+            return Err(Error::TimestepNotInSchedule {
+                class: CLASS,
+                timestep,
+            });
         }
         let timestep = timestep as i64;
         if self.counter < self.prk_timesteps.len() && !self.options.skip_prk_steps {
@@ -277,6 +334,12 @@ mod tests {
         let expected_prk = [900, 850, 850, 800, 800, 750, 750, 700, 700, 650, 650, 600];
         let got: Vec<i64> = s.timesteps()[..12].iter().map(|&t| t as i64).collect();
         assert_eq!(got, expected_prk);
-        assert_eq!(s.timesteps()[12..].iter().map(|&t| t as i64).collect::<Vec<_>>(), [600, 500, 400, 300, 200, 100, 0]);
+        assert_eq!(
+            s.timesteps()[12..]
+                .iter()
+                .map(|&t| t as i64)
+                .collect::<Vec<_>>(),
+            [600, 500, 400, 300, 200, 100, 0]
+        );
     }
 }

@@ -7,7 +7,10 @@
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, Thresholding, TimestepSpacing};
+use crate::config::{
+    unsupported, BetaSchedule, PredictionType, SchedulerConfig, Thresholding, TimestepSpacing,
+};
+use crate::scalar::S;
 use crate::{Error, Result};
 
 /// diffusers' `final_sigmas_type`: the sigma appended after the last step.
@@ -23,7 +26,11 @@ pub enum FinalSigmasType {
 
 /// The training betas as a float32 CPU tensor, as each scheduler's `__init__` builds them.
 /// `extended` admits DDPM's extra `sigmoid`/`laplace` schedules.
-pub(crate) fn betas(cfg: &SchedulerConfig, extended: bool, rescale_zero_snr: bool) -> Result<Tensor> {
+pub(crate) fn betas(
+    cfg: &SchedulerConfig,
+    extended: bool,
+    rescale_zero_snr: bool,
+) -> Result<Tensor> {
     let n = cfg.num_train_timesteps as i64;
     let opts = (Kind::Float, Device::Cpu);
     let betas = if let Some(trained) = &cfg.trained_betas {
@@ -32,17 +39,33 @@ pub(crate) fn betas(cfg: &SchedulerConfig, extended: bool, rescale_zero_snr: boo
         match cfg.beta_schedule {
             BetaSchedule::Linear => Tensor::linspace(cfg.beta_start, cfg.beta_end, n, opts),
             BetaSchedule::ScaledLinear => {
-                Tensor::linspace(cfg.beta_start.powf(0.5), cfg.beta_end.powf(0.5), n, opts).pow_tensor_scalar(2)
+                Tensor::linspace(cfg.beta_start.powf(0.5), cfg.beta_end.powf(0.5), n, opts)
+                    .pow_tensor_scalar(2)
             }
-            BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar(cfg.num_train_timesteps, AlphaBar::Cosine),
+            BetaSchedule::SquaredcosCapV2 => {
+                betas_for_alpha_bar(cfg.num_train_timesteps, AlphaBar::Cosine)
+            }
             BetaSchedule::Sigmoid if extended => {
-                Tensor::linspace(-6.0, 6.0, n, opts).sigmoid() * (cfg.beta_end - cfg.beta_start) + cfg.beta_start
+                Tensor::linspace(-6.0, 6.0, n, opts).sigmoid() * (cfg.beta_end - cfg.beta_start)
+                    + cfg.beta_start
             }
-            BetaSchedule::Laplace if extended => betas_for_alpha_bar(cfg.num_train_timesteps, AlphaBar::Laplace),
-            other => return Err(unsupported(cfg.class_name, "beta_schedule", format!("{other:?}"))),
+            BetaSchedule::Laplace if extended => {
+                betas_for_alpha_bar(cfg.num_train_timesteps, AlphaBar::Laplace)
+            }
+            other => {
+                return Err(unsupported(
+                    cfg.class_name,
+                    "beta_schedule",
+                    format!("{other:?}"),
+                ))
+            }
         }
     };
-    Ok(if rescale_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas })
+    Ok(if rescale_zero_snr {
+        rescale_zero_terminal_snr(&betas)
+    } else {
+        betas
+    })
 }
 
 enum AlphaBar {
@@ -53,7 +76,9 @@ enum AlphaBar {
 /// diffusers' `betas_for_alpha_bar` (max_beta 0.999): float64 Python math, stored as float32.
 fn betas_for_alpha_bar(num_diffusion_timesteps: usize, transform: AlphaBar) -> Tensor {
     let alpha_bar = |t: f64| match transform {
-        AlphaBar::Cosine => ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2),
+        AlphaBar::Cosine => ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2),
         AlphaBar::Laplace => {
             let lmb = -0.5 * (0.5 - t).signum() * (1.0 - 2.0 * (0.5 - t).abs() + 1e-6).ln();
             let snr = lmb.exp();
@@ -97,12 +122,21 @@ pub(crate) fn alphas_cumprod(betas: &Tensor, zero_snr_fix: bool) -> Tensor {
 
 /// A 1-D float32 CPU tensor's values.
 pub(crate) fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(Vec::<f32>::try_from(&t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous())?)
+    Ok(Vec::<f32>::try_from(
+        &t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous(),
+    )?)
 }
 
-/// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` in float32, ascending in training time.
-pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+/// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` (float32 torch ops), ascending in training time.
+pub(crate) fn train_sigmas(alphas_cumprod: &Tensor) -> Tensor {
+    ((alphas_cumprod.ones_like() - alphas_cumprod) / alphas_cumprod).pow_tensor_scalar(0.5)
+}
+
+/// `((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5`: the smallest training sigma, as
+/// `final_sigmas_type="sigma_min"` appends it.
+pub(crate) fn sigma_min(alphas_cumprod: &Tensor) -> f32 {
+    let a = S::at(alphas_cumprod, 0);
+    (a.rsub(1.0) / &a).sqrt().value()
 }
 
 /// `np.linspace(start, stop, num)` (float64).
@@ -134,7 +168,7 @@ pub(crate) fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `np.arange(start, stop, step)` for a float step: numpy fills `start + i * ((start + step) - start)`.
 pub(crate) fn arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) {
+    if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
     let len = len as usize;
@@ -161,7 +195,10 @@ pub(crate) fn discrete_timesteps(cfg: &SchedulerConfig, n: usize) -> Vec<i64> {
             .collect(),
         TimestepSpacing::Leading => {
             let ratio = (train / n) as i64;
-            (0..n as i64).rev().map(|i| i * ratio + cfg.steps_offset).collect()
+            (0..n as i64)
+                .rev()
+                .map(|i| i * ratio + cfg.steps_offset)
+                .collect()
         }
         TimestepSpacing::Trailing => arange(train as f64, 0.0, -(train as f64 / n as f64))
             .into_iter()
@@ -178,7 +215,10 @@ pub(crate) fn sigma_timesteps(cfg: &SchedulerConfig, n: usize) -> Vec<f32> {
             .rev()
             .map(|t| t as f32)
             .collect(),
-        _ => discrete_timesteps(cfg, n).into_iter().map(|t| t as f32).collect(),
+        _ => discrete_timesteps(cfg, n)
+            .into_iter()
+            .map(|t| t as f32)
+            .collect(),
     }
 }
 
@@ -244,13 +284,20 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64
 
 /// diffusers' `_convert_to_exponential`: log-uniform from `sigma_max` down to `sigma_min`.
 pub(crate) fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
-    linspace(sigma_max.ln(), sigma_min.ln(), n).into_iter().map(f64::exp).collect()
+    linspace(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
 }
 
 /// diffusers' `index_for_timestep` for the sigma schedulers: the second match when the timestep
 /// occurs twice (so img2img starting mid-schedule does not skip a sigma), else the first.
 pub(crate) fn index_for_timestep(schedule: &[f64], timestep: f64) -> Option<usize> {
-    let mut matches = schedule.iter().enumerate().filter(|(_, &t)| t == timestep).map(|(i, _)| i);
+    let mut matches = schedule
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == timestep)
+        .map(|(i, _)| i);
     let first = matches.next()?;
     Some(matches.next().unwrap_or(first))
 }
@@ -301,22 +348,27 @@ impl StepIndex {
 /// schedule tables to the sample's dtype before `add_noise` arithmetic).
 pub(crate) fn scalar_like(value: f32, like: &Tensor) -> Tensor {
     let shape = vec![1i64; like.dim().max(1)];
-    Tensor::from_slice(&[value]).to_kind(like.kind()).to_device(like.device()).reshape(shape)
+    Tensor::from_slice(&[value])
+        .to_kind(like.kind())
+        .to_device(like.device())
+        .reshape(shape)
 }
 
 /// `add_noise` of DDIM/DDPM/PNDM: `sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * noise`
-/// with `alphas_cumprod` cast to the sample dtype first.
-pub(crate) fn add_noise_alphas(alphas_cumprod: &[f32], timestep: f64, original: &Tensor, noise: &Tensor) -> Tensor {
-    let t = (timestep.round() as i64).clamp(0, alphas_cumprod.len() as i64 - 1) as usize;
-    let alpha_prod = scalar_like(alphas_cumprod[t], original);
-    let sqrt_alpha_prod = alpha_prod.sqrt();
-    let sqrt_one_minus_alpha_prod = (alpha_prod.ones_like() - &alpha_prod).sqrt();
+/// with `alphas_cumprod` cast to the sample dtype first. A timestep outside the table is clamped
+/// into it (diffusers would raise).
+pub(crate) fn add_noise_alphas(
+    alphas_cumprod: &Tensor,
+    timestep: f64,
+    original: &Tensor,
+    noise: &Tensor,
+) -> Tensor {
+    let len = alphas_cumprod.size()[0];
+    let t = (timestep.round() as i64).clamp(0, len - 1);
+    let alpha_prod = scalar_like(alphas_cumprod.double_value(&[t]) as f32, original);
+    let sqrt_alpha_prod = alpha_prod.pow_tensor_scalar(0.5);
+    let sqrt_one_minus_alpha_prod = (alpha_prod.ones_like() - &alpha_prod).pow_tensor_scalar(0.5);
     sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise
-}
-
-/// `add_noise` of the sigma schedulers: `x0 + noise * sigma` with sigma cast to the sample dtype.
-pub(crate) fn add_noise_sigma(sigma: f32, original: &Tensor, noise: &Tensor) -> Tensor {
-    original + noise * scalar_like(sigma, original)
 }
 
 /// diffusers' `_threshold_sample` (dynamic thresholding, Imagen).
@@ -336,7 +388,11 @@ pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> R
 }
 
 /// Errors unless `model_output` and `sample` have the same shape.
-pub(crate) fn check_shapes(class: &'static str, model_output: &Tensor, sample: &Tensor) -> Result<()> {
+pub(crate) fn check_shapes(
+    class: &'static str,
+    model_output: &Tensor,
+    sample: &Tensor,
+) -> Result<()> {
     if model_output.size() == sample.size() {
         Ok(())
     } else {
@@ -354,13 +410,19 @@ pub(crate) fn check_shapes(class: &'static str, model_output: &Tensor, sample: &
 /// Errors on zero inference steps (diffusers would divide by zero).
 pub(crate) fn check_steps(class: &'static str, num_inference_steps: usize) -> Result<()> {
     if num_inference_steps == 0 {
-        return Err(Error::InvalidArgument { class, message: "num_inference_steps must be at least 1".into() });
+        return Err(Error::InvalidArgument {
+            class,
+            message: "num_inference_steps must be at least 1".into(),
+        });
     }
     Ok(())
 }
 
 /// Errors when `num_inference_steps` exceeds `num_train_timesteps` (DDIM/DDPM check this).
-pub(crate) fn check_not_above_train(cfg: &SchedulerConfig, num_inference_steps: usize) -> Result<()> {
+pub(crate) fn check_not_above_train(
+    cfg: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<()> {
     check_steps(cfg.class_name, num_inference_steps)?;
     if num_inference_steps > cfg.num_train_timesteps {
         return Err(Error::InvalidArgument {
@@ -390,25 +452,33 @@ pub(crate) fn pred_original_sample(
     prediction_type: PredictionType,
     model_output: &Tensor,
     sample: &Tensor,
-    alpha_prod_t: f32,
+    alpha_prod_t: &S,
 ) -> Result<Tensor> {
-    let beta_prod_t = 1.0 - alpha_prod_t;
+    let beta_prod_t = alpha_prod_t.rsub(1.0);
     Ok(match prediction_type {
         PredictionType::Epsilon => {
-            (sample - model_output * f64::from(beta_prod_t.sqrt())) / f64::from(alpha_prod_t.sqrt())
+            (sample - beta_prod_t.sqrt().t() * model_output) / alpha_prod_t.sqrt().t()
         }
         PredictionType::Sample => model_output.shallow_clone(),
         PredictionType::VPrediction => {
-            sample * f64::from(alpha_prod_t.sqrt()) - model_output * f64::from(beta_prod_t.sqrt())
+            alpha_prod_t.sqrt().t() * sample - beta_prod_t.sqrt().t() * model_output
         }
         other => return Err(unsupported(class, "prediction_type", format!("{other:?}"))),
     })
 }
 
 /// Dynamic thresholding when configured, else `clamp(-clip_range, clip_range)` when `clip` is set.
-pub(crate) fn clip_or_threshold(sample: Tensor, thresholding: &Thresholding, clip: Option<f64>) -> Result<Tensor> {
+pub(crate) fn clip_or_threshold(
+    sample: Tensor,
+    thresholding: &Thresholding,
+    clip: Option<f64>,
+) -> Result<Tensor> {
     if thresholding.thresholding {
-        threshold_sample(&sample, thresholding.dynamic_thresholding_ratio, thresholding.sample_max_value)
+        threshold_sample(
+            &sample,
+            thresholding.dynamic_thresholding_ratio,
+            thresholding.sample_max_value,
+        )
     } else if let Some(range) = clip {
         Ok(sample.clamp(-range, range))
     } else {
@@ -450,7 +520,11 @@ pub(crate) enum SigmaRamp {
 impl SigmaRampConfig {
     /// The configured ramp; errors on more than one, or on beta sigmas.
     pub(crate) fn ramp(&self, class: &'static str) -> Result<Option<SigmaRamp>> {
-        let set = [self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas];
+        let set = [
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        ];
         if set.iter().filter(|&&b| b).count() > 1 {
             return Err(Error::Config {
                 class,
@@ -484,7 +558,10 @@ impl SigmaRampConfig {
         let default_min = in_sigmas.last().copied().unwrap_or(0.0);
         let default_max = in_sigmas.first().copied().unwrap_or(0.0);
         let (min, max) = if reads_bounds {
-            (self.sigma_min.unwrap_or(default_min), self.sigma_max.unwrap_or(default_max))
+            (
+                self.sigma_min.unwrap_or(default_min),
+                self.sigma_max.unwrap_or(default_max),
+            )
         } else {
             (default_min, default_max)
         };
@@ -498,48 +575,76 @@ impl SigmaRampConfig {
 }
 
 /// The schedule state shared by the sigma schedulers (Euler, Euler ancestral, LMS): `sigmas`
-/// (one more than the timesteps), `timesteps` and the step index.
-#[derive(Debug, Clone)]
+/// (float32, one more than the timesteps), `timesteps` and the step index.
+#[derive(Debug)]
 pub(crate) struct SigmaSchedule {
     pub class: &'static str,
-    pub sigmas: Vec<f32>,
+    pub sigmas: Tensor,
     pub timesteps: Vec<f64>,
     pub index: StepIndex,
 }
 
 impl SigmaSchedule {
     /// The schedule before `set_timesteps`: every training sigma, descending, then 0.
-    pub fn training(class: &'static str, train_sigmas: &[f32], timesteps: Vec<f64>) -> Self {
-        let sigmas = train_sigmas.iter().rev().copied().chain(std::iter::once(0.0)).collect();
-        Self { class, sigmas, timesteps, index: StepIndex::default() }
+    pub fn training(class: &'static str, train_sigmas: &Tensor, timesteps: Vec<f64>) -> Self {
+        let sigmas = Tensor::cat(
+            &[
+                train_sigmas.flip([0]),
+                Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        Self {
+            class,
+            sigmas,
+            timesteps,
+            index: StepIndex::default(),
+        }
     }
 
-    /// Replaces the schedule and clears the step and begin indices.
-    pub fn reset(&mut self, sigmas: Vec<f32>, timesteps: Vec<f64>) {
-        self.sigmas = sigmas;
+    /// Replaces the schedule (`np.concatenate([sigmas, [last]]).astype(np.float32)`) and clears the
+    /// step and begin indices.
+    pub fn reset(&mut self, sigmas: &[f64], last: f32, timesteps: Vec<f64>) {
+        let values: Vec<f32> = sigmas
+            .iter()
+            .map(|&s| s as f32)
+            .chain(std::iter::once(last))
+            .collect();
+        self.sigmas = Tensor::from_slice(&values);
         self.timesteps = timesteps;
         self.index = StepIndex::default();
     }
 
-    /// `init_noise_sigma`: the largest sigma, or `sqrt(max**2 + 1)` for leading spacing.
-    pub fn init_noise_sigma(&self, spacing: TimestepSpacing) -> f64 {
-        let max = self.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        match spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => f64::from(max),
-            TimestepSpacing::Leading => f64::from((max * max + 1.0).sqrt()),
-        }
+    /// The number of sigmas.
+    pub fn len(&self) -> usize {
+        self.sigmas.size()[0] as usize
     }
 
-    /// `scale_model_input`: `sample / sqrt(sigma**2 + 1)`. A timestep outside the schedule leaves
-    /// the sample unscaled and the step index unset, so the following `step` reports the error.
+    /// `sigmas[i]` as a 0-d tensor.
+    pub fn sigma(&self, i: usize) -> S {
+        S::at(&self.sigmas, i)
+    }
+
+    /// `init_noise_sigma`: the largest sigma, or `(max**2 + 1) ** 0.5` for leading spacing.
+    pub fn init_noise_sigma(&self, spacing: TimestepSpacing) -> f64 {
+        let max = S(self.sigmas.max());
+        let sigma = match spacing {
+            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+            TimestepSpacing::Leading => (max.sq() + 1.0).sqrt(),
+        };
+        f64::from(sigma.value())
+    }
+
+    /// `scale_model_input`: `sample / ((sigma**2 + 1) ** 0.5)`. A timestep outside the schedule
+    /// leaves the sample unscaled and the step index unset, so the following `step` reports it.
     pub fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor {
         let timesteps = &self.timesteps;
-        match self.index.ensure(|| index_for_timestep(timesteps, timestep)) {
-            Some(i) => {
-                let sigma = self.sigmas[i];
-                sample / f64::from((sigma * sigma + 1.0).sqrt())
-            }
-            None => sample.shallow_clone(),
+        match self
+            .index
+            .ensure(|| index_for_timestep(timesteps, timestep))
+        {
+            Some(i) if i < self.len() => sample / (self.sigma(i).sq() + 1.0).sqrt().t(),
+            _ => sample.shallow_clone(),
         }
     }
 
@@ -551,16 +656,23 @@ impl SigmaSchedule {
             .index
             .ensure(|| index_for_timestep(timesteps, timestep))
             .ok_or(Error::TimestepNotInSchedule { class, timestep })?;
-        if i + 1 >= self.sigmas.len() {
-            return Err(Error::InvalidArgument { class, message: format!("step index {i} is past the last step") });
+        if i + 1 >= self.len() {
+            return Err(Error::InvalidArgument {
+                class,
+                message: format!("step index {i} is past the last step"),
+            });
         }
         Ok(i)
     }
 
-    /// `add_noise`: `x0 + noise * sigma` at the timestep's (or the begin/step index's) sigma.
+    /// `add_noise`: `x0 + noise * sigma` at the timestep's (or the begin/step index's) sigma, cast
+    /// to the sample dtype.
     pub fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Tensor {
-        let i = self.index.for_add_noise(|| nearest_index(&self.timesteps, timestep));
-        add_noise_sigma(self.sigmas[i.min(self.sigmas.len() - 1)], original, noise)
+        let i = self
+            .index
+            .for_add_noise(|| nearest_index(&self.timesteps, timestep))
+            .min(self.len() - 1);
+        original + noise * scalar_like(self.sigmas.double_value(&[i as i64]) as f32, original)
     }
 }
 
@@ -570,14 +682,14 @@ pub(crate) fn pred_original_sample_sigma(
     prediction_type: PredictionType,
     model_output: &Tensor,
     sample: &Tensor,
-    sigma: f32,
+    sigma: &S,
     allow_original_sample: bool,
 ) -> Result<Tensor> {
     Ok(match prediction_type {
-        PredictionType::Epsilon => sample - model_output * f64::from(sigma),
+        PredictionType::Epsilon => sample - sigma.t() * model_output,
         PredictionType::VPrediction => {
-            let c = sigma * sigma + 1.0;
-            model_output * f64::from(-sigma / c.sqrt()) + sample / f64::from(c)
+            model_output * (-sigma / (sigma.sq() + 1.0).sqrt()).t()
+                + sample / (sigma.sq() + 1.0).t()
         }
         PredictionType::Sample => model_output.shallow_clone(),
         PredictionType::OriginalSample if allow_original_sample => model_output.shallow_clone(),

@@ -1,1 +1,51 @@
-fn main() {}
+//! `autopipe-orchestrator`: the stateless orchestrator daemon, leasing from a remote `autopipe-store`.
+
+use anyhow::Context;
+use autopipe_orchestrator::{serve, Orchestrator, OrchestratorConfig, RemoteStore, ServeOptions};
+use autopipe_proto::transport::Address;
+use clap::Parser;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// autopipe orchestrator: diffusers' AutoPipeline as a gRPC service over a component store.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to serve autopipe.v1.Orchestrator on: host:port or unix:///path.sock.
+    #[arg(long, env = "AUTOPIPE_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: Address,
+    /// The store to lease components from: host:port, http://host:port or unix:///path.sock.
+    #[arg(long, env = "AUTOPIPE_STORE", default_value = "unix:///tmp/autopipe/store.sock")]
+    store: Address,
+    /// Weight dtype when a request names none (float32, float16, bfloat16); default: the store's.
+    #[arg(long, env = "AUTOPIPE_DTYPE")]
+    dtype: Option<String>,
+    /// Requests generating at once.
+    #[arg(long, env = "AUTOPIPE_MAX_CONCURRENCY", default_value_t = 4)]
+    max_concurrency: usize,
+    /// Requests waiting for a slot before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "AUTOPIPE_MAX_QUEUE", default_value_t = 64)]
+    max_queue: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "AUTOPIPE_DRAIN_TIMEOUT", default_value_t = 30)]
+    drain_timeout: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let default_kind = autopipe_orchestrator::parse_dtype(args.dtype.as_deref().unwrap_or(""))
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let store = RemoteStore::new(&args.store, runtime.handle().clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let orchestrator = Arc::new(Orchestrator::new(Arc::new(store), OrchestratorConfig { default_kind }));
+    let options = ServeOptions {
+        listen: args.listen,
+        max_concurrency: args.max_concurrency,
+        max_queue: args.max_queue,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    };
+    runtime.block_on(serve(orchestrator, options, autopipe_orchestrator::shutdown_signal(), None)).context("orchestrator")
+}

@@ -1,0 +1,112 @@
+//! Addresses both services listen on and connect to: TCP (`host:port`, `http://host:port`) or a
+//! Unix socket (`unix:///path/to.sock`, the default between an orchestrator and its store in one pod).
+
+use std::path::PathBuf;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Largest gRPC message either side accepts or sends (images and tensors travel in one message).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// A parsed listen or connect address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Address {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Some(path) = s.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(format!("{s:?}: empty unix socket path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let hostport = s.strip_prefix("http://").unwrap_or(s);
+        if hostport.is_empty() || !hostport.contains(':') {
+            return Err(format!("{s:?}: expected host:port, http://host:port or unix:///path"));
+        }
+        Ok(Self::Tcp(hostport.trim_end_matches('/').to_string()))
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(hp) => write!(f, "{hp}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// A bound listener, as a stream of connections tonic can serve.
+pub enum Incoming {
+    Tcp(tokio_stream::wrappers::TcpListenerStream, std::net::SocketAddr),
+    Unix(tokio_stream::wrappers::UnixListenerStream, PathBuf),
+}
+
+impl Incoming {
+    /// Binds `address` (a stale Unix socket file is replaced).
+    pub async fn bind(address: &Address) -> std::io::Result<Self> {
+        match address {
+            Address::Tcp(hp) => {
+                let listener = tokio::net::TcpListener::bind(hp).await?;
+                let local = listener.local_addr()?;
+                Ok(Self::Tcp(tokio_stream::wrappers::TcpListenerStream::new(listener), local))
+            }
+            Address::Unix(path) => {
+                if path.exists() {
+                    std::fs::remove_file(path)?;
+                }
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let listener = tokio::net::UnixListener::bind(path)?;
+                Ok(Self::Unix(tokio_stream::wrappers::UnixListenerStream::new(listener), path.clone()))
+            }
+        }
+    }
+
+    /// Where it actually listens (the real port when bound to port 0).
+    pub fn local_address(&self) -> Address {
+        match self {
+            Self::Tcp(_, a) => Address::Tcp(a.to_string()),
+            Self::Unix(_, p) => Address::Unix(p.clone()),
+        }
+    }
+}
+
+/// A lazily connecting channel to `address` (connection errors surface on the first call).
+pub fn channel(address: &Address) -> Result<Channel, tonic::transport::Error> {
+    match address {
+        Address::Tcp(hp) => Ok(Endpoint::from_shared(format!("http://{hp}"))?.connect_lazy()),
+        Address::Unix(path) => {
+            let path = path.clone();
+            Ok(Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            })))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!("127.0.0.1:50051".parse::<Address>().unwrap(), Address::Tcp("127.0.0.1:50051".into()));
+        assert_eq!("http://store:50052/".parse::<Address>().unwrap(), Address::Tcp("store:50052".into()));
+        assert_eq!("unix:///run/autopipe/store.sock".parse::<Address>().unwrap(), Address::Unix("/run/autopipe/store.sock".into()));
+        for bad in ["", "unix://", "localhost", "http://"] {
+            assert!(bad.parse::<Address>().is_err(), "{bad:?}");
+        }
+    }
+}
