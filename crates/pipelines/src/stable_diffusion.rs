@@ -34,7 +34,15 @@ impl Configs {
     fn read(ckpt: &Checkpoint) -> Result<Self> {
         let unet = ckpt.read_json("unet", "config.json")?;
         let vae = ckpt.read_json("vae", "config.json")?;
-        let scheduler_config = ckpt.read_json("scheduler", "scheduler_config.json")?;
+        let mut scheduler_config = ckpt.read_json("scheduler", "scheduler_config.json")?;
+        // StableDiffusionPipeline.__init__ rewrites outdated scheduler configs: steps_offset != 1
+        // becomes 1 and clip_sample true becomes false (with a deprecation warning).
+        if let Some(obj) = scheduler_config.as_object_mut() {
+            obj.insert("steps_offset".into(), Value::from(1));
+            if obj.get("clip_sample").and_then(Value::as_bool) == Some(true) {
+                obj.insert("clip_sample".into(), Value::Bool(false));
+            }
+        }
         if unet.get("time_cond_proj_dim").is_some_and(|v| !v.is_null()) {
             return Err(PipelineError::invalid("model", "UNets with time_cond_proj_dim (LCM) are not supported"));
         }

@@ -96,6 +96,73 @@ pub fn channel(address: &Address) -> Result<Channel, tonic::transport::Error> {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
+}
+
+/// Serves `router` on `incoming` until `shutdown` resolves; then runs `on_drain` (mark health
+/// NOT_SERVING, refuse new work), lets in-flight calls finish, and stops after `drain_timeout` at
+/// the latest.
+pub async fn serve_with_drain<F>(
+    router: tonic::transport::server::Router,
+    incoming: Incoming,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_drain: F,
+    drain_timeout: std::time::Duration,
+) -> Result<(), tonic::transport::Error>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!(timeout_s = drain_timeout.as_secs_f64(), "draining");
+        on_drain.await;
+        let _ = draining_tx.send(());
+        let _ = stop_tx.send(());
+    });
+    let stopped = async move {
+        let _ = stop_rx.await;
+    };
+    let mut server = tokio::spawn(async move {
+        match incoming {
+            Incoming::Tcp(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
+            Incoming::Unix(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
+        }
+    });
+    let drain_deadline = async move {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(drain_timeout).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = &mut server => match r {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "server task failed");
+                Ok(())
+            }
+        },
+        _ = drain_deadline => {
+            tracing::warn!("drain timeout passed with calls in flight; stopping");
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use crate::config::{parse, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::schedule::{self, check_shapes, check_steps, SigmaSchedule};
+use crate::schedule::{self, check_shapes, check_steps, SigmaSchedule, SpacedSigmas};
 use crate::{Result, Scheduler};
 
 const CLASS: &str = "EulerAncestralDiscreteScheduler";
@@ -70,14 +70,9 @@ impl EulerAncestralDiscreteScheduler {
 impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(CLASS, num_inference_steps)?;
-        let timesteps = schedule::sigma_timesteps(&self.config, num_inference_steps);
-        let train_sigmas = schedule::f32_values(&schedule::train_sigmas(&self.alphas_cumprod))?;
-        let sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| schedule::interp(f64::from(t), &train_sigmas))
-            .collect();
+        let spaced = SpacedSigmas::new(&self.config, &self.alphas_cumprod, num_inference_steps)?;
         self.schedule
-            .reset(&sigmas, 0.0, timesteps.into_iter().map(f64::from).collect());
+            .reset(&spaced.sigmas, 0.0, spaced.float32_timesteps());
         Ok(())
     }
 

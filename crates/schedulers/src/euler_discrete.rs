@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{parse, PredictionType, SchedulerConfig, TimestepSpacing};
 use crate::schedule::{
     self, check_shapes, check_steps, FinalSigmasType, SigmaRamp, SigmaRampConfig, SigmaSchedule,
+    SpacedSigmas,
 };
 use crate::{Result, Scheduler};
 
@@ -128,43 +129,28 @@ impl Scheduler for EulerDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(CLASS, num_inference_steps)?;
         let n = num_inference_steps;
-        let mut timesteps: Vec<f64> = schedule::sigma_timesteps(&self.config, n)
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let train_sigmas = schedule::f32_values(&schedule::train_sigmas(&self.alphas_cumprod))?;
-        let log_sigmas = schedule::log_f32(&train_sigmas);
-        let mut sigmas: Vec<f64> = match self.options.interpolation_type {
-            InterpolationType::Linear => timesteps
-                .iter()
-                .map(|&t| schedule::interp(t, &train_sigmas))
-                .collect(),
-            InterpolationType::LogLinear => {
-                let (first, last) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
-                let ramp = Tensor::linspace(
-                    f64::from(last.ln()),
-                    f64::from(first.ln()),
-                    n as i64 + 1,
-                    (Kind::Float, Device::Cpu),
-                );
-                schedule::f32_values(&ramp.exp())?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect()
-            }
-        };
-        if let Some(ramp) = self.ramp {
-            (sigmas, timesteps) = self
-                .options
-                .sigmas
-                .apply(ramp, &sigmas, n, &log_sigmas, true);
+        let mut spaced = SpacedSigmas::new(&self.config, &self.alphas_cumprod, n)?;
+        if self.options.interpolation_type == InterpolationType::LogLinear {
+            let train = &spaced.train_sigmas;
+            let (first, last) = (train[0], train[train.len() - 1]);
+            let ramp = Tensor::linspace(
+                f64::from(last.ln()),
+                f64::from(first.ln()),
+                n as i64 + 1,
+                (Kind::Float, Device::Cpu),
+            );
+            spaced.sigmas = schedule::f32_values(&ramp.exp())?
+                .into_iter()
+                .map(f64::from)
+                .collect();
         }
+        spaced.apply_ramp(&self.options.sigmas, self.ramp, true);
         let sigma_last = match self.options.final_sigmas_type {
             FinalSigmasType::SigmaMin => schedule::sigma_min(&self.alphas_cumprod),
             FinalSigmasType::Zero => 0.0,
         };
-        let timesteps = timesteps.into_iter().map(|t| f64::from(t as f32)).collect();
-        self.schedule.reset(&sigmas, sigma_last, timesteps);
+        self.schedule
+            .reset(&spaced.sigmas, sigma_last, spaced.float32_timesteps());
         if self.continuous() {
             let n = self.schedule.len() as i64 - 1;
             self.schedule.timesteps = continuous_timesteps(&self.schedule.sigmas.narrow(0, 0, n))?;

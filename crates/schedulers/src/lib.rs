@@ -3,10 +3,13 @@
 //! Each scheduler is per-request state (timesteps, step index, multistep history) built from a
 //! checkpoint's `scheduler_config.json` the way diffusers' `ConfigMixin.from_config` reads it:
 //! known keys are taken, unknown keys (another class's, after a scheduler swap) are ignored, and
-//! missing keys take the class's defaults. The arithmetic mirrors diffusers op for op: torch float32
-//! where diffusers uses torch tensors, float64 where it uses numpy, so the same inputs give the same
-//! latents. Noise (ancestral, DDPM, DDIM with `eta > 0`) is drawn from the request's
+//! missing keys take the class's defaults. The arithmetic mirrors diffusers op for op: float32
+//! libtorch ops where diffusers uses torch tensors (its step coefficients are 0-d tensors, see
+//! `scalar.rs`), float64 where it uses numpy, so the same inputs give the same latents bit for bit
+//! on the CPU, in float32, float16 and bfloat16. Noise (ancestral, DDPM, DDIM with `eta > 0`) is drawn from the request's
 //! [`autopipe_rng::Generator`] exactly where diffusers calls `randn_tensor`.
+
+#![warn(missing_docs)]
 
 mod config;
 mod ddim;
@@ -58,20 +61,27 @@ pub enum Error {
     /// `scheduler_config.json` could not be read into the class's config (bad type or value).
     #[error("invalid {class} config: {message}")]
     Config {
+        /// The scheduler class.
         class: &'static str,
+        /// What is wrong.
         message: String,
     },
     /// A config option diffusers has but this port does not implement.
     #[error("{class}: `{field}` = {value} is not supported")]
     Unsupported {
+        /// The scheduler class.
         class: &'static str,
+        /// The config key.
         field: &'static str,
+        /// The value given.
         value: String,
     },
     /// A bad argument to `set_timesteps` or `step` (e.g. zero inference steps).
     #[error("{class}: {message}")]
     InvalidArgument {
+        /// The scheduler class.
         class: &'static str,
+        /// What is wrong.
         message: String,
     },
     /// `step` was called before `set_timesteps`.
@@ -79,7 +89,12 @@ pub enum Error {
     TimestepsNotSet(&'static str),
     /// The timestep passed to `step` is not one of the scheduler's timesteps.
     #[error("{class}: timestep {timestep} is not in the schedule")]
-    TimestepNotInSchedule { class: &'static str, timestep: f64 },
+    TimestepNotInSchedule {
+        /// The scheduler class.
+        class: &'static str,
+        /// The timestep passed.
+        timestep: f64,
+    },
     /// An error from libtorch.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

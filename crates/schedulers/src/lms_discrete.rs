@@ -13,7 +13,9 @@ use serde_json::Value;
 use tch::Tensor;
 
 use crate::config::{parse, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::schedule::{self, check_shapes, check_steps, SigmaRamp, SigmaRampConfig, SigmaSchedule};
+use crate::schedule::{
+    self, check_shapes, check_steps, SigmaRamp, SigmaRampConfig, SigmaSchedule, SpacedSigmas,
+};
 use crate::{Result, Scheduler};
 
 const CLASS: &str = "LMSDiscreteScheduler";
@@ -149,27 +151,11 @@ impl Scheduler for LMSDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(CLASS, num_inference_steps)?;
         let n = num_inference_steps;
-        let mut timesteps: Vec<f64> = schedule::sigma_timesteps(&self.config, n)
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let train_sigmas = schedule::f32_values(&schedule::train_sigmas(&self.alphas_cumprod))?;
-        let log_sigmas = schedule::log_f32(&train_sigmas);
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| schedule::interp(t, &train_sigmas))
-            .collect();
-        if let Some(ramp) = self.ramp {
-            (sigmas, timesteps) = self
-                .options
-                .sigmas
-                .apply(ramp, &sigmas, n, &log_sigmas, false);
-        }
-        self.schedule.reset(
-            &sigmas,
-            0.0,
-            timesteps.into_iter().map(|t| f64::from(t as f32)).collect(),
-        );
+        let mut spaced = SpacedSigmas::new(&self.config, &self.alphas_cumprod, n)?;
+        // LMS's `_convert_to_karras` ignores the config's sigma_min/sigma_max.
+        spaced.apply_ramp(&self.options.sigmas, self.ramp, false);
+        self.schedule
+            .reset(&spaced.sigmas, 0.0, spaced.float32_timesteps());
         self.sigma_values = schedule::f32_values(&self.schedule.sigmas)?;
         self.derivatives.clear();
         Ok(())

@@ -222,6 +222,57 @@ pub(crate) fn sigma_timesteps(cfg: &SchedulerConfig, n: usize) -> Vec<f32> {
     }
 }
 
+/// The start of the sigma schedulers' `set_timesteps` (Euler, Euler ancestral, LMS): the spaced
+/// float32 timesteps, the training sigmas and their logs, and `np.interp` of the sigmas at the
+/// timesteps.
+pub(crate) struct SpacedSigmas {
+    pub timesteps: Vec<f64>,
+    pub train_sigmas: Vec<f32>,
+    pub log_sigmas: Vec<f32>,
+    pub sigmas: Vec<f64>,
+}
+
+impl SpacedSigmas {
+    /// The schedule for `n` steps of `cfg` over `alphas_cumprod`.
+    pub fn new(cfg: &SchedulerConfig, alphas_cumprod: &Tensor, n: usize) -> Result<Self> {
+        let timesteps: Vec<f64> = sigma_timesteps(cfg, n).into_iter().map(f64::from).collect();
+        let train_sigmas = f32_values(&train_sigmas(alphas_cumprod))?;
+        let log_sigmas = log_f32(&train_sigmas);
+        let sigmas = timesteps
+            .iter()
+            .map(|&t| interp(t, &train_sigmas))
+            .collect();
+        Ok(Self {
+            timesteps,
+            train_sigmas,
+            log_sigmas,
+            sigmas,
+        })
+    }
+
+    /// Replaces the sigmas and timesteps by a Karras/exponential ramp when one is configured.
+    pub fn apply_ramp(
+        &mut self,
+        config: &SigmaRampConfig,
+        ramp: Option<SigmaRamp>,
+        karras_reads_bounds: bool,
+    ) {
+        if let Some(ramp) = ramp {
+            let n = self.timesteps.len();
+            (self.sigmas, self.timesteps) =
+                config.apply(ramp, &self.sigmas, n, &self.log_sigmas, karras_reads_bounds);
+        }
+    }
+
+    /// The timesteps as float32 values (`timesteps.astype(np.float32)`).
+    pub fn float32_timesteps(&self) -> Vec<f64> {
+        self.timesteps
+            .iter()
+            .map(|&t| f64::from(t as f32))
+            .collect()
+    }
+}
+
 /// `np.interp(x, np.arange(len(fp)), fp)` (float64 arithmetic on float32 table values).
 pub(crate) fn interp(x: f64, fp: &[f32]) -> f64 {
     let last = fp.len() - 1;
@@ -258,6 +309,9 @@ pub(crate) fn log_f32(values: &[f32]) -> Vec<f32> {
 
 /// diffusers' `_sigma_to_t`: the fractional training timestep of `sigma` (log-sigma interpolation).
 pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    if log_sigmas.len() < 2 {
+        return 0.0;
+    }
     let log_sigma = sigma.max(1e-10).ln();
     // argmax of cumsum(dists >= 0): the last index whose log sigma is <= log_sigma, else 0.
     let low = log_sigmas
@@ -373,6 +427,15 @@ pub(crate) fn add_noise_alphas(
 
 /// diffusers' `_threshold_sample` (dynamic thresholding, Imagen).
 pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
+    if sample.dim() < 2 {
+        return Err(Error::InvalidArgument {
+            class: "dynamic thresholding",
+            message: format!(
+                "sample shape {:?} has no batch and channel dimensions",
+                sample.size()
+            ),
+        });
+    }
     let kind = sample.kind();
     let shape = sample.size();
     let upcast = match kind {

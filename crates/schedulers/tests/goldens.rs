@@ -211,6 +211,7 @@ fn schedulers_match_diffusers_goldens() {
     for case in &meta.cases {
         let kind = match case.dtype.as_str() {
             "bfloat16" => Kind::BFloat16,
+            "float16" => Kind::Half,
             _ => Kind::Float,
         };
         let mut run = Run {

@@ -41,3 +41,48 @@ impl From<autopipe_models::Error> for StoreError {
         Self::new(code, e.to_string())
     }
 }
+
+impl Code {
+    /// The gRPC code: the one mapping both services use.
+    pub fn to_tonic(self) -> tonic::Code {
+        match self {
+            Code::InvalidArgument => tonic::Code::InvalidArgument,
+            Code::NotFound => tonic::Code::NotFound,
+            Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+            Code::Unavailable => tonic::Code::Unavailable,
+            Code::Unimplemented => tonic::Code::Unimplemented,
+            Code::Cancelled => tonic::Code::Cancelled,
+            Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            Code::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// A gRPC status with this code.
+    pub fn status(self, message: impl Into<String>) -> tonic::Status {
+        tonic::Status::new(self.to_tonic(), message)
+    }
+}
+
+impl StoreError {
+    /// The gRPC status a client sees.
+    pub fn to_status(&self) -> tonic::Status {
+        self.code.status(self.message.clone())
+    }
+
+    /// A store error from a remote store's status; transport failures become UNAVAILABLE.
+    pub fn from_status(s: &tonic::Status) -> Self {
+        let code = match s.code() {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Code::InvalidArgument,
+            tonic::Code::NotFound => Code::NotFound,
+            tonic::Code::FailedPrecondition => Code::FailedPrecondition,
+            tonic::Code::ResourceExhausted => Code::ResourceExhausted,
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted => Code::Unavailable,
+            tonic::Code::Unimplemented => Code::Unimplemented,
+            tonic::Code::Cancelled => Code::Cancelled,
+            tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
+            _ => Code::Internal,
+        };
+        Self::new(code, format!("store: {}", s.message()))
+    }
+}

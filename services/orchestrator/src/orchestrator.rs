@@ -1,7 +1,6 @@
 //! The request path: validate → resolve (AutoPipeline) → acquire a lease → run the pipeline →
 //! release the lease (always, also on error or cancellation).
 
-use crate::status::{status, status_from_store_error};
 use crate::validate;
 use autopipe_auto::Family;
 use autopipe_pipelines::{PipelineError, StableDiffusion, StepObserver, Task};
@@ -52,8 +51,8 @@ impl Drop for LeaseGuard<'_> {
 
 fn pipeline_status(e: &PipelineError) -> Status {
     match e {
-        PipelineError::Store(s) => status_from_store_error(s),
-        other => status(other.code(), other.to_string()),
+        PipelineError::Store(s) => s.to_status(),
+        other => other.code().status(other.to_string()),
     }
 }
 
@@ -164,7 +163,7 @@ impl Orchestrator {
                 kind: valid.kind.or(self.config.default_kind),
                 request_id: request_id.to_string(),
             })
-            .map_err(|e| status_from_store_error(&e))?;
+            .map_err(|e| e.to_status())?;
         let acquire_ms = t_acquire.elapsed().as_secs_f64() * 1e3;
         let guard = LeaseGuard { store: self.store.as_ref(), lease };
         let pipeline = StableDiffusion::new(self.store.as_ref(), &guard.lease, &ckpt, &tokenizer, request_id);

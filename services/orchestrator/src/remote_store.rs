@@ -1,7 +1,6 @@
 //! [`ComponentStore`] over gRPC: the orchestrator's view of a separate `autopipe-store` process.
 //! Pipelines run on blocking threads, so each call blocks on the async client.
 
-use crate::status::store_error_from_status;
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, store_client::StoreClient};
 use autopipe_proto::{tensor_from_wire, tensor_to_wire};
@@ -46,7 +45,7 @@ impl RemoteStore {
         self.runtime
             .block_on(f(self.client.clone()))
             .map(tonic::Response::into_inner)
-            .map_err(|s| store_error_from_status(&s))
+            .map_err(|s| StoreError::from_status(&s))
     }
 }
 

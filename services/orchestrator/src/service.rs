@@ -3,7 +3,7 @@
 
 use crate::Orchestrator;
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
-use autopipe_proto::transport::{Address, Incoming, MAX_MESSAGE_BYTES};
+use autopipe_proto::transport::{self, Address, Incoming, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -234,18 +234,6 @@ pub async fn serve(
         let _ = tx.send(local);
     }
     let drain_service = service.clone();
-    let drain_timeout = options.drain_timeout;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!(timeout_s = drain_timeout.as_secs_f64(), "draining");
-        drain_service.start_draining();
-        health.set_not_serving::<OrchestratorServer<OrchestratorService>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-        let _ = draining_tx.send(());
-        let _ = stop_tx.send(());
-    });
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -254,29 +242,11 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
-    let stopped = async move {
-        let _ = stop_rx.await;
+    let on_drain = async move {
+        drain_service.start_draining();
+        health.set_not_serving::<OrchestratorServer<OrchestratorService>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
-    let mut server = tokio::spawn(async move {
-        match incoming {
-            Incoming::Tcp(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
-            Incoming::Unix(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
-        }
-    });
-    // Graceful shutdown waits for in-flight calls; the drain timeout bounds that wait.
-    let drain_deadline = async move {
-        if draining_rx.await.is_ok() {
-            tokio::time::sleep(drain_timeout).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        r = &mut server => r??,
-        _ = drain_deadline => {
-            tracing::warn!("drain timeout passed with requests in flight; stopping");
-            server.abort();
-        }
-    }
+    transport::serve_with_drain(router, incoming, shutdown, on_drain, options.drain_timeout).await?;
     Ok(())
 }

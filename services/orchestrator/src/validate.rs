@@ -40,15 +40,9 @@ pub fn task(t: i32) -> Result<Task, Status> {
     }
 }
 
-/// A dtype name (`float32`, `float16`, `bfloat16` and their short forms); empty = none.
+/// A dtype field (see [`autopipe_store::parse_kind_opt`]).
 pub fn dtype(name: &str, field: &str) -> Result<Option<Kind>, Status> {
-    Ok(match name.trim().to_ascii_lowercase().as_str() {
-        "" => None,
-        "float32" | "fp32" | "float" => Some(Kind::Float),
-        "float16" | "fp16" | "half" => Some(Kind::Half),
-        "bfloat16" | "bf16" => Some(Kind::BFloat16),
-        other => return Err(invalid(field, format!("unknown dtype {other:?} (float32, float16 or bfloat16)"))),
-    })
+    autopipe_store::parse_kind_opt(name).map_err(|e| invalid(field, e))
 }
 
 fn side(v: u32, field: &str) -> Result<Option<u32>, Status> {

@@ -1,1 +1,69 @@
-fn main() {}
+//! `autopipe-store`: the component store daemon. Keeps weights resident on its device, leases them,
+//! and runs component forward passes for orchestrators (`autopipe.v1.Store`).
+
+mod service;
+
+use anyhow::Context;
+use autopipe_proto::transport::Address;
+use autopipe_store::{Store, StoreConfig};
+use clap::Parser;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// autopipe store: resident diffusion components, leased by orchestrators.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to serve autopipe.v1.Store on: host:port or unix:///path.sock.
+    #[arg(long, env = "AUTOPIPE_STORE_LISTEN", default_value = "unix:///tmp/autopipe/store.sock")]
+    listen: Address,
+    /// Device for weights and compute: cpu, cuda, cuda:N.
+    #[arg(long, env = "AUTOPIPE_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Default weight dtype: float32, float16, bfloat16.
+    #[arg(long, env = "AUTOPIPE_DTYPE", default_value = "float32")]
+    dtype: String,
+    /// Resident-bytes budget: bytes (e.g. 8000000000, 8G, 512M) or a percentage of device memory (e.g. 80%).
+    #[arg(long, env = "AUTOPIPE_MEMORY_BUDGET")]
+    memory_budget: Option<String>,
+    /// Seconds a lease lives unless renewed or used.
+    #[arg(long, env = "AUTOPIPE_LEASE_TTL", default_value_t = 60)]
+    lease_ttl: u64,
+    /// Seconds in-flight calls may take to finish after SIGTERM.
+    #[arg(long, env = "AUTOPIPE_DRAIN_TIMEOUT", default_value_t = 30)]
+    drain_timeout: u64,
+    /// libtorch intra-op threads (default: libtorch's choice, one per core).
+    #[arg(long, env = "AUTOPIPE_THREADS")]
+    threads: Option<i32>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let device = autopipe_store::parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    if let tch::Device::Cuda(i) = device {
+        anyhow::ensure!(tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(), "--device {}: no such CUDA device", args.device);
+    }
+    let default_kind = autopipe_store::parse_kind(&args.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let memory_budget = args
+        .memory_budget
+        .as_deref()
+        .map(|s| autopipe_store::parse_budget(s, device))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
+    let store = Arc::new(Store::new(StoreConfig {
+        device,
+        default_kind,
+        memory_budget,
+        lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
+    }));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime
+        .block_on(service::serve(store, args.listen, Duration::from_secs(args.drain_timeout)))
+        .context("store")
+}
