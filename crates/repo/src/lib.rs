@@ -2,9 +2,11 @@
 //! their `config.json` files (diffusers' `pipeline_utils.py` / `pipeline_loading_utils.py` layout).
 
 mod checkpoint;
+pub mod hub;
 mod model_ref;
 
 pub use checkpoint::{Checkpoint, ComponentEntry, ModelIndex};
+pub use hub::{fetch_components, fetch_model_index, HubOptions};
 pub use model_ref::ModelRef;
 
 use std::path::PathBuf;
@@ -23,6 +25,12 @@ pub enum Error {
     InvalidReference(String),
     #[error("io error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The hub refused access (HTTP 401/403): a private or gated repo, or a rejected token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The hub could not be reached or answered with a server error; worth retrying later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Result with this crate's [`Error`].

@@ -1,1 +1,393 @@
-fn main() {}
+//! `autopipe`: the command line. `serve` runs the orchestrator with an in-process store (the
+//! single-machine default); `generate`, `resolve` and `stats` are gRPC clients (`generate
+//! --embedded` runs the same pipeline in-process without any server).
+
+use anyhow::{bail, Context};
+use autopipe_orchestrator::{serve, Orchestrator, OrchestratorConfig, ServeOptions};
+use autopipe_pipelines::{PipelineError, Progress, StepObserver};
+use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
+use autopipe_proto::v1;
+use autopipe_store::{Store, StoreConfig};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "autopipe: diffusers' AutoPipeline as a gRPC service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the orchestrator with an in-process component store (one machine, no separate store).
+    Serve(ServeArgs),
+    /// Generate images: through a server (--server) or in-process (--embedded).
+    Generate(GenerateArgs),
+    /// Which diffusers pipeline a (model, task, controlnet) resolves to.
+    Resolve(ResolveArgs),
+    /// What a store holds: resident components, bytes, leases.
+    Stats(StatsArgs),
+}
+
+/// Store settings for the in-process store (`serve`, `generate --embedded`).
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// Device for weights and compute: cpu, cuda, cuda:N.
+    #[arg(long, env = "AUTOPIPE_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Default weight dtype: float32, float16, bfloat16.
+    #[arg(long, env = "AUTOPIPE_DTYPE", default_value = "float32")]
+    dtype: String,
+    /// Resident-bytes budget: bytes (8G, 512M) or a percentage of device memory (80%).
+    #[arg(long, env = "AUTOPIPE_MEMORY_BUDGET")]
+    memory_budget: Option<String>,
+    /// Seconds a lease lives unless renewed or used.
+    #[arg(long, env = "AUTOPIPE_LEASE_TTL", default_value_t = 60)]
+    lease_ttl: u64,
+    /// libtorch intra-op threads (default: one per core).
+    #[arg(long, env = "AUTOPIPE_THREADS")]
+    threads: Option<i32>,
+}
+
+impl StoreArgs {
+    fn config(&self) -> anyhow::Result<StoreConfig> {
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        let device = autopipe_store::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        Ok(StoreConfig {
+            device,
+            default_kind: autopipe_store::parse_kind(&self.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+            memory_budget: self
+                .memory_budget
+                .as_deref()
+                .map(|s| autopipe_store::parse_budget(s, device))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?,
+            lease_ttl: Duration::from_secs(self.lease_ttl.max(1)),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to serve autopipe.v1.Orchestrator on: host:port or unix:///path.sock.
+    #[arg(long, env = "AUTOPIPE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: Address,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Requests generating at once.
+    #[arg(long, env = "AUTOPIPE_MAX_CONCURRENCY", default_value_t = 4)]
+    max_concurrency: usize,
+    /// Requests waiting for a slot before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "AUTOPIPE_MAX_QUEUE", default_value_t = 64)]
+    max_queue: usize,
+    /// Seconds in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "AUTOPIPE_DRAIN_TIMEOUT", default_value_t = 30)]
+    drain_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// Orchestrator to call: host:port, http://host:port or unix:///path.sock.
+    #[arg(long, env = "AUTOPIPE_SERVER", conflicts_with = "embedded")]
+    server: Option<Address>,
+    /// Run in this process (own store, no server).
+    #[arg(long)]
+    embedded: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// text2img, img2img or inpaint.
+    #[arg(long, default_value = "text2img")]
+    task: String,
+    /// A local diffusers folder or a hub repo id.
+    #[arg(long)]
+    model: String,
+    /// Hub revision.
+    #[arg(long, default_value = "")]
+    revision: String,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long)]
+    width: Option<u32>,
+    #[arg(long)]
+    height: Option<u32>,
+    /// Denoising steps (diffusers' default: 50).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Classifier-free guidance scale (diffusers' default: 7.5).
+    #[arg(long)]
+    guidance_scale: Option<f32>,
+    /// Seed for torch.Generator("cpu").manual_seed; random when unset.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Scheduler class override, e.g. EulerDiscreteScheduler.
+    #[arg(long, default_value = "")]
+    scheduler: String,
+    /// Init image (img2img, inpaint).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Mask image, white = repaint (inpaint).
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// img2img/inpaint strength in [0, 1].
+    #[arg(long)]
+    strength: Option<f32>,
+    /// Images to generate.
+    #[arg(long)]
+    num_images: Option<u32>,
+    /// Weight-file variant, e.g. fp16.
+    #[arg(long, default_value = "")]
+    variant: String,
+    /// Output PNG; several images get -0, -1, … suffixes.
+    #[arg(long, default_value = "out.png")]
+    output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ResolveArgs {
+    /// Orchestrator to ask; without it, resolves locally.
+    #[arg(long, env = "AUTOPIPE_SERVER")]
+    server: Option<Address>,
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value = "")]
+    revision: String,
+    #[arg(long, default_value = "text2img")]
+    task: String,
+    /// A ControlNet model (resolution only needs to know one is given).
+    #[arg(long, default_value = "")]
+    controlnet: String,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// The store: host:port or unix:///path.sock.
+    #[arg(long, env = "AUTOPIPE_STORE", default_value = "unix:///tmp/autopipe/store.sock")]
+    store: Address,
+}
+
+fn task(s: &str) -> anyhow::Result<v1::Task> {
+    Ok(match s {
+        "text2img" | "text-to-image" => v1::Task::Text2img,
+        "img2img" | "image-to-image" => v1::Task::Img2img,
+        "inpaint" | "inpainting" => v1::Task::Inpaint,
+        other => bail!("--task: expected text2img, img2img or inpaint, got {other:?}"),
+    })
+}
+
+fn read(path: &Option<PathBuf>, flag: &str) -> anyhow::Result<Vec<u8>> {
+    match path {
+        Some(p) => std::fs::read(p).with_context(|| format!("{flag} {}", p.display())),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
+    let model = if Path::new(&a.model).is_dir() {
+        std::fs::canonicalize(&a.model)?.display().to_string()
+    } else {
+        a.model.clone()
+    };
+    Ok(v1::GenerateRequest {
+        task: task(&a.task)? as i32,
+        model,
+        revision: a.revision.clone(),
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width: a.width.unwrap_or(0),
+        height: a.height.unwrap_or(0),
+        num_inference_steps: a.steps,
+        guidance_scale: a.guidance_scale,
+        strength: a.strength,
+        seed: a.seed,
+        image: read(&a.image, "--image")?,
+        mask_image: read(&a.mask, "--mask")?,
+        scheduler: a.scheduler.clone(),
+        num_images_per_prompt: a.num_images,
+        dtype: String::new(),
+        variant: a.variant.clone(),
+        scheduler_options: String::new(),
+    })
+}
+
+fn progress_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn write_images(resp: &v1::GenerateResponse, output: &Path) -> anyhow::Result<()> {
+    for (i, img) in resp.images.iter().enumerate() {
+        let path = if resp.images.len() == 1 {
+            output.to_path_buf()
+        } else {
+            let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+            output.with_file_name(format!("{stem}-{i}.png"))
+        };
+        std::fs::write(&path, &img.png).with_context(|| format!("writing {}", path.display()))?;
+        println!("{} ({}x{}, seed {})", path.display(), img.width, img.height, img.seed);
+    }
+    for w in &resp.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(t) = &resp.timings {
+        eprintln!(
+            "{}: {:.0} ms total ({:.1} ms/step, acquire {:.0} ms, prompt {:.0} ms, decode {:.0} ms)",
+            resp.pipeline, t.total_ms, t.step_ms_mean, t.acquire_ms, t.encode_prompt_ms, t.decode_ms
+        );
+    }
+    Ok(())
+}
+
+struct BarObserver(ProgressBar);
+
+impl StepObserver for BarObserver {
+    fn on_step(&self, p: Progress) {
+        self.0.set_length(p.total_steps as u64);
+        self.0.set_position(p.step as u64);
+    }
+    fn should_stop(&self) -> Option<PipelineError> {
+        None
+    }
+}
+
+async fn generate_remote(server: &Address, req: v1::GenerateRequest) -> anyhow::Result<v1::GenerateResponse> {
+    let channel = transport::channel(server)?;
+    let mut client = v1::orchestrator_client::OrchestratorClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let bar = progress_bar();
+    let mut stream = client.generate_stream(req).await.map_err(status_error)?.into_inner();
+    while let Some(event) = stream.next().await {
+        match event.map_err(status_error)?.event {
+            Some(v1::generate_event::Event::Progress(p)) => {
+                bar.set_length(p.total_steps as u64);
+                bar.set_position(p.step as u64);
+            }
+            Some(v1::generate_event::Event::Result(r)) => {
+                bar.finish_and_clear();
+                return Ok(r);
+            }
+            None => {}
+        }
+    }
+    bail!("the server closed the stream without a result")
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(a) => {
+            let store = Arc::new(Store::new(a.store.config()?));
+            let orchestrator = Arc::new(Orchestrator::new(store, OrchestratorConfig::default()));
+            let options = ServeOptions {
+                listen: a.listen,
+                max_concurrency: a.max_concurrency,
+                max_queue: a.max_queue,
+                drain_timeout: Duration::from_secs(a.drain_timeout),
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            runtime.spawn(async move {
+                if let Ok(addr) = rx.await {
+                    eprintln!("autopipe serving on {addr} (embedded store)");
+                }
+            });
+            runtime.block_on(serve(orchestrator, options, transport::shutdown_signal(), Some(tx)))
+        }
+        Command::Generate(a) => {
+            let req = request(&a)?;
+            let resp = if let Some(server) = &a.server {
+                runtime.block_on(generate_remote(server, req))?
+            } else if a.embedded {
+                let store = Arc::new(Store::new(a.store.config()?));
+                let orchestrator = Orchestrator::new(store, OrchestratorConfig::default());
+                let bar = progress_bar();
+                let resp = orchestrator.generate(&req, "cli", &BarObserver(bar.clone())).map_err(status_error)?;
+                bar.finish_and_clear();
+                resp
+            } else {
+                bail!("give --server ADDR (a running orchestrator) or --embedded (run in this process)");
+            };
+            write_images(&resp, &a.output)
+        }
+        Command::Resolve(a) => {
+            let req = v1::ResolveRequest {
+                model: a.model.clone(),
+                revision: a.revision.clone(),
+                task: task(&a.task)? as i32,
+                controlnet: a.controlnet.clone(),
+            };
+            let resp = match &a.server {
+                Some(server) => runtime.block_on(async {
+                    let mut c = v1::orchestrator_client::OrchestratorClient::new(transport::channel(server)?);
+                    Ok::<_, anyhow::Error>(c.resolve(req).await.map_err(status_error)?.into_inner())
+                })?,
+                None => {
+                    let store = Arc::new(Store::new(StoreConfig::default()));
+                    Orchestrator::new(store, OrchestratorConfig::default()).resolve(&req).map_err(status_error)?
+                }
+            };
+            println!("{}", resp.pipeline);
+            println!("  model class: {}", resp.model_class);
+            println!("  implemented: {}", resp.implemented);
+            for c in &resp.components {
+                println!("  {:<22} {}{}", c.name, c.class_name, if c.optional { " (optional)" } else { "" });
+            }
+            Ok(())
+        }
+        Command::Stats(a) => runtime.block_on(async {
+            let mut c = v1::store_client::StoreClient::new(transport::channel(&a.store)?);
+            let s = c.stats(v1::StatsRequest {}).await.map_err(status_error)?.into_inner();
+            println!(
+                "resident {} bytes, {} active leases, {} evictions, budget {}",
+                s.resident_bytes,
+                s.active_leases,
+                s.evictions,
+                if s.memory_budget_bytes == 0 { "unlimited".to_string() } else { s.memory_budget_bytes.to_string() }
+            );
+            for comp in s.components {
+                println!(
+                    "{:<28} {:<12} {:>12} bytes {:>9} {:>5} loads={} leases={} {}",
+                    comp.class_name,
+                    &comp.key[..comp.key.len().min(12)],
+                    comp.bytes,
+                    comp.dtype,
+                    comp.device,
+                    comp.load_count,
+                    comp.active_leases,
+                    comp.paths.join(",")
+                );
+            }
+            Ok(())
+        }),
+    }
+}

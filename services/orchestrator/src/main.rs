@@ -39,6 +39,8 @@ fn main() -> anyhow::Result<()> {
     let default_kind = autopipe_orchestrator::parse_dtype(args.dtype.as_deref().unwrap_or(""))
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Channels spawn their connection workers on the runtime they are created in.
+    let _entered = runtime.enter();
     let store = RemoteStore::new(&args.store, runtime.handle().clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let orchestrator = Arc::new(Orchestrator::new(Arc::new(store), OrchestratorConfig { default_kind }));
     let options = ServeOptions {

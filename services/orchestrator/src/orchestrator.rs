@@ -61,6 +61,8 @@ fn repo_status(e: autopipe_repo::Error) -> Status {
         autopipe_repo::Error::NotFound(m) => Status::not_found(format!("model: {m}")),
         autopipe_repo::Error::InvalidReference(_) => Status::invalid_argument(format!("model: {e}")),
         autopipe_repo::Error::Malformed { .. } => Status::failed_precondition(format!("model: {e}")),
+        autopipe_repo::Error::Unauthorized(_) => Status::permission_denied(format!("model: {e}")),
+        autopipe_repo::Error::Unavailable(_) => Status::unavailable(format!("model: {e}")),
         autopipe_repo::Error::Io { .. } => Status::internal(format!("model: {e}")),
     }
 }
