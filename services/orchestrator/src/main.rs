@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     // Channels spawn their connection workers on the runtime they are created in.
     let _entered = runtime.enter();
     let store = RemoteStore::new(&args.store, runtime.handle().clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let orchestrator = Arc::new(Orchestrator::new(Arc::new(store), OrchestratorConfig { default_kind }));
+    let orchestrator = Arc::new(Orchestrator::new(Arc::new(store), OrchestratorConfig { default_kind, ..Default::default() }));
     let options = ServeOptions {
         listen: args.listen,
         max_concurrency: args.max_concurrency,

@@ -5,6 +5,7 @@ use crate::validate;
 use autopipe_auto::Family;
 use autopipe_pipelines::{PipelineError, StableDiffusion, StepObserver, Task};
 use autopipe_proto::v1;
+use autopipe_repo::hub::{self, HubOptions};
 use autopipe_repo::{Checkpoint, ModelRef};
 use autopipe_store::{AcquireRequest, ComponentSpec, ComponentStore, Lease};
 use autopipe_tokenizer::ClipTokenizer;
@@ -24,12 +25,16 @@ pub const IMPLEMENTED: &[&str] =
 pub struct OrchestratorConfig {
     /// Weight dtype when a request names none; `None` = the store's default.
     pub default_kind: Option<Kind>,
+    /// Where hub model references are fetched from and cached; `None` = from the environment
+    /// (`HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
+    pub hub: Option<HubOptions>,
 }
 
 /// The stateless request path over a component store.
 pub struct Orchestrator {
     store: Arc<dyn ComponentStore>,
     config: OrchestratorConfig,
+    hub: HubOptions,
     // Tokenizers are immutable after loading; sharing them saves re-reading a 49408-token vocab
     // per request. Everything mutable (scheduler, generator) is created per request.
     tokenizers: Mutex<HashMap<PathBuf, Arc<ClipTokenizer>>>,
@@ -74,7 +79,8 @@ fn auto_status(e: autopipe_auto::Error) -> Status {
 impl Orchestrator {
     /// An orchestrator over `store`.
     pub fn new(store: Arc<dyn ComponentStore>, config: OrchestratorConfig) -> Self {
-        Self { store, config, tokenizers: Mutex::new(HashMap::new()) }
+        let hub = config.hub.clone().unwrap_or_else(HubOptions::from_env);
+        Self { store, config, hub, tokenizers: Mutex::new(HashMap::new()) }
     }
 
     /// The component store this orchestrator leases from.
@@ -82,12 +88,20 @@ impl Orchestrator {
         &self.store
     }
 
-    fn open(&self, model: &str, revision: &str) -> Result<Checkpoint, Status> {
+    /// Opens a model reference. A hub repo gets `model_index.json` only, unless `components` names
+    /// what to download (config, tokenizer and weight files of those components, of `variant`).
+    fn open(&self, model: &str, revision: &str, components: &[&str], variant: Option<&str>) -> Result<Checkpoint, Status> {
         match ModelRef::parse(model, revision).map_err(repo_status)? {
             ModelRef::Local(path) => Checkpoint::open(path).map_err(repo_status),
-            ModelRef::Hub { repo_id, .. } => Err(Status::not_found(format!(
-                "model: {repo_id:?} is not a local folder, and hub downloads are not enabled on this server"
-            ))),
+            ModelRef::Hub { repo_id, revision } => {
+                let snapshot = if components.is_empty() {
+                    hub::fetch_model_index(&self.hub, &repo_id, &revision)
+                } else {
+                    hub::fetch_components(&self.hub, &repo_id, &revision, components, variant)
+                }
+                .map_err(repo_status)?;
+                Checkpoint::open(snapshot).map_err(repo_status)
+            }
         }
     }
 
@@ -109,7 +123,7 @@ impl Orchestrator {
         if req.model.trim().is_empty() {
             return Err(Status::invalid_argument("model: is required"));
         }
-        let ckpt = self.open(req.model.trim(), req.revision.trim())?;
+        let ckpt = self.open(req.model.trim(), req.revision.trim(), &[], None)?;
         let class = &ckpt.index().class_name;
         let r = autopipe_auto::resolve(class, task, !req.controlnet.trim().is_empty()).map_err(auto_status)?;
         Ok(v1::ResolveResponse {
@@ -133,11 +147,15 @@ impl Orchestrator {
     ) -> Result<v1::GenerateResponse, Status> {
         let started = Instant::now();
         let valid = validate::generate_request(req)?;
-        let ckpt = self.open(&valid.model, &valid.revision)?;
-        let resolution = autopipe_auto::resolve(&ckpt.index().class_name, valid.task, false).map_err(auto_status)?;
+        let index = self.open(&valid.model, &valid.revision, &[], None)?;
+        let resolution = autopipe_auto::resolve(&index.index().class_name, valid.task, false).map_err(auto_status)?;
         if resolution.family != Family::StableDiffusion || !IMPLEMENTED.contains(&resolution.pipeline) {
             return Err(Status::unimplemented(format!("{} is not implemented by this server yet", resolution.pipeline)));
         }
+        // Everything the Stable Diffusion pipelines read: leased components plus tokenizer and scheduler.
+        let mut needed: Vec<&str> = autopipe_pipelines::stable_diffusion::COMPONENTS.to_vec();
+        needed.extend(["tokenizer", "scheduler"]);
+        let ckpt = self.open(&valid.model, &valid.revision, &needed, valid.variant.as_deref())?;
         let tokenizer = self.tokenizer(&ckpt)?;
         let specs = autopipe_pipelines::stable_diffusion::COMPONENTS
             .iter()
