@@ -311,10 +311,9 @@ def check_schemas(renders: list[Render]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- refs
-def check_refs(renders: list[Render]) -> None:
-    section("references between objects")
-    serving = {r.name: r for r in renders}
-    base = serving.get("base")
+def check_refs(renders: list[Render], base: Render | None = None) -> None:
+    """Names that point at other objects resolve; `base` lends its objects to add-ons like prepull."""
+    base = base or next((r for r in renders if r.name == "base"), None)
     for r in renders:
         # a standalone add-on (the pre-pull Job) may lean on objects the serving layout creates
         def lookup(kind: str, name: str) -> dict | None:
@@ -475,7 +474,8 @@ def daemons_of(r: Render, bins: Binaries) -> list[Daemon]:
                     settings[flag] = expand(val, env) if val else "true"
                 i += 1
             d = Daemon(r, w, c, sidecar, cmd, h, env, settings)
-            R.check(not unknown, f"{d.label}: flags {' '.join(a for a in rest if a.startswith('--'))} exist in `{' '.join(cmd)} --help`",
+            used = " ".join(a.split("=")[0] for a in rest if a.startswith("--")) or "(none)"
+            R.check(not unknown, f"{d.label}: command-line flags {used} exist in `{' '.join(cmd)} --help`",
                     f"unknown: {', '.join(unknown)}")
             out.append(d)
     return out
@@ -489,6 +489,44 @@ def proto_services(proto_dir: Path) -> set[str]:
         for s in re.findall(r"^service\s+(\w+)", text, re.M):
             services.add(f"{pkg.group(1)}.{s}" if pkg else s)
     return services
+
+
+def image_binaries(docker: str) -> set[str]:
+    """The binaries the Dockerfile builds: its `for pkg_bin in PACKAGE:BIN ...; do` list."""
+    m = re.search(r"for pkg_bin in (.*?); do", docker.replace("\\\n", " "), re.S)
+    return {pair.split(":")[1] for pair in m.group(1).split()} if m else set()
+
+
+def workspace_binaries(repo: Path) -> dict[str, str]:
+    """bin name -> package name, for every [[bin]] (or default bin) of the workspace's members."""
+    import tomllib
+
+    root = tomllib.loads((repo / "Cargo.toml").read_text())
+    out = {}
+    for member in root["workspace"]["members"]:
+        manifest = repo / member / "Cargo.toml"
+        if not manifest.exists():
+            continue
+        pkg = tomllib.loads(manifest.read_text())
+        name = pkg["package"]["name"]
+        for b in pkg.get("bin") or ([{"name": name}] if (repo / member / "src/main.rs").exists() else []):
+            out[b["name"]] = name
+    return out
+
+
+def check_dockerfile(repo: Path) -> None:
+    section("Dockerfile against the workspace")
+    docker = (repo / "deploy/docker/Dockerfile").read_text()
+    m = re.search(r"for pkg_bin in (.*?); do", docker.replace("\\\n", " "), re.S)
+    pairs = [p.split(":") for p in m.group(1).split()] if m else []
+    ws = workspace_binaries(repo)
+    R.check({b for _, b in pairs} == AUTOPIPE_BINARIES, f"Dockerfile builds {', '.join(sorted(b for _, b in pairs))}",
+            f"expected {sorted(AUTOPIPE_BINARIES)}")
+    for pkg, b in pairs:
+        R.check(ws.get(b) == pkg, f"Dockerfile: package {pkg} has binary {b}", f"workspace: {b} is in {ws.get(b)}")
+    for b in sorted(AUTOPIPE_BINARIES):
+        R.check(re.search(rf"^\s*(RUN|&&) {re.escape(b)} --help", docker, re.M) is not None,
+                f"Dockerfile: the runtime stage runs `{b} --help` (fails the build on a missing library)")
 
 
 def check_daemons(renders: list[Render], bins: Binaries, proto_dir: Path, dockerfile: Path) -> dict[str, list[Daemon]]:
@@ -507,7 +545,8 @@ def check_daemons(renders: list[Render], bins: Binaries, proto_dir: Path, docker
     return by_render
 
 
-def check_daemon(d: Daemon, pod_daemons: list[Daemon], r: Render, services: set[str], docker: str) -> None:
+def check_daemon(d: Daemon, all_daemons: list[Daemon], r: Render, services: set[str], docker: str) -> None:
+    """Checks one daemon container against its binary's --help, proto/ and the rest of its render."""
     c, h, s = d.container, d.help, d.settings
     errors, pending = [], []
     # environment: every AUTOPIPE_* variable is a flag of this binary; others are known or used in args
@@ -522,8 +561,8 @@ def check_daemon(d: Daemon, pod_daemons: list[Daemon], r: Render, services: set[
     R.check(not errors, f"{d.label}: its {len(d.env)} variables are flags of `{' '.join(d.cmd)}` (or RUST_LOG/HF_*)", "; ".join(errors))
     for var in pending:
         R.note(f"{d.label}: {var} ({PENDING_ENV[var]}) is not in `{' '.join(d.cmd)} --help` yet: pending, not checked")
-    R.check(f"target/release/{d.binary}" in docker or f"/{d.binary} " in docker,
-            f"{d.label}: the image carries {d.binary}", "deploy/docker/Dockerfile does not copy it")
+    R.check(d.binary in image_binaries(docker), f"{d.label}: the image builds {d.binary}",
+            f"deploy/docker/Dockerfile builds {sorted(image_binaries(docker))}")
 
     ports = {p["containerPort"]: p for p in c.get("ports") or []}
     mounts = {m["mountPath"].rstrip("/"): m["name"] for m in c.get("volumeMounts") or []}
@@ -568,15 +607,15 @@ def check_daemon(d: Daemon, pod_daemons: list[Daemon], r: Render, services: set[
                     f"{d.binary} reports health for '' and {sorted(own)} (from proto/)")
         elif "exec" in p:
             cmd = p["exec"]["command"]
-            check_exec_probe(d, kind, cmd, pod_daemons)
+            check_exec_probe(d, kind, cmd)
     # orchestrator -> store
     if d.binary == "autopipe-orchestrator":
-        check_store_link(d, pod_daemons, r)
+        check_store_link(d, all_daemons, r)
     if d.binary == "autopipe-store":
         check_store_resources(d)
 
 
-def check_exec_probe(d: Daemon, kind: str, cmd: list[str], pod_daemons: list[Daemon]) -> None:
+def check_exec_probe(d: Daemon, kind: str, cmd: list[str]) -> None:
     if os.path.basename(cmd[0]) not in AUTOPIPE_BINARIES:
         R.note(f"{d.label}: {kind} runs {cmd[0]}, not checked")
         return
@@ -607,11 +646,11 @@ def d_help_for(cmd: list[str]) -> tuple[Help, list[str]] | None:
     return top, cmd[1:]
 
 
-def check_store_link(d: Daemon, pod_daemons: list[Daemon], r: Render) -> None:
+def check_store_link(d: Daemon, all_daemons: list[Daemon], r: Render) -> None:
     store = d.settings.get("--store", "")
     kind, where = split_address(store)
     if kind == "unix":
-        peers = [p for p in pod_daemons if p.workload is d.workload and p.binary == "autopipe-store"
+        peers = [p for p in all_daemons if p.workload is d.workload and p.binary == "autopipe-store"
                  and split_address(p.settings.get("--listen", "")) == ("unix", where)]
         if not R.check(bool(peers), f"{d.label}: --store {store} is the socket of a store in the same pod",
                        "no store container of this pod listens there"):
@@ -625,7 +664,7 @@ def check_store_link(d: Daemon, pod_daemons: list[Daemon], r: Render) -> None:
             vols.append((best["name"], best["mountPath"]) if best else None)
         R.check(vols[0] is not None and vols[0] == vols[1], f"{d.label}: socket directory {sock_dir} is one volume shared with {peer.container['name']}",
                 f"mounts {vols}")
-        R.check(peer.sidecar and not d.sidecar, f"{d.label}: its store {peer.container['name']} is a native sidecar",
+        R.check(peer.sidecar and not d.sidecar, f"{d.label}: its store (container {peer.container['name']}) is a native sidecar",
                 "a store in the orchestrator's pod must be an init container with restartPolicy: Always, so it starts "
                 "first and stops only after the orchestrator has drained")
     else:
@@ -635,7 +674,7 @@ def check_store_link(d: Daemon, pod_daemons: list[Daemon], r: Render) -> None:
             return
         sp = [p for p in svc["spec"]["ports"] if str(p["port"]) == port]
         R.check(bool(sp), f"{d.label}: Service {svc['metadata']['name']} has port {port}")
-        stores = [p for p in r_daemons(r) if p.binary == "autopipe-store" and selector_matches(svc["spec"]["selector"], pod_labels(p.workload))]
+        stores = [p for p in all_daemons if p.binary == "autopipe-store" and selector_matches(svc["spec"]["selector"], pod_labels(p.workload))]
         ok = False
         for st in stores:
             lk, lw = split_address(st.settings.get("--listen", ""))
@@ -644,13 +683,6 @@ def check_store_link(d: Daemon, pod_daemons: list[Daemon], r: Render) -> None:
                 cport = next((cp["containerPort"] for cp in st.container.get("ports") or [] if cp.get("name") == tp or cp["containerPort"] == tp), None)
                 ok |= lk == "tcp" and cport is not None and lw.endswith(f":{cport}")
         R.check(ok, f"{d.label}: Service {host} reaches a store listening on its target port", "no selected store listens there")
-
-
-_R_DAEMONS: dict[str, list[Daemon]] = {}
-
-
-def r_daemons(r: Render) -> list[Daemon]:
-    return _R_DAEMONS.get(r.name, [])
 
 
 def check_store_resources(d: Daemon) -> None:
@@ -702,6 +734,126 @@ def check_termination(w: dict, daemons: list[Daemon], r: Render) -> None:
             "update terminationGracePeriodSeconds with the drain timeout")
     for d in main:
         R.check(prestop_seconds(d.container) > 0, f"{d.label}: preStop waits before SIGTERM (endpoints removal)", "no preStop sleep")
+
+
+# --------------------------------------------------------------------------------------- self-test
+def _cm(objs: list[dict], prefix: str) -> dict:
+    return next(o for o in objs if o["kind"] == "ConfigMap" and re.fullmatch(rf"{prefix}(-[a-z0-9]{{10}})?", o["metadata"]["name"]))
+
+
+def _wl(objs: list[dict], kind: str, name: str) -> dict:
+    return next(o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def _ctr(w: dict, name: str) -> dict:
+    return next(c for c, _ in all_containers(pod_spec(w)) if c["name"] == name)
+
+
+def _unshare_socket(objs: list[dict]) -> None:
+    for m in _ctr(_wl(objs, "Deployment", "autopipe"), "orchestrator")["volumeMounts"]:
+        if m["name"] == "run":
+            m["mountPath"] = "/scratch"
+
+
+def _plain_store(objs: list[dict]) -> None:
+    spec = pod_spec(_wl(objs, "Deployment", "autopipe"))
+    store = spec["initContainers"].pop(0)
+    store.pop("restartPolicy")
+    spec["containers"].append(store)
+
+
+def _set(d: dict, path: list, value) -> None:
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+
+
+MUTATIONS = [
+    ("overlays/cpu", "a misspelt flag variable (AUTOPIPE_MAX_CONCURENCY)",
+     lambda o: _cm(o, "autopipe-orchestrator")["data"].update(AUTOPIPE_MAX_CONCURENCY=_cm(o, "autopipe-orchestrator")["data"].pop("AUTOPIPE_MAX_CONCURRENCY"))),
+    ("overlays/cpu", "a readiness probe on another port than --listen",
+     lambda o: _set(_ctr(_wl(o, "Deployment", "autopipe"), "orchestrator"), ["readinessProbe", "grpc", "port"], 50052)),
+    ("overlays/cpu", "a readiness probe for a service the daemon does not serve",
+     lambda o: _set(_ctr(_wl(o, "Deployment", "autopipe"), "orchestrator"), ["readinessProbe", "grpc", "service"], "autopipe.v1.Orchestrater")),
+    ("overlays/cpu", "a grace period shorter than preStop + drain",
+     lambda o: _set(pod_spec(_wl(o, "Deployment", "autopipe")), ["terminationGracePeriodSeconds"], 20)),
+    ("overlays/cpu", "a drain timeout raised without the grace period",
+     lambda o: _cm(o, "autopipe-orchestrator")["data"].update(AUTOPIPE_DRAIN_TIMEOUT="120")),
+    ("overlays/cpu", "the store's socket moved away from the orchestrator's --store",
+     lambda o: _cm(o, "autopipe-store")["data"].update(AUTOPIPE_STORE_LISTEN="unix:///tmp/store/store.sock")),
+    ("overlays/cpu", "the socket's volume not shared with the orchestrator", _unshare_socket),
+    ("overlays/cpu", "the store as a plain container (no shutdown ordering)", _plain_store),
+    ("overlays/cpu", "a store exec probe asking another socket",
+     lambda o: _set(_ctr(_wl(o, "Deployment", "autopipe"), "store"), ["startupProbe", "exec", "command", 3], "unix:///tmp/other.sock")),
+    ("overlays/cpu", "a memory budget above the memory limit",
+     lambda o: _cm(o, "autopipe-store")["data"].update(AUTOPIPE_MEMORY_BUDGET="20G")),
+    ("overlays/cpu", "more libtorch threads than CPUs", lambda o: _cm(o, "autopipe-store")["data"].update(AUTOPIPE_THREADS="16")),
+    ("overlays/cpu", "a Service target port no container has",
+     lambda o: _set(_wl(o, "Service", "autopipe")["spec"]["ports"][0], ["targetPort"], "grpc-api")),
+    ("overlays/gpu", "a CUDA store without a GPU",
+     lambda o: _ctr(_wl(o, "Deployment", "autopipe"), "store")["resources"]["limits"].pop("nvidia.com/gpu")),
+    ("overlays/split", "--store naming no Service",
+     lambda o: _cm(o, "autopipe-orchestrator")["data"].update(AUTOPIPE_STORE="autopipe-stor:50052")),
+    ("overlays/split", "a store listening on another port than its Service targets",
+     lambda o: _cm(o, "autopipe-store")["data"].update(AUTOPIPE_STORE_LISTEN="0.0.0.0:50053")),
+    ("prepull", "a flag `autopipe generate` does not have (--step)",
+     lambda o: _set(_ctr(_wl(o, "Job", "autopipe-prepull"), "prepull"), ["command", _ctr(_wl(o, "Job", "autopipe-prepull"), "prepull")["command"].index("--steps")], "--step")),
+]
+
+
+def static_failures(r: Render, base: Render | None, bins: Binaries, services: set[str], docker: str) -> int:
+    """How many of the static checks (refs + binaries) fail on `r`, without printing or counting them."""
+    import contextlib
+    import io
+
+    saved = (R.passed, R.failed, list(R.notes))
+    with contextlib.redirect_stdout(io.StringIO()):
+        check_refs([r], base)
+        daemons = daemons_of(r, bins)
+        for d in daemons:
+            check_daemon(d, daemons, r, services, docker)
+        for w in r.workloads():
+            check_termination(w, [d for d in daemons if d.workload is w], r)
+    failed = R.failed - saved[1]
+    R.passed, R.failed, R.notes = saved
+    return failed
+
+
+def selftest(renders: list[Render], bins: Binaries, proto_dir: Path, dockerfile: Path) -> None:
+    section("self-test: the checks catch deliberate mistakes")
+    import copy
+
+    by_name = {r.name: r for r in renders}
+    base = by_name.get("base")
+    services, docker = proto_services(proto_dir), dockerfile.read_text()
+    for name, what, mutate in MUTATIONS:
+        if name not in by_name:
+            R.fail(f"mutation on {name}", "render missing")
+            continue
+        orig = by_name[name]
+        if static_failures(orig, base, bins, services, docker):
+            R.fail(f"{name}: {what}", "the unmodified render already fails, the mutation proves nothing")
+            continue
+        objs = copy.deepcopy(orig.objects)
+        try:
+            mutate(objs)
+        except (StopIteration, KeyError, IndexError, ValueError) as e:
+            R.fail(f"{name}: {what}", f"mutation no longer applies ({e!r}): update MUTATIONS")
+            continue
+        n = static_failures(Render(orig.name, orig.path, objs), base, bins, services, docker)
+        R.check(n > 0, f"{name}: catches {what} ({n} failing checks)", "no check failed")
+    import kubernetes_validate
+
+    if "overlays/cpu" in by_name:
+        dep = copy.deepcopy(_wl(by_name["overlays/cpu"].objects, "Deployment", "autopipe"))
+        c = _ctr(dep, "orchestrator")
+        c["readinesProbe"] = c.pop("readinessProbe")
+        try:
+            kubernetes_validate.validate(dep, K8S_VERSIONS[0], strict=True)
+            caught = False
+        except kubernetes_validate.ValidationError:
+            caught = True
+        R.check(caught, "overlays/cpu: schema validation catches a misspelt field (readinesProbe)", "it validated")
 
 
 # ------------------------------------------------------------------------------------------- smoke
@@ -865,6 +1017,7 @@ def main() -> int:
     k8s = a.repo / "deploy/k8s"
     renders = render_all(a.kubectl, k8s)
     check_schemas(renders)
+    section("references between objects")
     check_refs(renders)
     section("binaries answer --help")
     for b in sorted(AUTOPIPE_BINARIES):
@@ -874,23 +1027,12 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - reported as a failure
             R.fail(f"{b} --help", str(e))
             return finish()
-    for r in renders:
-        _R_DAEMONS[r.name] = daemons_of_quiet(r, bins)
+    check_dockerfile(a.repo)
     by_render = check_daemons(renders, bins, a.repo / "proto", a.repo / "deploy/docker/Dockerfile")
+    selftest(renders, bins, a.repo / "proto", a.repo / "deploy/docker/Dockerfile")
     if not a.no_smoke:
         smoke(renders, bins, by_render)
     return finish()
-
-
-def daemons_of_quiet(r: Render, bins: Binaries) -> list[Daemon]:
-    saved = (R.passed, R.failed)
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        ds = daemons_of(r, bins)
-    R.passed, R.failed = saved
-    return ds
 
 
 def finish() -> int:
