@@ -1,1 +1,482 @@
-fn main() {}
+//! `bench`: autopipe (embedded and split) against diffusers' AutoPipelines, side by side in one run
+//! on one machine: same checkpoint, seed, parameters, dtype and intra-op thread count. Prints a
+//! table and writes the samples, summary and targets as JSON (see bench/README.md).
+
+mod embedded;
+mod report;
+mod spec;
+mod systems;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use report::Sample;
+use spec::Spec;
+use std::path::{Path, PathBuf};
+use systems::{Launch, System, SystemKind};
+
+#[derive(Debug, Parser)]
+#[command(about = "autopipe vs diffusers, side by side")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the benchmark and prints the table.
+    Run(RunArgs),
+    /// (internal) autopipe embedded mode serving specs on stdin.
+    EmbeddedWorker {
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+        #[arg(long)]
+        threads: i32,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RunArgs {
+    /// Real-architecture SD 1.5 checkpoint (scripts/fixtures/sd15_arch.py builds it).
+    #[arg(long, default_value_t = default_sd15())]
+    sd15: String,
+    /// The small test checkpoint.
+    #[arg(long, default_value_t = repo_path("tests/fixtures/checkpoints/sd1-tiny"))]
+    tiny: String,
+    /// Which checkpoints: sd15, tiny (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = ["tiny".to_string(), "sd15".to_string()])]
+    checkpoints: Vec<String>,
+    /// Weight dtypes: float32, bfloat16.
+    #[arg(long, value_delimiter = ',', default_values_t = ["float32".to_string(), "bfloat16".to_string()])]
+    dtypes: Vec<String>,
+    /// Systems: embedded, split, diffusers (and embedded-nchw: embedded without channels-last).
+    #[arg(long, value_delimiter = ',', default_values_t = ["embedded".to_string(), "split".to_string(), "diffusers".to_string()])]
+    systems: Vec<String>,
+    /// Timed runs per task on sd15 (after the cold start and the task switches).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Timed runs per task on the small checkpoint.
+    #[arg(long, default_value_t = 10)]
+    tiny_runs: usize,
+    /// Cold starts per system (each restarts its processes).
+    #[arg(long, default_value_t = 1)]
+    cold_runs: usize,
+    /// Cold starts per system on the small checkpoint.
+    #[arg(long, default_value_t = 3)]
+    tiny_cold_runs: usize,
+    /// Denoising steps on sd15.
+    #[arg(long, default_value_t = 4)]
+    steps: u32,
+    /// Denoising steps on the small checkpoint.
+    #[arg(long, default_value_t = 10)]
+    tiny_steps: u32,
+    /// Image side on sd15.
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Image side on the small checkpoint.
+    #[arg(long, default_value_t = 64)]
+    tiny_size: u32,
+    /// Intra-op threads on every side (default: the machine's cores).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Python with torch + diffusers.
+    #[arg(long, env = "AUTOPIPE_BENCH_PYTHON", default_value = "python")]
+    python: String,
+    /// Weight-file variant for both sides (e.g. fp16); default: the plain files.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Transport between the bench, the orchestrator and the store in split mode: unix (sockets,
+    /// as beside each other in one pod) or tcp (loopback).
+    #[arg(long, default_value = "unix")]
+    split_transport: String,
+    /// JSON output file; default bench/results/<checkpoints>-<unix time>.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn repo_path(p: &str) -> String {
+    systems::repo_root().join(p).display().to_string()
+}
+
+fn default_sd15() -> String {
+    let cache = std::env::var("AUTOPIPE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/autopipe")
+        });
+    cache.join("sd15-arch").display().to_string()
+}
+
+const TASKS: [&str; 3] = ["text2img", "img2img", "inpaint"];
+const PROMPT: &str = "a photograph of an astronaut riding a horse on the moon, highly detailed";
+const SEED: u64 = 1234;
+const GUIDANCE: f32 = 7.5;
+
+/// Writes the deterministic init image and mask (white = repaint) every system reads.
+fn make_inputs(dir: &Path, side: u32) -> Result<(String, String)> {
+    std::fs::create_dir_all(dir)?;
+    let image = image::RgbImage::from_fn(side, side, |x, y| {
+        let (fx, fy) = (x as f32 / side as f32, y as f32 / side as f32);
+        image::Rgb([
+            (255.0 * fx) as u8,
+            (255.0 * fy) as u8,
+            (128.0 + 127.0 * (12.0 * fx * fy).sin()) as u8,
+        ])
+    });
+    let mask = image::GrayImage::from_fn(side, side, |x, y| {
+        let inside = (side / 4..3 * side / 4).contains(&x) && (side / 4..3 * side / 4).contains(&y);
+        image::Luma([if inside { 255 } else { 0 }])
+    });
+    let (ip, mp) = (
+        dir.join(format!("init-{side}.png")),
+        dir.join(format!("mask-{side}.png")),
+    );
+    image.save(&ip)?;
+    mask.save(&mp)?;
+    Ok((ip.display().to_string(), mp.display().to_string()))
+}
+
+/// One (checkpoint, dtype) configuration.
+struct Config<'a> {
+    name: &'a str,
+    model: String,
+    dtype: String,
+    side: u32,
+    steps: u32,
+    runs: usize,
+    cold_runs: usize,
+}
+
+struct Driver<'a> {
+    args: &'a RunArgs,
+    work: PathBuf,
+    threads: i32,
+    samples: Vec<Sample>,
+    rss: Vec<report::Rss>,
+    memory: Vec<report::Memory>,
+    psnr: Vec<report::Psnr>,
+    versions: serde_json::Value,
+}
+
+impl Driver<'_> {
+    fn spec(
+        &self,
+        cfg: &Config,
+        system: SystemKind,
+        task: &str,
+        inputs: &(String, String),
+    ) -> Spec {
+        let out = self.work.join(format!(
+            "{}-{}-{}-{task}.png",
+            cfg.name,
+            cfg.dtype,
+            system.name()
+        ));
+        Spec {
+            model: cfg.model.clone(),
+            task: task.to_string(),
+            prompt: PROMPT.to_string(),
+            negative_prompt: String::new(),
+            width: cfg.side,
+            height: cfg.side,
+            steps: cfg.steps,
+            guidance: GUIDANCE,
+            strength: None,
+            seed: SEED,
+            image: (task != "text2img").then(|| inputs.0.clone()),
+            mask_image: (task == "inpaint").then(|| inputs.1.clone()),
+            dtype: cfg.dtype.clone(),
+            variant: self.args.variant.clone(),
+            out: out.display().to_string(),
+        }
+    }
+
+    fn record(
+        &mut self,
+        cfg: &Config,
+        system: SystemKind,
+        phase: &'static str,
+        task: &str,
+        reply: &spec::Reply,
+        before: Option<u64>,
+    ) {
+        let s = Sample {
+            checkpoint: cfg.name.to_string(),
+            dtype: cfg.dtype.clone(),
+            system: system.name(),
+            phase,
+            task: task.to_string(),
+            wall_ms: reply.wall_ms,
+            denoise_ms: reply.denoise_ms,
+            steps: reply.steps,
+            acquire_ms: reply.acquire_ms,
+            load_ms: reply.load_ms,
+            loads_before: before,
+            loads_after: reply.loads,
+            resident_bytes: reply.resident_bytes,
+        };
+        eprintln!(
+            "  {:<9} {:<6} {:<8} {:>10.1} ms  ({:.3} s/step){}",
+            s.system,
+            phase,
+            task,
+            s.wall_ms,
+            s.step_s(),
+            match (reply.acquire_ms, reply.load_ms) {
+                (Some(a), _) =>
+                    format!("  acquire {a:.2} ms, loads {:?}", reply.loads.unwrap_or(0)),
+                (_, Some(l)) if l > 0.0 => format!("  load {l:.1} ms"),
+                _ => String::new(),
+            }
+        );
+        self.samples.push(s);
+    }
+
+    fn launch(&self, cfg: &Config) -> Result<Launch> {
+        Ok(Launch {
+            bin_dir: std::env::current_exe()?
+                .parent()
+                .context("bench binary directory")?
+                .to_path_buf(),
+            python: self.args.python.clone(),
+            script: systems::repo_root().join("bench/diffusers_bench.py"),
+            threads: self.threads,
+            dtype: cfg.dtype.clone(),
+            model: cfg.model.clone(),
+            variant: self.args.variant.clone(),
+            log_dir: self.work.join("logs"),
+            unix: self.args.split_transport != "tcp",
+        })
+    }
+
+    /// Cold starts, task switches, then `runs` rounds of every task on every system, interleaved.
+    fn run_config(&mut self, cfg: &Config, kinds: &[SystemKind]) -> Result<()> {
+        eprintln!(
+            "== {} {} {}x{} {} steps, {} threads",
+            cfg.name, cfg.dtype, cfg.side, cfg.side, cfg.steps, self.threads
+        );
+        let launch = self.launch(cfg)?;
+        let inputs = make_inputs(&self.work, cfg.side)?;
+        let mut running: Vec<Option<System>> = kinds.iter().map(|_| None).collect();
+        // Cold start: process start → first image (text2img); the order rotates between rounds.
+        for round in 0..cfg.cold_runs.max(1) {
+            for j in 0..kinds.len() {
+                let i = (j + round) % kinds.len();
+                running[i] = None; // stop the previous round's processes first (memory)
+                let spec = self.spec(cfg, kinds[i], "text2img", &inputs);
+                let mut sys = System::start(kinds[i], &launch)?;
+                let mut reply = sys.call(&spec)?;
+                reply.wall_ms = sys.started.elapsed().as_secs_f64() * 1e3;
+                if kinds[i] == SystemKind::Diffusers && self.versions.is_null() {
+                    self.versions = sys.ready_info();
+                }
+                self.record(cfg, kinds[i], "cold", "text2img", &reply, Some(0));
+                running[i] = Some(sys);
+            }
+        }
+        // Task switch: the first request of each other task on the already loaded model.
+        let mut loads: Vec<Option<u64>> = vec![None; kinds.len()];
+        for task in &TASKS[1..] {
+            for (i, kind) in kinds.iter().enumerate() {
+                let spec = self.spec(cfg, *kind, task, &inputs);
+                let sys = running[i].as_mut().context("system running")?;
+                let reply = sys.call(&spec)?;
+                let before = self
+                    .samples
+                    .iter()
+                    .rev()
+                    .find(|s| s.system == kind.name())
+                    .and_then(|s| s.loads_after);
+                self.record(cfg, *kind, "switch", task, &reply, before);
+                loads[i] = reply.loads;
+            }
+        }
+        // Steady state, interleaved: every task on every system each round, order rotating.
+        for round in 0..cfg.runs {
+            for task in TASKS {
+                for j in 0..kinds.len() {
+                    let i = (j + round) % kinds.len();
+                    let spec = self.spec(cfg, kinds[i], task, &inputs);
+                    let sys = running[i].as_mut().context("system running")?;
+                    let reply = sys.call(&spec)?;
+                    self.record(cfg, kinds[i], "steady", task, &reply, loads[i]);
+                    loads[i] = reply.loads;
+                }
+            }
+        }
+        // Images: autopipe vs diffusers on identical inputs.
+        if let Some(d) = kinds.iter().position(|k| *k == SystemKind::Diffusers) {
+            for kind in kinds.iter().filter(|k| **k != SystemKind::Diffusers) {
+                for task in TASKS {
+                    let a = self.spec(cfg, *kind, task, &inputs).out;
+                    let b = self.spec(cfg, kinds[d], task, &inputs).out;
+                    match report::psnr_files(&a, &b) {
+                        Ok(psnr_db) => self.psnr.push(report::Psnr {
+                            checkpoint: cfg.name.to_string(),
+                            dtype: cfg.dtype.clone(),
+                            system: kind.name(),
+                            task: task.to_string(),
+                            psnr_db,
+                        }),
+                        Err(e) => eprintln!("  psnr {} {task}: {e:#}", kind.name()),
+                    }
+                }
+            }
+        }
+        let tensor_bytes = report::checkpoint_tensor_bytes(
+            Path::new(&cfg.model),
+            self.args.variant.as_deref(),
+            &cfg.dtype,
+        )?;
+        for (i, kind) in kinds.iter().enumerate() {
+            let sys = running[i].as_ref().context("system running")?;
+            for (process, peak_rss_bytes) in sys.peak_rss() {
+                self.rss.push(report::Rss {
+                    checkpoint: cfg.name.to_string(),
+                    dtype: cfg.dtype.clone(),
+                    process,
+                    peak_rss_bytes,
+                });
+            }
+            if *kind == SystemKind::Diffusers {
+                continue;
+            }
+            let resident = self
+                .samples
+                .iter()
+                .rev()
+                .find(|s| {
+                    s.checkpoint == cfg.name && s.dtype == cfg.dtype && s.system == kind.name()
+                })
+                .and_then(|s| s.resident_bytes);
+            self.memory.push(report::Memory {
+                checkpoint: cfg.name.to_string(),
+                dtype: cfg.dtype.clone(),
+                system: kind.name(),
+                resident_bytes: resident,
+                checkpoint_tensor_bytes: tensor_bytes,
+                ratio: resident.map(|r| r as f64 / tensor_bytes as f64),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn run(args: &RunArgs) -> Result<()> {
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as i32)
+            .unwrap_or(1)
+    });
+    let kinds = args
+        .systems
+        .iter()
+        .map(|s| match s.as_str() {
+            "embedded" => Ok(SystemKind::Embedded),
+            "embedded-nchw" => Ok(SystemKind::EmbeddedNchw),
+            "split" => Ok(SystemKind::Split),
+            "diffusers" => Ok(SystemKind::Diffusers),
+            other => anyhow::bail!("--systems: unknown system {other:?}"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let work = std::env::temp_dir().join(format!("autopipe-bench-{}", std::process::id()));
+    let mut driver = Driver {
+        args,
+        work,
+        threads,
+        samples: Vec::new(),
+        rss: Vec::new(),
+        memory: Vec::new(),
+        psnr: Vec::new(),
+        versions: serde_json::Value::Null,
+    };
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let out = match &args.out {
+        Some(p) => p.clone(),
+        None => systems::repo_root()
+            .join("bench/results")
+            .join(format!("{}-{started}.json", args.checkpoints.join("-"))),
+    };
+    for ckpt in &args.checkpoints {
+        for dtype in &args.dtypes {
+            let dtype = match autopipe_store::parse_kind(dtype)
+                .map_err(|e| anyhow::anyhow!("--dtypes: {e}"))?
+            {
+                tch::Kind::Float => "float32",
+                tch::Kind::BFloat16 => "bfloat16",
+                tch::Kind::Half => "float16",
+                other => anyhow::bail!("--dtypes: {other:?} is not benchmarked"),
+            }
+            .to_string();
+            let cfg = match ckpt.as_str() {
+                "sd15" => Config {
+                    name: "sd15-arch",
+                    model: args.sd15.clone(),
+                    dtype,
+                    side: args.size,
+                    steps: args.steps,
+                    runs: args.runs,
+                    cold_runs: args.cold_runs,
+                },
+                "tiny" => Config {
+                    name: "sd1-tiny",
+                    model: args.tiny.clone(),
+                    dtype,
+                    side: args.tiny_size,
+                    steps: args.tiny_steps,
+                    runs: args.tiny_runs,
+                    cold_runs: args.tiny_cold_runs,
+                },
+                other => anyhow::bail!("--checkpoints: unknown checkpoint {other:?} (sd15, tiny)"),
+            };
+            anyhow::ensure!(
+                Path::new(&cfg.model).join("model_index.json").is_file(),
+                "{}: no model_index.json",
+                cfg.model
+            );
+            driver.run_config(&cfg, &kinds)?;
+            driver.report(&out)?;
+        }
+    }
+    let result = driver.report(&out)?;
+    println!("{}", result.table());
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+impl Driver<'_> {
+    /// Summarises everything measured so far and writes it to `out` (after every configuration,
+    /// so an interrupted run keeps what it measured).
+    fn report(&self, out: &Path) -> Result<report::Report> {
+        let args = self.args;
+        let result = report::Report::build(
+            report::machine(self.threads, self.versions.clone()),
+            serde_json::json!({
+                "prompt": PROMPT, "seed": SEED, "guidance_scale": GUIDANCE, "threads": self.threads,
+                "sd15": {"path": args.sd15, "side": args.size, "steps": args.steps, "runs": args.runs, "cold_runs": args.cold_runs},
+                "tiny": {"path": args.tiny, "side": args.tiny_size, "steps": args.tiny_steps, "runs": args.tiny_runs, "cold_runs": args.tiny_cold_runs},
+                "variant": args.variant, "systems": args.systems, "split_transport": args.split_transport,
+            }),
+            self.samples.clone(),
+            self.rss.clone(),
+            self.memory.clone(),
+            self.psnr.clone(),
+        );
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(out, serde_json::to_string_pretty(&result)?)?;
+        Ok(result)
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run(args) => run(&args),
+        Cmd::EmbeddedWorker { dtype, threads } => embedded::worker(&dtype, threads),
+    }
+}

@@ -11,9 +11,12 @@
             probe services exist in proto/; the orchestrator's --store is a store in the pod (same socket on
             a shared volume) or a Service in front of one; the grace period covers preStop + --drain-timeout;
             a CUDA store gets a GPU, a memory budget inside its limit, threads within its CPU
-5. smoke    the real binaries started with each overlay's ConfigMaps (addresses moved to loopback/temp dir,
+            Dockerfile: it builds exactly the workspace's three binaries and runs each in the runtime stage
+5. self-test deliberate mistakes (a misspelt variable, a probe on the wrong port, a short grace period, …)
+            must each make a check fail
+6. smoke    the real binaries started with each overlay's ConfigMaps (addresses moved to loopback/temp dir,
             CUDA -> CPU here), on the image's library layout; every probe run as the kubelet would run it;
-            SIGTERM -> readiness NOT_SERVING and a clean exit
+            metrics answer GET where the binaries serve them; SIGTERM -> readiness not SERVING, clean exit
 Prints `N passed, N failed` last; exits non-zero on any failure.
 """
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -542,6 +544,7 @@ def check_daemons(renders: list[Render], bins: Binaries, proto_dir: Path, docker
             check_daemon(d, daemons, r, services, docker)
         for w in r.workloads():
             check_termination(w, [d for d in daemons if d.workload is w], r)
+            check_scrape(w, [d for d in daemons if d.workload is w], r)
     return by_render
 
 
@@ -591,7 +594,7 @@ def check_daemon(d: Daemon, all_daemons: list[Daemon], r: Render, services: set[
             if kind == "tcp":
                 R.check(int(where.rsplit(":", 1)[1]) in ports, f"{d.label}: {flag} {s[flag]} is a container port", f"container ports {sorted(ports)}")
     # probes: gRPC ones hit the daemon's TCP listen port and ask for a service it registers
-    own = {f"{svc}" for svc in services if svc.split(".")[-1] == HEALTH_SERVICE.get(d.binary)}
+    own = {svc for svc in services if svc.split(".")[-1] == HEALTH_SERVICE.get(d.binary)}
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         p = c.get(kind)
         if not p:
@@ -718,6 +721,25 @@ def check_store_resources(d: Daemon) -> None:
     if threads:
         cpu = limits.get("cpu") or requests.get("cpu")
         R.check(cpu is not None and int(threads) <= parse_quantity(cpu), f"{d.label}: --threads {threads} <= its CPUs {cpu}")
+
+
+def check_scrape(w: dict, daemons: list[Daemon], r: Render) -> None:
+    """prometheus.io/port names a container port where a daemon of the pod serves --metrics-listen."""
+    ann = (w["spec"]["template"].get("metadata") or {}).get("annotations") or {} if w["kind"] != "Pod" else {}
+    if ann.get("prometheus.io/scrape") != "true":
+        return
+    port = int(ann.get("prometheus.io/port", "0"))
+    label = f"{r.name}: {kind_name(w)}"
+    owners = [d for d in daemons if any(p["containerPort"] == port for p in d.container.get("ports") or [])]
+    if not R.check(bool(owners), f"{label}: prometheus.io/port {port} is a container port", "no container has it"):
+        return
+    d = owners[0]
+    if "--metrics-listen" not in d.help.options:
+        R.note(f"{d.label}: serves no metrics yet (`{' '.join(d.cmd)}` has no --metrics-listen): scrape annotation pending")
+        return
+    lk, lw = split_address(d.settings.get("--metrics-listen") or "")
+    R.check(lk == "tcp" and lw.endswith(f":{port}"), f"{label}: prometheus.io/port {port} = {d.container['name']} --metrics-listen",
+            f"--metrics-listen is {d.settings.get('--metrics-listen')!r}")
 
 
 def check_termination(w: dict, daemons: list[Daemon], r: Render) -> None:
@@ -939,6 +961,10 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
             if not wait_probes(d, p, log, env, "startupProbe", move, bins, deadline=60):
                 return
         for d, p, log, env in procs:
+            if env.get("AUTOPIPE_METRICS_LISTEN") and "AUTOPIPE_METRICS_LISTEN" in d.help.by_env():
+                ann = (d.workload["spec"]["template"].get("metadata") or {}).get("annotations") or {}
+                url = f"http://{split_address(env['AUTOPIPE_METRICS_LISTEN'])[1]}{ann.get('prometheus.io/path', '/metrics')}"
+                R.check(http_ok(url), f"{d.label}: metrics answer GET {ann.get('prometheus.io/path', '/metrics')}", f"{url}; log: {tail(log)}")
             for kind in ("readinessProbe", "livenessProbe"):
                 R.check(run_probe(d, d.container.get(kind), env, move, bins) is True, f"{d.label}: {kind} passes on the running binary",
                         f"{run_probe(d, d.container.get(kind), env, move, bins)}; log: {tail(log)}")
@@ -965,6 +991,18 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
                 p.kill()
                 p.wait()
             log.close()
+
+
+def http_ok(url: str) -> bool:
+    import urllib.request
+
+    for _ in range(20):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 def tail(log) -> str:

@@ -38,8 +38,14 @@ pub struct Service {
 impl Service {
     /// Starts `binary args…` and waits until its health service reports SERVING.
     pub fn start(name: &'static str, address: Address, args: &[String]) -> Self {
+        Self::start_with_env(name, address, args, &[])
+    }
+
+    /// Like [`Service::start`], with `env` (name, value) pairs set for the process.
+    pub fn start_with_env(name: &'static str, address: Address, args: &[String], env: &[(&str, &str)]) -> Self {
         let child = Command::new(bin(name))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -91,18 +97,25 @@ pub struct Split {
 impl Split {
     /// Starts both; `store_args` are extra `autopipe-store` flags.
     pub fn start(store_args: &[&str]) -> Self {
+        Self::start_with_env(store_args, &[])
+    }
+
+    /// Like [`Split::start`], with `env` (name, value) pairs set for both processes.
+    pub fn start_with_env(store_args: &[&str], env: &[(&str, &str)]) -> Self {
         let store_addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
         let mut args = vec!["--listen".to_string(), store_addr.to_string(), "--threads".into(), "1".into()];
         args.extend(store_args.iter().map(|s| s.to_string()));
-        let store = Service::start("autopipe-store", store_addr.clone(), &args);
-        let orch_addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
-        let orchestrator = Service::start(
-            "autopipe-orchestrator",
-            orch_addr.clone(),
-            &["--listen".into(), orch_addr.to_string(), "--store".into(), format!("http://{store_addr}")],
-        );
+        let store = Service::start_with_env("autopipe-store", store_addr.clone(), &args, env);
+        let orchestrator = orchestrator_with_env(&store.address, env);
         Self { store, orchestrator }
     }
+}
+
+/// Starts an `autopipe-orchestrator` process leasing from the store at `store`, with `env` set.
+pub fn orchestrator_with_env(store: &Address, env: &[(&str, &str)]) -> Service {
+    let address = Address::Tcp(format!("127.0.0.1:{}", free_port()));
+    let args = ["--listen".to_string(), address.to_string(), "--store".into(), store.to_string()];
+    Service::start_with_env("autopipe-orchestrator", address, &args, env)
 }
 
 /// An orchestrator client over a real socket.
@@ -181,4 +194,169 @@ impl autopipe_pipelines::StepObserver for Silent {
     fn should_stop(&self) -> Option<autopipe_pipelines::PipelineError> {
         None
     }
+}
+
+/// Starts an `autopipe-store` listening on `address` (`--threads 1`) with extra flags.
+pub fn start_store(address: &Address, extra: &[&str]) -> Service {
+    let mut args = vec!["--listen".to_string(), address.to_string(), "--threads".into(), "1".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start("autopipe-store", address.clone(), &args)
+}
+
+/// Starts an `autopipe-orchestrator` on a free loopback port, leasing from the store at `store`.
+pub fn start_orchestrator(store: &Address, extra: &[&str]) -> Service {
+    let address = Address::Tcp(format!("127.0.0.1:{}", free_port()));
+    let mut args = vec!["--listen".to_string(), address.to_string(), "--store".into(), store.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Service::start("autopipe-orchestrator", address, &args)
+}
+
+impl Split {
+    /// Starts both with extra flags for each.
+    pub fn start_with(store_args: &[&str], orchestrator_args: &[&str]) -> Self {
+        let store = start_store(&Address::Tcp(format!("127.0.0.1:{}", free_port())), store_args);
+        let orchestrator = start_orchestrator(&store.address, orchestrator_args);
+        Self { store, orchestrator }
+    }
+
+    /// Like [`Split::start_with`], with the store on a Unix socket in the temp folder (the
+    /// one-pod deployment: orchestrator and store side by side).
+    pub fn start_unix(store_args: &[&str], orchestrator_args: &[&str]) -> Self {
+        let path = std::env::temp_dir().join(format!("autopipe-e2e-{}-{}.sock", std::process::id(), free_port()));
+        let store = start_store(&Address::Unix(path), store_args);
+        let orchestrator = start_orchestrator(&store.address, orchestrator_args);
+        Self { store, orchestrator }
+    }
+
+    /// The store's Stats (panics when the store cannot be reached).
+    pub fn stats(&self) -> v1::StatsResponse {
+        stats(&self.store.address).expect("store Stats")
+    }
+}
+
+impl Service {
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill -TERM");
+        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// grpc.health.v1 status of the whole server ("" service), or `None` if it does not answer.
+    pub fn health(&self) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        rt.block_on(async {
+            let channel = transport::channel(&self.address).ok()?;
+            let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
+            let r = c.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
+            tonic_health::pb::health_check_response::ServingStatus::try_from(r.into_inner().status).ok()
+        })
+    }
+}
+
+/// A store's Stats over a fresh connection (its own runtime, so callable from anywhere).
+pub fn stats(address: &Address) -> Result<v1::StatsResponse, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async { store_client(address).await.stats(v1::StatsRequest {}).await.map(tonic::Response::into_inner) })
+}
+
+/// Polls `f` every 20 ms until it is true or `timeout` passes; returns how long it took.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `GET /metrics` from a Prometheus endpoint at `host:port`.
+pub fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).unwrap_or_else(|e| panic!("metrics {address}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: autopipe\r\n\r\n").expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "metrics: {}", text.lines().next().unwrap_or(""));
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// The value of the sample `series` (name plus labels exactly as exposed, e.g.
+/// `autopipe_requests_total{task="text2img",model="m",status="ok"}`) in a scrape; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Sum of every sample of metric `name` whose labels contain all of `labels` (`key="value"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|lab| rest.contains(lab))).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// A PNG of `w`×`h` pseudo-random pixels (deterministic), plus an optional ancillary chunk of
+/// `padding` bytes that decoders skip: a way to make a request large without making it slow.
+pub fn noise_png(w: u32, h: u32, seed: u32, padding: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        let mut px = [0u8; 3];
+        for c in &mut px {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            *c = (state >> 24) as u8;
+        }
+        image::Rgb(px)
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).expect("encode png");
+    let mut png = png.into_inner();
+    if padding > 0 {
+        // A private ancillary chunk ("apAd": lowercase first letter = ancillary) before IEND.
+        let iend = png.len() - 12;
+        let mut chunk = Vec::with_capacity(padding + 12);
+        chunk.extend_from_slice(&(padding as u32).to_be_bytes());
+        chunk.extend_from_slice(b"apAd");
+        chunk.extend(std::iter::repeat_n(0u8, padding));
+        chunk.extend_from_slice(&png_crc(&chunk[4..]).to_be_bytes());
+        png.splice(iend..iend, chunk);
+    }
+    png
+}
+
+fn png_crc(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { 0xedb8_8320 ^ (crc >> 1) } else { crc >> 1 };
+        }
+    }
+    !crc
 }

@@ -315,9 +315,8 @@ impl Transformer2DModel {
         }
         let to_map = |t: &Tensor| {
             let c = t.size()[2];
-            t.reshape([batch, height, width, c])
-                .permute([0, 3, 1, 2])
-                .contiguous()
+            // NHWC viewed as NCHW: channels-last, which the convolution and residual add take as is.
+            t.reshape([batch, height, width, c]).permute([0, 3, 1, 2])
         };
         let xs = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_map(&xs)),

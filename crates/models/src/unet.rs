@@ -793,6 +793,7 @@ impl UNet2DConditionModel {
         let mut model = Self::new(&vs.root(), config)?;
         weights::load(&mut vs, &files, &|name| name.to_string())?;
         vs.freeze();
+        weights::to_channels_last(&vs);
         model.var_store = Some(vs);
         Ok(model)
     }
@@ -999,7 +1000,12 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let (kind, device) = (self.kind, self.device);
         let to_model = |t: &Tensor| t.to_device_(device, kind, false, false);
-        let mut sample = to_model(sample);
+        // Channels-last activations on CPU, matching the weights (see `weights::to_channels_last`).
+        let mut sample = if weights::use_channels_last(device) {
+            weights::channels_last(&to_model(sample))
+        } else {
+            to_model(sample)
+        };
         let size = sample.size();
         let (batch, height, width) = (size[0], size[2], size[3]);
         let encoder_hidden_states = to_model(encoder_hidden_states);
@@ -1096,7 +1102,7 @@ impl UNet2DConditionModel {
 
         // 6. post-process
         let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs));
-        Ok(self.conv_out.forward(&xs))
+        Ok(self.conv_out.forward(&xs).contiguous())
     }
 }
 

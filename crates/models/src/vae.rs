@@ -529,6 +529,7 @@ impl AutoencoderKL {
         let mut model = Self::new(&vs.root(), cfg)?;
         weights::load(&mut vs, &files, &vae_legacy_rename)?;
         vs.freeze();
+        weights::to_channels_last(&vs);
         model._vs = Some(vs);
         Ok(model)
     }
@@ -560,7 +561,13 @@ impl AutoencoderKL {
                 xs.kind()
             )));
         }
-        Ok(xs.to_device(self.device).to_kind(self.kind))
+        let xs = xs.to_device(self.device).to_kind(self.kind);
+        // Channels-last activations on CPU, matching the weights (see `weights::to_channels_last`).
+        Ok(if weights::use_channels_last(self.device) {
+            weights::channels_last(&xs)
+        } else {
+            xs
+        })
     }
 
     /// Encodes images `x` (`[B, in_channels, H, W]`, values in `[-1, 1]`) into the latent posterior.
@@ -570,6 +577,7 @@ impl AutoencoderKL {
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h);
         }
+        let h = h.contiguous();
         DiagonalGaussian::from_parameters(&h)
     }
 
@@ -579,7 +587,7 @@ impl AutoencoderKL {
         if let Some(q) = &self.post_quant_conv {
             z = q.forward(&z);
         }
-        Ok(self.decoder.forward(&z))
+        Ok(self.decoder.forward(&z).contiguous())
     }
 }
 

@@ -405,3 +405,43 @@ mod tests {
         assert_eq!(add_variant("model.safetensors", None), "model.safetensors");
     }
 }
+
+/// Whether convolution models on `device` run channels-last: on CPU, unless
+/// `AUTOPIPE_CHANNELS_LAST=0`.
+pub fn use_channels_last(device: tch::Device) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device == tch::Device::Cpu
+        && *ENABLED.get_or_init(|| {
+            std::env::var("AUTOPIPE_CHANNELS_LAST")
+                .map(|v| v != "0")
+                .unwrap_or(true)
+        })
+}
+
+/// `xs` (`[N, C, H, W]`) in channels-last (NHWC) memory order, same shape: PyTorch's
+/// `x.to(memory_format=torch.channels_last)`, which `tch` does not expose.
+pub fn channels_last(xs: &Tensor) -> Tensor {
+    if xs.dim() != 4 {
+        return xs.shallow_clone();
+    }
+    xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Rewrites every 4-D parameter (convolution weights) of `vs` in channels-last memory order on
+/// CPU, as `model.to(memory_format=torch.channels_last)` does: oneDNN's convolutions then run
+/// NHWC end to end, with no reorder of activations or weights around each call, and channels-last
+/// activations propagate through GroupNorm, SiLU, upsampling and residual adds. Values are unchanged.
+/// Set `AUTOPIPE_CHANNELS_LAST=0` to keep NCHW (for A/B measurements).
+pub fn to_channels_last(vs: &VarStore) {
+    if !use_channels_last(vs.device()) {
+        return;
+    }
+    tch::no_grad(|| {
+        for (_, mut var) in vs.variables() {
+            if var.dim() == 4 {
+                let cl = channels_last(&var);
+                var.set_data(&cl);
+            }
+        }
+    });
+}

@@ -136,7 +136,16 @@ where
     };
     let mut server = tokio::spawn(async move {
         match incoming {
-            Incoming::Tcp(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
+            Incoming::Tcp(s, _) => {
+                // Small unary calls (Acquire, Invoke) must not wait for Nagle's algorithm.
+                let s = tokio_stream::StreamExt::map(s, |conn| {
+                    if let Ok(c) = &conn {
+                        let _ = c.set_nodelay(true);
+                    }
+                    conn
+                });
+                router.serve_with_incoming_shutdown(s, stopped).await
+            }
             Incoming::Unix(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
         }
     });

@@ -2,6 +2,8 @@
 //! their `config.json` files (diffusers' `pipeline_utils.py` / `pipeline_loading_utils.py` layout).
 
 mod checkpoint;
+#[cfg(feature = "fake-hub")]
+pub mod fake_hub;
 pub mod hub;
 mod model_ref;
 

@@ -1,342 +1,25 @@
-//! Hub fetching against a local fake hub that speaks the hub's HTTP layout: the model info API
-//! (`/api/models/{repo}/revision/{rev}`) and `/{repo}/resolve/{rev}/{path}` with the headers hf-hub
-//! reads (`x-repo-commit`, `etag`/`x-linked-etag`, `Content-Range` for `Range` requests), LFS files
-//! redirected to a CDN path as the real hub does.
+//! Hub fetching against `autopipe_repo::fake_hub`, a local server that speaks the hub's HTTP
+//! layout: the model info API, `/{repo}/resolve/{rev}/{path}` with the headers hf-hub reads, LFS
+//! files redirected to a CDN path as the real hub does.
 
+use autopipe_repo::fake_hub::{sha256, FakeHub, FakeRepo};
 use autopipe_repo::{fetch_components, fetch_model_index, Checkpoint, Error, HubOptions};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 const SD_COMPONENTS: [&str; 5] = ["text_encoder", "tokenizer", "unet", "vae", "scheduler"];
 const TOKEN: &str = "hf_test_token";
 
-/// One repo the fake hub serves.
-struct FakeRepo {
-    commit: String,
-    files: BTreeMap<String, Vec<u8>>,
-    /// Gated: answers 403 `GatedRepo` unless this token is sent.
-    token: Option<String>,
-}
-
-/// One request the fake hub received.
-#[derive(Debug, Clone)]
-struct Logged {
-    path: String,
-    range: Option<String>,
-}
-
-#[derive(Default)]
-struct State {
-    repos: BTreeMap<String, FakeRepo>,
-    /// sha256 → content, for the CDN path LFS files redirect to.
-    blobs: BTreeMap<String, Vec<u8>>,
-    log: Vec<Logged>,
-}
-
-struct FakeHub {
-    base: String,
-    state: Arc<Mutex<State>>,
-}
-
-impl FakeHub {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(State::default()));
-        let (shared, base2) = (state.clone(), base.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (state, base) = (shared.clone(), base2.clone());
-                std::thread::spawn(move || serve(stream, &state, &base));
-            }
-        });
-        Self { base, state }
-    }
-
-    fn add_repo(
-        &self,
-        repo_id: &str,
-        commit: &str,
-        files: BTreeMap<String, Vec<u8>>,
-        token: Option<&str>,
-    ) {
-        let mut state = self.state.lock().unwrap();
-        for content in files.values() {
-            state.blobs.insert(sha256(content), content.clone());
-        }
-        let repo = FakeRepo {
-            commit: commit.into(),
-            files,
-            token: token.map(str::to_string),
-        };
-        state.repos.insert(repo_id.into(), repo);
-    }
-
-    fn set_commit(&self, repo_id: &str, commit: &str) {
-        self.state
-            .lock()
-            .unwrap()
-            .repos
-            .get_mut(repo_id)
-            .unwrap()
-            .commit = commit.into();
-    }
-
-    fn log_len(&self) -> usize {
-        self.state.lock().unwrap().log.len()
-    }
-
-    /// Repo paths whose content was requested (not just probed with `Range: bytes=0-0`) since `from`.
-    fn downloads_since(&self, from: usize, repo_id: &str) -> BTreeSet<String> {
-        let prefix = format!("/{repo_id}/resolve/");
-        let state = self.state.lock().unwrap();
-        state.log[from..]
-            .iter()
-            .filter(|r| r.range.as_deref() != Some("bytes=0-0"))
-            .filter_map(|r| r.path.strip_prefix(&prefix))
-            .map(|rest| rest.split_once('/').unwrap().1.to_string())
-            .collect()
-    }
-
-    /// Every resolve path requested since `from`, probes included.
-    fn resolves_since(&self, from: usize) -> Vec<Logged> {
-        let state = self.state.lock().unwrap();
-        state.log[from..]
-            .iter()
-            .filter(|r| r.path.contains("/resolve/") || r.path.starts_with("/cdn/"))
-            .cloned()
-            .collect()
-    }
-
-    fn options(&self, cache: &Path) -> HubOptions {
-        HubOptions {
-            endpoint: self.base.clone(),
-            cache_dir: cache.to_path_buf(),
-            token: None,
-            offline: false,
-        }
-    }
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Self {
-            status,
-            headers: Vec::new(),
-            body: body.into(),
-        }
-    }
-
-    fn header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-
-    fn error(status: u16, code: &str) -> Self {
-        Self::new(status, format!("{{\"error\":\"{code}\"}}")).header("X-Error-Code", code)
-    }
-}
-
-fn serve(stream: TcpStream, state: &Mutex<State>, base: &str) {
-    let mut reader = BufReader::new(&stream);
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
-    }
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let target = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .to_string();
-    let path = target.split('?').next().unwrap_or("").to_string();
-    let range = headers.get("range").cloned();
-    let reply = {
-        let mut state = state.lock().unwrap();
-        state.log.push(Logged {
-            path: path.clone(),
-            range: range.clone(),
-        });
-        route(
-            &state,
-            &path,
-            headers.get("authorization").map(String::as_str),
-            range.as_deref(),
-            base,
-        )
-    };
-    let mut out = format!(
-        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-        reply.status,
-        reply.body.len()
-    );
-    for (k, v) in &reply.headers {
-        out.push_str(&format!("{k}: {v}\r\n"));
-    }
-    out.push_str("\r\n");
-    let mut stream = &stream;
-    let _ = stream
-        .write_all(out.as_bytes())
-        .and_then(|_| stream.write_all(&reply.body));
-}
-
-fn route(state: &State, path: &str, auth: Option<&str>, range: Option<&str>, base: &str) -> Reply {
-    if let Some(digest) = path.strip_prefix("/cdn/") {
-        return match state.blobs.get(digest) {
-            Some(content) => ranged(content, range),
-            None => Reply::new(404, "no blob"),
-        };
-    }
-    let (api, rest) = match path.strip_prefix("/api/models/") {
-        Some(rest) => (true, rest),
-        None => (false, path.trim_start_matches('/')),
-    };
-    let mut parts = rest.splitn(5, '/');
-    let (org, name, kind, revision) = (parts.next(), parts.next(), parts.next(), parts.next());
-    let (Some(org), Some(name), Some(kind), Some(revision)) = (org, name, kind, revision) else {
-        return Reply::new(404, "bad path");
-    };
-    let file = parts.next();
-    // The real hub hides missing and private repos alike behind 401 RepoNotFound.
-    let Some(repo) = state.repos.get(&format!("{org}/{name}")) else {
-        return Reply::error(401, "RepoNotFound");
-    };
-    if repo
-        .token
-        .as_ref()
-        .is_some_and(|t| auth != Some(format!("Bearer {t}").as_str()))
-    {
-        return Reply::error(403, "GatedRepo");
-    }
-    if revision != "main" && revision != repo.commit {
-        return Reply::error(404, "RevisionNotFound");
-    }
-    match (api, kind, file) {
-        (true, "revision", None) => {
-            let siblings: Vec<_> = repo
-                .files
-                .iter()
-                .map(|(f, content)| {
-                    let digest = sha256(content);
-                    match f.ends_with(".safetensors") {
-                        true => serde_json::json!({"rfilename": f, "blobId": "0".repeat(40), "lfs": {"sha256": digest}}),
-                        false => serde_json::json!({"rfilename": f, "blobId": digest}),
-                    }
-                })
-                .collect();
-            let body = serde_json::json!({"id": format!("{org}/{name}"), "sha": repo.commit, "siblings": siblings});
-            Reply::new(200, body.to_string()).header("Content-Type", "application/json")
-        }
-        (false, "resolve", Some(file)) => {
-            let Some(content) = repo.files.get(file) else {
-                return Reply::error(404, "EntryNotFound");
-            };
-            let digest = sha256(content);
-            if file.ends_with(".safetensors") {
-                Reply::new(302, "")
-                    .header("Location", format!("{base}/cdn/{digest}"))
-                    .header("X-Repo-Commit", repo.commit.clone())
-                    .header("X-Linked-Etag", format!("\"{digest}\""))
-                    .header("X-Linked-Size", content.len().to_string())
-                    .header("ETag", "\"pointer-etag\"")
-            } else {
-                ranged(content, range)
-                    .header("X-Repo-Commit", repo.commit.clone())
-                    .header("ETag", format!("\"{digest}\""))
-            }
-        }
-        _ => Reply::new(404, "bad path"),
-    }
-}
-
-/// Serves `content`, honouring `Range: bytes=a-` / `bytes=a-b`.
-fn ranged(content: &[u8], range: Option<&str>) -> Reply {
-    let Some(spec) = range.and_then(|r| r.strip_prefix("bytes=")) else {
-        return Reply::new(200, content);
-    };
-    let (a, b) = spec.split_once('-').unwrap();
-    let start: usize = a.parse().unwrap();
-    let end = b
-        .parse::<usize>()
-        .map_or(content.len() - 1, |e| e.min(content.len() - 1));
-    Reply::new(206, &content[start..=end]).header(
-        "Content-Range",
-        format!("bytes {start}-{end}/{}", content.len()),
-    )
+fn fixture_repo(repo_id: &str, name: &str) -> FakeRepo {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/checkpoints")
+        .join(name);
+    FakeRepo::from_dir(repo_id, dir).unwrap()
 }
 
 fn fixture_files(name: &str) -> BTreeMap<String, Vec<u8>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/checkpoints")
-        .join(name);
-    let mut files = BTreeMap::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path
-                    .strip_prefix(&root)
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .replace('\\', "/");
-                files.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
-}
-
-/// sd1-tiny plus what a real SD repo also holds and a pipeline must not download.
-fn sd1_with_extras() -> BTreeMap<String, Vec<u8>> {
-    let mut files = fixture_files("sd1-tiny");
-    for (f, content) in [
-        ("README.md", "# sd1-tiny"),
-        ("v1-5-pruned.ckpt", "pickled full checkpoint"),
-        ("safety_checker/config.json", "{}"),
-        ("safety_checker/model.safetensors", "safety weights"),
-        ("feature_extractor/preprocessor_config.json", "{}"),
-        ("unet/diffusion_pytorch_model.bin", "pickled unet"),
-        ("unet/diffusion_pytorch_model.fp16.safetensors", "fp16 unet"),
-        (
-            "unet/diffusion_pytorch_model.non_ema.safetensors",
-            "non-ema unet",
-        ),
-        ("text_encoder/pytorch_model.bin", "pickled text encoder"),
-        ("vae/diffusion_pytorch_model.bin", "pickled vae"),
-    ] {
-        files.insert(f.into(), content.as_bytes().to_vec());
-    }
-    files
+    fixture_repo("org/fixture", name).files().clone()
 }
 
 struct TempDir(PathBuf);
@@ -360,13 +43,14 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-const COMMIT1: &str = "1111111111111111111111111111111111111111";
+const COMMIT1: &str = autopipe_repo::fake_hub::DEFAULT_COMMIT;
 const COMMIT2: &str = "2222222222222222222222222222222222222222";
 
 #[test]
 fn fetches_only_what_the_pipeline_needs_and_reuses_the_cache() {
-    let hub = FakeHub::start();
-    hub.add_repo("org/sd1-tiny", COMMIT1, sd1_with_extras(), None);
+    let hub = FakeHub::start(vec![
+        fixture_repo("org/sd1-tiny", "sd1-tiny").with_sd_extras()
+    ]);
     let tmp = TempDir::new("needs");
     let opts = hub.options(&tmp.0);
 
@@ -461,7 +145,7 @@ fn fetches_only_what_the_pipeline_needs_and_reuses_the_cache() {
 
     // The branch moves to a commit with the same files: a new snapshot of links to the cached
     // blobs, nothing downloaded.
-    hub.set_commit("org/sd1-tiny", COMMIT2);
+    assert!(hub.set_commit("org/sd1-tiny", COMMIT2));
     let from = hub.log_len();
     let moved = fetch_components(&opts, "org/sd1-tiny", "main", &SD_COMPONENTS, None).unwrap();
     assert_eq!(
@@ -498,9 +182,10 @@ fn fetches_only_what_the_pipeline_needs_and_reuses_the_cache() {
 
 #[test]
 fn variants_come_only_when_asked() {
-    let hub = FakeHub::start();
-    hub.add_repo("org/sd2-tiny", COMMIT1, fixture_files("sd2-tiny"), None);
-    hub.add_repo("org/sd1-tiny", COMMIT1, sd1_with_extras(), None);
+    let hub = FakeHub::start(vec![
+        fixture_repo("org/sd2-tiny", "sd2-tiny"),
+        fixture_repo("org/sd1-tiny", "sd1-tiny").with_sd_extras(),
+    ]);
     let tmp = TempDir::new("variants");
     let opts = hub.options(&tmp.0);
 
@@ -604,8 +289,7 @@ fn sharded_and_pickle_only_components() {
     }
     add("text_encoder/config.json", "{}");
     add("text_encoder/pytorch_model.bin", "pickle");
-    let hub = FakeHub::start();
-    hub.add_repo("org/sharded", COMMIT1, files, None);
+    let hub = FakeHub::start(vec![FakeRepo::new("org/sharded", files)]);
     let tmp = TempDir::new("sharded");
     let opts = hub.options(&tmp.0);
 
@@ -676,9 +360,12 @@ fn sharded_and_pickle_only_components() {
 
 #[test]
 fn hub_errors_are_told_apart() {
-    let hub = FakeHub::start();
-    hub.add_repo("org/sd1-tiny", COMMIT1, fixture_files("sd1-tiny"), None);
-    hub.add_repo("org/gated", COMMIT2, fixture_files("sd1-tiny"), Some(TOKEN));
+    let hub = FakeHub::start(vec![
+        fixture_repo("org/sd1-tiny", "sd1-tiny"),
+        fixture_repo("org/gated", "sd1-tiny")
+            .with_commit(COMMIT2)
+            .with_token(TOKEN),
+    ]);
     let tmp = TempDir::new("errors");
     let opts = hub.options(&tmp.0);
 

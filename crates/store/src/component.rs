@@ -19,8 +19,12 @@ use tch::{Device, Kind, Tensor};
 pub type Tensors = Vec<(String, Tensor)>;
 
 /// The component classes this store can load.
-pub const SUPPORTED_CLASSES: &[&str] =
-    &["CLIPTextModel", "CLIPTextModelWithProjection", "UNet2DConditionModel", "AutoencoderKL"];
+pub const SUPPORTED_CLASSES: &[&str] = &[
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+];
 
 /// A loaded component whose methods the store runs.
 pub trait Component: Send + Sync {
@@ -37,16 +41,23 @@ pub fn load_component(
     device: Device,
 ) -> Result<Box<dyn Component>, StoreError> {
     Ok(match class_name {
-        "CLIPTextModel" => Box::new(TextEncoder::Plain(clip::CLIPTextModel::load(dir, variant, kind, device)?)),
+        "CLIPTextModel" => Box::new(TextEncoder::Plain(clip::CLIPTextModel::load(
+            dir, variant, kind, device,
+        )?)),
         "CLIPTextModelWithProjection" => Box::new(TextEncoder::WithProjection(
             clip::CLIPTextModelWithProjection::load(dir, variant, kind, device)?,
         )),
-        "UNet2DConditionModel" => Box::new(Unet(unet::UNet2DConditionModel::load(dir, variant, kind, device)?)),
+        "UNet2DConditionModel" => Box::new(Unet(unet::UNet2DConditionModel::load(
+            dir, variant, kind, device,
+        )?)),
         "AutoencoderKL" => Box::new(Vae(vae::AutoencoderKL::load(dir, variant, kind, device)?)),
         other => {
             return Err(StoreError::new(
                 Code::Unimplemented,
-                format!("component class {other} is not supported by this store (supported: {})", SUPPORTED_CLASSES.join(", ")),
+                format!(
+                    "component class {other} is not supported by this store (supported: {})",
+                    SUPPORTED_CLASSES.join(", ")
+                ),
             ))
         }
     })
@@ -64,7 +75,12 @@ impl<'a> Inputs<'a> {
             if !allowed.contains(&name.as_str()) {
                 return Err(StoreError::new(
                     Code::InvalidArgument,
-                    format!("{}.{}: unexpected input {name:?} (inputs: {})", self.class, self.method, allowed.join(", ")),
+                    format!(
+                        "inputs.{name}: {}.{} takes no input {name:?} (inputs: {})",
+                        self.class,
+                        self.method,
+                        allowed.join(", ")
+                    ),
                 ));
             }
         }
@@ -77,7 +93,10 @@ impl<'a> Inputs<'a> {
 
     fn required(&self, name: &str) -> Result<&'a Tensor, StoreError> {
         self.optional(name).ok_or_else(|| {
-            StoreError::new(Code::InvalidArgument, format!("{}.{}: missing input {name:?}", self.class, self.method))
+            StoreError::new(
+                Code::InvalidArgument,
+                format!("inputs.{name}: {}.{} requires it", self.class, self.method),
+            )
         })
     }
 
@@ -85,7 +104,12 @@ impl<'a> Inputs<'a> {
         if t.dim() != rank {
             return Err(StoreError::new(
                 Code::InvalidArgument,
-                format!("{}.{}: input {name:?} must have {rank} dimensions, got shape {:?}", self.class, self.method, t.size()),
+                format!(
+                    "inputs.{name}: {}.{} needs {rank} dimensions, got shape {:?}",
+                    self.class,
+                    self.method,
+                    t.size()
+                ),
             ));
         }
         Ok(())
@@ -94,7 +118,12 @@ impl<'a> Inputs<'a> {
     fn unknown_method(&self, methods: &[&str]) -> StoreError {
         StoreError::new(
             Code::InvalidArgument,
-            format!("{} has no method {:?} (methods: {})", self.class, self.method, methods.join(", ")),
+            format!(
+                "method: {} has no method {:?} (methods: {})",
+                self.class,
+                self.method,
+                methods.join(", ")
+            ),
         )
     }
 }
@@ -115,7 +144,11 @@ enum TextEncoder {
 
 impl Component for TextEncoder {
     fn invoke(&self, method: &str, tensors: &Tensors) -> Result<Tensors, StoreError> {
-        let inputs = Inputs { class: "CLIPTextModel", method, tensors };
+        let inputs = Inputs {
+            class: "CLIPTextModel",
+            method,
+            tensors,
+        };
         if method != "encode" {
             return Err(inputs.unknown_method(&["encode"]));
         }
@@ -123,21 +156,45 @@ impl Component for TextEncoder {
         let ids = inputs.required("input_ids")?;
         inputs.rank("input_ids", ids, 2)?;
         if ids.kind() != Kind::Int64 {
-            return Err(StoreError::new(Code::InvalidArgument, "CLIPTextModel.encode: input_ids must be int64"));
+            return Err(StoreError::new(
+                Code::InvalidArgument,
+                format!(
+                    "inputs.input_ids: CLIPTextModel.encode needs int64 token ids, got {:?}",
+                    ids.kind()
+                ),
+            ));
         }
         let (last, pooled, hidden_states) = match self {
             Self::Plain(m) => {
                 let o = m.forward(ids)?;
-                (o.last_hidden_state, ("pooler_output", o.pooler_output), o.hidden_states)
+                (
+                    o.last_hidden_state,
+                    ("pooler_output", o.pooler_output),
+                    o.hidden_states,
+                )
             }
             Self::WithProjection(m) => {
                 let o = m.forward(ids)?;
-                (o.last_hidden_state, ("text_embeds", o.text_embeds), o.hidden_states)
+                (
+                    o.last_hidden_state,
+                    ("text_embeds", o.text_embeds),
+                    o.hidden_states,
+                )
             }
         };
-        let mut result = vec![("last_hidden_state".to_string(), last), (pooled.0.to_string(), pooled.1)];
-        if let Some(penultimate) = hidden_states.len().checked_sub(2).and_then(|i| hidden_states.get(i)) {
-            result.push(("penultimate_hidden_state".to_string(), penultimate.shallow_clone()));
+        let mut result = vec![
+            ("last_hidden_state".to_string(), last),
+            (pooled.0.to_string(), pooled.1),
+        ];
+        if let Some(penultimate) = hidden_states
+            .len()
+            .checked_sub(2)
+            .and_then(|i| hidden_states.get(i))
+        {
+            result.push((
+                "penultimate_hidden_state".to_string(),
+                penultimate.shallow_clone(),
+            ));
         }
         Ok(result)
     }
@@ -155,17 +212,34 @@ unsafe impl Sync for Vae {}
 
 impl Component for Unet {
     fn invoke(&self, method: &str, tensors: &Tensors) -> Result<Tensors, StoreError> {
-        let inputs = Inputs { class: "UNet2DConditionModel", method, tensors };
+        let inputs = Inputs {
+            class: "UNet2DConditionModel",
+            method,
+            tensors,
+        };
         if method != "forward" {
             return Err(inputs.unknown_method(&["forward"]));
         }
-        inputs.check_names(&["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"])?;
+        inputs.check_names(&[
+            "sample",
+            "timestep",
+            "encoder_hidden_states",
+            "text_embeds",
+            "time_ids",
+        ])?;
         let (kind, device) = (self.0.kind(), self.0.device());
         let sample = inputs.required("sample")?;
         inputs.rank("sample", sample, 4)?;
         let ehs = inputs.required("encoder_hidden_states")?;
         inputs.rank("encoder_hidden_states", ehs, 3)?;
-        let timestep = inputs.required("timestep")?.to_device(device);
+        let timestep = inputs.required("timestep")?;
+        if timestep.dim() > 1 {
+            return Err(StoreError::new(
+                Code::InvalidArgument,
+                format!("inputs.timestep: UNet2DConditionModel.forward needs a scalar or [batch], got shape {:?}", timestep.size()),
+            ));
+        }
+        let timestep = timestep.to_device(device);
         let added = match (inputs.optional("text_embeds"), inputs.optional("time_ids")) {
             (Some(te), Some(ti)) => Some(unet::SdxlConditioning {
                 text_embeds: float_input(te, kind, device),
@@ -175,7 +249,7 @@ impl Component for Unet {
             _ => {
                 return Err(StoreError::new(
                     Code::InvalidArgument,
-                    "UNet2DConditionModel.forward: text_embeds and time_ids go together",
+                    "inputs.time_ids: UNet2DConditionModel.forward takes text_embeds and time_ids together or neither",
                 ))
             }
         };
@@ -193,7 +267,11 @@ struct Vae(vae::AutoencoderKL);
 
 impl Component for Vae {
     fn invoke(&self, method: &str, tensors: &Tensors) -> Result<Tensors, StoreError> {
-        let inputs = Inputs { class: "AutoencoderKL", method, tensors };
+        let inputs = Inputs {
+            class: "AutoencoderKL",
+            method,
+            tensors,
+        };
         // AutoencoderKL checks shapes and moves inputs to its device and dtype itself.
         match method {
             "encode" => {
@@ -201,7 +279,10 @@ impl Component for Vae {
                 let x = inputs.required("sample")?;
                 inputs.rank("sample", x, 4)?;
                 let dist = self.0.encode(x)?;
-                Ok(vec![("mean".to_string(), dist.mean), ("logvar".to_string(), dist.logvar)])
+                Ok(vec![
+                    ("mean".to_string(), dist.mean),
+                    ("logvar".to_string(), dist.logvar),
+                ])
             }
             "decode" => {
                 inputs.check_names(&["latents"])?;

@@ -15,7 +15,12 @@ pub struct DigestCache {
 
 impl DigestCache {
     /// The digest of a component: its class name, `config.json` and weight files, in order.
-    pub fn component(&self, class_name: &str, dir: &Path, weight_files: &[PathBuf]) -> Result<String, StoreError> {
+    pub fn component(
+        &self,
+        class_name: &str,
+        dir: &Path,
+        weight_files: &[PathBuf],
+    ) -> Result<String, StoreError> {
         let mut h = blake3::Hasher::new();
         h.update(class_name.as_bytes());
         let config = dir.join("config.json");
@@ -29,7 +34,8 @@ impl DigestCache {
     }
 
     fn file(&self, path: &Path) -> Result<blake3::Hash, StoreError> {
-        let io = |e: std::io::Error| StoreError::new(Code::NotFound, format!("{}: {e}", path.display()));
+        let io =
+            |e: std::io::Error| StoreError::new(Code::NotFound, format!("{}: {e}", path.display()));
         let meta = std::fs::metadata(path).map_err(io)?;
         let (len, mtime) = (meta.len(), meta.modified().map_err(io)?);
         if let Some((l, m, hash)) = self.files.lock().expect("digest cache poisoned").get(path) {
@@ -40,7 +46,10 @@ impl DigestCache {
         let mut h = blake3::Hasher::new();
         h.update_mmap_rayon(path).map_err(io)?;
         let hash = h.finalize();
-        self.files.lock().expect("digest cache poisoned").insert(path.to_path_buf(), (len, mtime, hash));
+        self.files
+            .lock()
+            .expect("digest cache poisoned")
+            .insert(path.to_path_buf(), (len, mtime, hash));
         Ok(hash)
     }
 }

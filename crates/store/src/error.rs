@@ -25,7 +25,10 @@ pub struct StoreError {
 impl StoreError {
     /// An error with a code and message.
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -36,6 +39,10 @@ impl From<autopipe_models::Error> for StoreError {
             E::Config(_) | E::Weights(_) => Code::FailedPrecondition,
             E::Input(_) => Code::InvalidArgument,
             E::Io(io) if io.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
+            // Running out of device memory is a resource limit, not a bug: say so rather than INTERNAL.
+            E::Torch(t) if t.to_string().to_ascii_lowercase().contains("out of memory") => {
+                Code::ResourceExhausted
+            }
             _ => Code::Internal,
         };
         Self::new(code, e.to_string())
@@ -43,6 +50,21 @@ impl From<autopipe_models::Error> for StoreError {
 }
 
 impl Code {
+    /// The gRPC canonical name, e.g. `INVALID_ARGUMENT` (metrics labels, logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::NotFound => "NOT_FOUND",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::Unimplemented => "UNIMPLEMENTED",
+            Code::Cancelled => "CANCELLED",
+            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Code::Internal => "INTERNAL",
+        }
+    }
+
     /// The gRPC code: the one mapping both services use.
     pub fn to_tonic(self) -> tonic::Code {
         match self {
@@ -77,7 +99,9 @@ impl StoreError {
             tonic::Code::NotFound => Code::NotFound,
             tonic::Code::FailedPrecondition => Code::FailedPrecondition,
             tonic::Code::ResourceExhausted => Code::ResourceExhausted,
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted => Code::Unavailable,
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted => {
+                Code::Unavailable
+            }
             tonic::Code::Unimplemented => Code::Unimplemented,
             tonic::Code::Cancelled => Code::Cancelled,
             tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,

@@ -12,7 +12,7 @@ mod store;
 
 pub use component::{load_component, Component, Tensors, SUPPORTED_CLASSES};
 pub use error::{Code, StoreError};
-pub use store::{ComponentStats, Store, StoreConfig, StoreStats};
+pub use store::{ComponentStats, Pinned, Store, StoreConfig, StoreObserver, StoreStats};
 
 use std::time::Duration;
 
@@ -57,10 +57,12 @@ pub struct Lease {
 impl Lease {
     /// The handle of the component acquired under `name`.
     pub fn handle(&self, name: &str) -> Result<&Handle, StoreError> {
-        self.handles
-            .iter()
-            .find(|h| h.name == name)
-            .ok_or_else(|| StoreError::new(Code::Internal, format!("lease {} holds no component {name:?}", self.id)))
+        self.handles.iter().find(|h| h.name == name).ok_or_else(|| {
+            StoreError::new(
+                Code::Internal,
+                format!("lease {} holds no component {name:?}", self.id),
+            )
+        })
     }
 }
 
@@ -90,13 +92,18 @@ pub fn parse_kind_opt(name: &str) -> Result<Option<tch::Kind>, String> {
         "float32" | "fp32" | "float" => Some(tch::Kind::Float),
         "float16" | "fp16" | "half" => Some(tch::Kind::Half),
         "bfloat16" | "bf16" => Some(tch::Kind::BFloat16),
-        other => return Err(format!("unknown dtype {other:?} (float32, float16 or bfloat16)")),
+        other => {
+            return Err(format!(
+                "unknown dtype {other:?} (float32, float16 or bfloat16)"
+            ))
+        }
     })
 }
 
 /// A required dtype name, as [`parse_kind_opt`].
 pub fn parse_kind(name: &str) -> Result<tch::Kind, String> {
-    parse_kind_opt(name)?.ok_or_else(|| "a dtype is required (float32, float16 or bfloat16)".to_string())
+    parse_kind_opt(name)?
+        .ok_or_else(|| "a dtype is required (float32, float16 or bfloat16)".to_string())
 }
 
 /// A device name: `cpu`, `cuda`, `cuda:N`.
@@ -120,11 +127,14 @@ pub fn parse_budget(s: &str, device: tch::Device) -> Result<u64, String> {
 fn parse_budget_of(s: &str, total: Option<u64>) -> Result<u64, String> {
     let s = s.trim();
     if let Some(p) = s.strip_suffix('%') {
-        let p: f64 = p.parse().map_err(|_| format!("{s:?} is not a percentage"))?;
+        let p: f64 = p
+            .parse()
+            .map_err(|_| format!("{s:?} is not a percentage"))?;
         if !(0.0..=100.0).contains(&p) {
             return Err(format!("{s:?}: a percentage must be in 0..=100"));
         }
-        let total = total.ok_or("device memory size unknown; give bytes instead of a percentage")?;
+        let total =
+            total.ok_or("device memory size unknown; give bytes instead of a percentage")?;
         return Ok((total as f64 * p / 100.0) as u64);
     }
     let (num, mult) = match s.chars().last() {
@@ -134,7 +144,9 @@ fn parse_budget_of(s: &str, total: Option<u64>) -> Result<u64, String> {
         Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
         _ => (s, 1),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a byte count"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count"))?;
     if !n.is_finite() || n < 0.0 {
         return Err(format!("{s:?} must be a non-negative byte count"));
     }
@@ -147,7 +159,11 @@ fn device_memory(device: tch::Device) -> Option<u64> {
         tch::Device::Cpu => {
             let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
             let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+            line.split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+                .map(|kb| kb * 1024)
         }
         _ => None,
     }
@@ -163,7 +179,10 @@ mod parse_tests {
         assert_eq!(parse_budget_of("2G", None).unwrap(), 2 << 30);
         assert_eq!(parse_budget_of("50%", Some(1000)).unwrap(), 500);
         for bad in ["50%", "lots", "-1", "120%"] {
-            assert!(parse_budget_of(bad, if bad == "120%" { Some(1) } else { None }).is_err(), "{bad}");
+            assert!(
+                parse_budget_of(bad, if bad == "120%" { Some(1) } else { None }).is_err(),
+                "{bad}"
+            );
         }
         assert_eq!(parse_device("cuda:1").unwrap(), tch::Device::Cuda(1));
         assert!(parse_device("tpu").is_err());

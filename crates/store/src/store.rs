@@ -1,13 +1,20 @@
-//! The in-process store engine: residency by content key, leases, LRU eviction under a budget.
+//! The in-process store engine: residency by content key, leases, pins, LRU eviction under a budget.
+//!
+//! Eviction follows InvokeAI's model cache (`invokeai/backend/model_manager/load/model_cache`): a
+//! held entry (leased or pinned) is never evicted; unloading a leased entry marks it stale and frees it
+//! when its last lease ends.
 
 use crate::component::{load_component, Component, Tensors};
 use crate::digest::DigestCache;
 use crate::{AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tch::{Device, Kind};
+
+/// Expired lease ids remembered so that a late call hears "expired" rather than "unknown".
+const REMEMBERED_EXPIRED_LEASES: usize = 4096;
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -23,9 +30,29 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { device: Device::Cpu, default_kind: Kind::Float, memory_budget: None, lease_ttl: Duration::from_secs(60) }
+        Self {
+            device: Device::Cpu,
+            default_kind: Kind::Float,
+            memory_budget: None,
+            lease_ttl: Duration::from_secs(60),
+        }
     }
 }
+
+/// Receives the store's events (for metrics); every method defaults to doing nothing.
+pub trait StoreObserver: Send + Sync {
+    /// A component finished loading (`ok`) or failed to.
+    fn loaded(&self, _class_name: &str, _bytes: u64, _took: Duration, _ok: bool) {}
+    /// An unheld component was evicted to make room.
+    fn evicted(&self, _class_name: &str, _bytes: u64) {}
+    /// A component method ran; `code` is `None` on success.
+    fn invoked(&self, _class_name: &str, _method: &str, _took: Duration, _code: Option<Code>) {}
+    /// A lease expired without being released.
+    fn lease_expired(&self) {}
+}
+
+struct NoObserver;
+impl StoreObserver for NoObserver {}
 
 /// The identity of a resident component: same bytes, dtype and device → one copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -37,7 +64,13 @@ struct ComponentKey {
 
 impl std::fmt::Display for ComponentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}", self.digest, kind_name(self.kind), device_name(self.device))
+        write!(
+            f,
+            "{}:{}:{}",
+            self.digest,
+            kind_name(self.kind),
+            device_name(self.device)
+        )
     }
 }
 
@@ -47,7 +80,7 @@ struct Resident {
     bytes: u64,
 }
 
-/// A component's place in the store: filled once, by whichever acquirer gets there first; others wait.
+/// A component's place in the store: filled once, by whichever holder gets there first; others wait.
 /// `loading` is held for a whole load (coalescing); `resident` only for moments, so that eviction,
 /// which inspects every slot under the state lock, never waits on a load.
 #[derive(Default)]
@@ -58,7 +91,14 @@ struct Slot {
 
 impl Slot {
     fn get(&self) -> Option<Arc<Resident>> {
-        self.resident.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.resident
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn is_resident(&self) -> bool {
+        self.resident.lock().map(|r| r.is_some()).unwrap_or(false)
     }
 }
 
@@ -67,12 +107,28 @@ struct Entry {
     class_name: String,
     paths: BTreeSet<String>,
     leases: u32,
+    /// Loaded by an operator (`Load`): never evicted until `Unload`.
+    pinned: bool,
+    /// Unloaded while leased: freed when the last lease ends.
+    stale: bool,
+    /// Bytes charged against the budget: set when a load is admitted, so in-flight loads count too.
+    charged: u64,
+    /// LRU order: a store-wide counter, bumped on every acquire and invoke.
+    tick: u64,
     last_used_ms: u64,
+}
+
+impl Entry {
+    fn held(&self) -> bool {
+        self.leases > 0 || self.pinned
+    }
 }
 
 struct LeaseState {
     handles: Vec<(Handle, ComponentKey)>,
     expires: Instant,
+    /// Its components are still loading: it cannot expire yet (its TTL starts once they are ready).
+    loading: bool,
 }
 
 #[derive(Default)]
@@ -80,12 +136,54 @@ struct State {
     entries: HashMap<ComponentKey, Entry>,
     leases: HashMap<String, LeaseState>,
     load_counts: HashMap<ComponentKey, u64>,
+    expired: VecDeque<String>,
+    expired_set: HashSet<String>,
+    tick: u64,
+    loads: u64,
     evictions: u64,
+    expired_leases: u64,
 }
 
 impl State {
-    fn resident_bytes(&self) -> u64 {
-        self.entries.values().filter_map(|e| e.slot.resident.lock().ok()?.as_ref().map(|r| r.bytes)).sum()
+    fn charged_bytes(&self) -> u64 {
+        self.entries.values().map(|e| e.charged).sum()
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    fn remember_expired(&mut self, id: &str) {
+        if self.expired_set.insert(id.to_string()) {
+            self.expired.push_back(id.to_string());
+        }
+        while self.expired.len() > REMEMBERED_EXPIRED_LEASES {
+            if let Some(old) = self.expired.pop_front() {
+                self.expired_set.remove(&old);
+            }
+        }
+    }
+
+    /// Why `lease_id` is not a live lease.
+    fn lease_gone(&self, lease_id: &str) -> StoreError {
+        if lease_id.is_empty() {
+            // No lease is an unknown lease: the same status as any other id the store does not hold.
+            StoreError::new(
+                Code::FailedPrecondition,
+                "lease_id: empty; acquire a lease first",
+            )
+        } else if self.expired_set.contains(lease_id) {
+            StoreError::new(
+                Code::FailedPrecondition,
+                format!("lease_id: lease {lease_id} has expired (not renewed in time)"),
+            )
+        } else {
+            StoreError::new(
+                Code::FailedPrecondition,
+                format!("lease_id: lease {lease_id:?} is unknown or has ended"),
+            )
+        }
     }
 }
 
@@ -101,6 +199,10 @@ pub struct ComponentStats {
     pub active_leases: u32,
     pub last_used_ms: u64,
     pub paths: Vec<String>,
+    /// Pinned by `Load`: never evicted.
+    pub pinned: bool,
+    /// Unloaded while leased: freed on its last release.
+    pub stale: bool,
 }
 
 /// The whole store, as `Stats` reports it.
@@ -111,6 +213,39 @@ pub struct StoreStats {
     pub active_leases: u32,
     pub memory_budget: Option<u64>,
     pub evictions: u64,
+    /// Component loads completed since start.
+    pub loads: u64,
+    /// Leases that expired unreleased since start.
+    pub expired_leases: u64,
+}
+
+/// One component an operator loaded (pinned) or unloaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    /// The request's component name (empty when named by key).
+    pub name: String,
+    pub key: String,
+    pub bytes: u64,
+    /// `Load`: it was loaded by this call (not already resident). `Unload`: it was freed now.
+    pub changed: bool,
+    /// Leases holding it after the call (an unloaded, leased component is freed on its last release).
+    pub active_leases: u32,
+}
+
+/// Who holds entries while they load: a lease, or an operator's pin.
+#[derive(Clone, Copy)]
+enum Holder<'a> {
+    Lease(&'a str),
+    Pin(&'a [ComponentKey]),
+}
+
+/// A requested component, resolved to its content key.
+struct Keyed<'a> {
+    /// Position in the request, for error messages.
+    index: usize,
+    spec: &'a ComponentSpec,
+    key: ComponentKey,
+    bytes: u64,
 }
 
 /// The in-process component store.
@@ -118,12 +253,24 @@ pub struct Store {
     config: StoreConfig,
     state: Mutex<State>,
     digests: DigestCache,
+    observer: Arc<dyn StoreObserver>,
 }
 
 impl Store {
     /// An empty store.
     pub fn new(config: StoreConfig) -> Self {
-        Self { config, state: Mutex::new(State::default()), digests: DigestCache::default() }
+        Self {
+            config,
+            state: Mutex::new(State::default()),
+            digests: DigestCache::default(),
+            observer: Arc::new(NoObserver),
+        }
+    }
+
+    /// The same store, reporting its events to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn StoreObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// How this store was configured.
@@ -141,23 +288,42 @@ impl Store {
     pub fn reap_expired(&self) -> usize {
         let mut st = self.state();
         let now = Instant::now();
-        let expired: Vec<String> =
-            st.leases.iter().filter(|(_, l)| l.expires <= now).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<String> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| !l.loading && l.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in &expired {
             tracing::warn!(lease = %id, "lease expired");
             Self::end_lease(&mut st, id);
+            st.remember_expired(id);
+            st.expired_leases += 1;
+            self.observer.lease_expired();
         }
         expired.len()
     }
 
+    /// Ends a lease; a stale entry whose last lease this was is freed.
     fn end_lease(st: &mut State, lease_id: &str) -> bool {
-        let Some(lease) = st.leases.remove(lease_id) else { return false };
+        let Some(lease) = st.leases.remove(lease_id) else {
+            return false;
+        };
         for (_, key) in lease.handles {
             if let Some(e) = st.entries.get_mut(&key) {
                 e.leases = e.leases.saturating_sub(1);
+                if e.stale && !e.held() {
+                    tracing::info!(component = %key, "freeing unloaded component on its last release");
+                    st.entries.remove(&key);
+                }
             }
         }
         true
+    }
+
+    /// Drops entries nothing holds that never finished loading, so a failed load leaves nothing behind.
+    fn drop_placeholders(st: &mut State) {
+        st.entries.retain(|_, e| e.held() || e.slot.is_resident());
     }
 
     /// What is resident and leased.
@@ -179,6 +345,8 @@ impl Store {
                     active_leases: e.leases,
                     last_used_ms: e.last_used_ms,
                     paths: e.paths.iter().cloned().collect(),
+                    pinned: e.pinned,
+                    stale: e.stale,
                 })
             })
             .collect();
@@ -189,143 +357,454 @@ impl Store {
             active_leases: st.leases.len() as u32,
             memory_budget: self.config.memory_budget,
             evictions: st.evictions,
+            loads: st.loads,
+            expired_leases: st.expired_leases,
         }
     }
 
-    fn key_for(&self, spec: &ComponentSpec, kind: Kind) -> Result<(ComponentKey, Vec<PathBuf>), StoreError> {
-        if !spec.path.is_dir() {
+    /// Checks a request's components and finds each one's content key and size.
+    fn resolve<'a>(
+        &self,
+        components: &'a [ComponentSpec],
+        kind: Kind,
+    ) -> Result<Vec<Keyed<'a>>, StoreError> {
+        if components.is_empty() {
             return Err(StoreError::new(
-                Code::NotFound,
-                format!("component {:?}: folder {} does not exist", spec.name, spec.path.display()),
+                Code::InvalidArgument,
+                "components: at least one component is required",
             ));
         }
-        let files = autopipe_models::weights::weight_files(&spec.path, spec.variant.as_deref())
-            .map_err(|e| StoreError::new(Code::NotFound, format!("component {:?}: {e}", spec.name)))?;
-        let digest = self.digests.component(&spec.class_name, &spec.path, &files)?;
-        Ok((ComponentKey { digest, kind, device: self.config.device }, files))
+        let mut names = HashSet::new();
+        let mut keyed = Vec::with_capacity(components.len());
+        for (i, spec) in components.iter().enumerate() {
+            if !names.insert(spec.name.as_str()) {
+                return Err(StoreError::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "components[{i}].name: {:?} appears more than once",
+                        spec.name
+                    ),
+                ));
+            }
+            if !crate::SUPPORTED_CLASSES.contains(&spec.class_name.as_str()) {
+                return Err(StoreError::new(
+                    Code::Unimplemented,
+                    format!(
+                        "components[{i}].class_name: {} ({:?}) is not supported by this store (supported: {})",
+                        spec.class_name,
+                        spec.name,
+                        crate::SUPPORTED_CLASSES.join(", ")
+                    ),
+                ));
+            }
+            if !spec.path.is_dir() {
+                return Err(StoreError::new(
+                    Code::NotFound,
+                    format!(
+                        "components[{i}].path: folder {} of {:?} does not exist",
+                        spec.path.display(),
+                        spec.name
+                    ),
+                ));
+            }
+            let files = autopipe_models::weights::weight_files(&spec.path, spec.variant.as_deref())
+                .map_err(|e| {
+                    StoreError::new(
+                        Code::NotFound,
+                        format!("components[{i}].path: {:?}: {e}", spec.name),
+                    )
+                })?;
+            let digest = self
+                .digests
+                .component(&spec.class_name, &spec.path, &files)?;
+            let bytes = estimate_bytes(&files, kind).map_err(|e| {
+                StoreError::new(
+                    e.code,
+                    format!("components[{i}].path: {:?}: {}", spec.name, e.message),
+                )
+            })?;
+            keyed.push(Keyed {
+                index: i,
+                spec,
+                key: ComponentKey {
+                    digest,
+                    kind,
+                    device: self.config.device,
+                },
+                bytes,
+            });
+        }
+        Ok(keyed)
     }
 
-    /// Makes room for `need` more bytes by evicting unleased components, least recently used first.
-    fn make_room(&self, st: &mut State, need: u64) -> Result<(), StoreError> {
-        let Some(budget) = self.config.memory_budget else { return Ok(()) };
-        let mut resident = st.resident_bytes();
-        while resident + need > budget {
-            let victim = st
-                .entries
-                .iter()
-                .filter(|(_, e)| e.leases == 0)
-                .filter_map(|(k, e)| {
-                    let bytes = e.slot.resident.lock().ok()?.as_ref()?.bytes;
-                    Some((k.clone(), e.last_used_ms, bytes))
-                })
-                .min_by_key(|(_, used, _)| *used);
-            let Some((key, _, bytes)) = victim else {
+    /// Fails fast when the components that still need loading cannot fit even after evicting every
+    /// unheld component; evicts nothing.
+    fn admit(&self, st: &State, keyed: &[Keyed<'_>]) -> Result<(), StoreError> {
+        let Some(budget) = self.config.memory_budget else {
+            return Ok(());
+        };
+        let wanted: HashSet<&ComponentKey> = keyed.iter().map(|k| &k.key).collect();
+        let mut need = 0u64;
+        let mut counted = HashSet::new();
+        for k in keyed {
+            if k.bytes > budget {
                 return Err(StoreError::new(
                     Code::ResourceExhausted,
                     format!(
-                        "memory budget exhausted: {need} bytes needed, {resident} of {budget} resident and all of it leased"
+                        "memory budget: {:?} ({}) needs {} bytes, more than the whole budget of {budget} bytes",
+                        k.spec.name, k.spec.class_name, k.bytes
                     ),
                 ));
-            };
-            tracing::info!(component = %key, bytes, "evicting");
-            st.entries.remove(&key);
+            }
+            let charged = st.entries.get(&k.key).is_some_and(|e| e.charged > 0);
+            if !charged && counted.insert(&k.key) {
+                need += k.bytes;
+            }
+        }
+        // What stays whatever happens: held, loading, or needed by this request.
+        let kept: u64 = st
+            .entries
+            .iter()
+            .filter(|(key, e)| e.held() || !e.slot.is_resident() || wanted.contains(key))
+            .map(|(_, e)| e.charged)
+            .sum();
+        if kept + need > budget {
+            return Err(StoreError::new(
+                Code::ResourceExhausted,
+                format!(
+                    "memory budget: {need} more bytes needed but {kept} of {budget} bytes are held by leases, pins or loads in progress"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes room for `need` more bytes by evicting unheld components, least recently used first;
+    /// evicts nothing when even that would not be enough.
+    fn make_room(&self, st: &mut State, need: u64) -> Result<(), StoreError> {
+        let Some(budget) = self.config.memory_budget else {
+            return Ok(());
+        };
+        let charged = st.charged_bytes();
+        if charged + need <= budget {
+            return Ok(());
+        }
+        let mut victims: Vec<(ComponentKey, u64, u64)> = st
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.held() && e.slot.is_resident())
+            .map(|(k, e)| (k.clone(), e.tick, e.charged))
+            .collect();
+        let evictable: u64 = victims.iter().map(|v| v.2).sum();
+        if charged - evictable + need > budget {
+            return Err(StoreError::new(
+                Code::ResourceExhausted,
+                format!(
+                    "memory budget: {need} bytes needed, {charged} of {budget} charged and {} of it held by leases, pins or loads in progress",
+                    charged - evictable
+                ),
+            ));
+        }
+        victims.sort_by_key(|v| v.1);
+        let mut resident = charged;
+        for (key, _, bytes) in victims {
+            if resident + need <= budget {
+                break;
+            }
+            if let Some(e) = st.entries.remove(&key) {
+                tracing::info!(component = %key, class = %e.class_name, bytes, "evicting (least recently used)");
+                self.observer.evicted(&e.class_name, bytes);
+            }
             st.evictions += 1;
             resident -= bytes;
         }
         Ok(())
     }
 
-    fn load_into(&self, key: &ComponentKey, slot: &Slot, spec: &ComponentSpec, files: &[PathBuf]) -> Result<(), StoreError> {
+    /// Loads `k` into its slot unless already there; concurrent callers for one slot wait for the
+    /// first and then find it resident.
+    fn load_into(&self, k: &Keyed<'_>, slot: &Slot) -> Result<(), StoreError> {
         let _loading = slot.loading.lock().unwrap_or_else(|p| p.into_inner());
         if slot.get().is_some() {
             return Ok(());
         }
-        let bytes = estimate_bytes(files, key.kind)?;
         {
             let mut st = self.state();
-            self.make_room(&mut st, bytes)?;
+            self.make_room(&mut st, k.bytes)?;
+            if let Some(e) = st.entries.get_mut(&k.key) {
+                e.charged = k.bytes;
+            }
         }
+        let spec = k.spec;
         let started = Instant::now();
-        let component = load_component(&spec.class_name, &spec.path, spec.variant.as_deref(), key.kind, key.device)?;
-        tracing::info!(component = %spec.name, class = %spec.class_name, key = %key, bytes, ms = started.elapsed().as_millis() as u64, "loaded");
-        *slot.resident.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(Resident { class_name: spec.class_name.clone(), component: Arc::from(component), bytes }));
-        *self.state().load_counts.entry(key.clone()).or_default() += 1;
+        let loaded = load_component(
+            &spec.class_name,
+            &spec.path,
+            spec.variant.as_deref(),
+            k.key.kind,
+            k.key.device,
+        );
+        let took = started.elapsed();
+        self.observer
+            .loaded(&spec.class_name, k.bytes, took, loaded.is_ok());
+        let component = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(entry) = self.state().entries.get_mut(&k.key) {
+                    entry.charged = 0;
+                }
+                let msg = format!(
+                    "components[{}]: {:?} ({}) failed to load: {}",
+                    k.index, spec.name, spec.class_name, e.message
+                );
+                return Err(StoreError::new(e.code, msg));
+            }
+        };
+        tracing::info!(component = %spec.name, class = %spec.class_name, key = %k.key, bytes = k.bytes, ms = took.as_millis() as u64, "loaded");
+        *slot.resident.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Resident {
+            class_name: spec.class_name.clone(),
+            component: Arc::from(component),
+            bytes: k.bytes,
+        }));
+        let mut st = self.state();
+        *st.load_counts.entry(k.key.clone()).or_default() += 1;
+        st.loads += 1;
         Ok(())
+    }
+
+    /// Loads what is not resident of entries `holder` already holds. On failure the holder is taken
+    /// off again and placeholders are dropped.
+    fn hold_and_load(&self, keyed: &[Keyed<'_>], holder: Holder<'_>) -> Result<(), StoreError> {
+        let slots: Vec<Arc<Slot>> = {
+            let st = self.state();
+            keyed
+                .iter()
+                .map(|k| st.entries.get(&k.key).map(|e| e.slot.clone()))
+                .collect::<Option<_>>()
+        }
+        .ok_or_else(|| StoreError::new(Code::Internal, "held component vanished"))?;
+        for (k, slot) in keyed.iter().zip(&slots) {
+            if let Err(e) = self.load_into(k, slot) {
+                let mut st = self.state();
+                match holder {
+                    Holder::Lease(id) => {
+                        Self::end_lease(&mut st, id);
+                    }
+                    Holder::Pin(newly_pinned) => {
+                        for key in newly_pinned {
+                            if let Some(e) = st.entries.get_mut(key) {
+                                e.pinned = false;
+                            }
+                        }
+                    }
+                }
+                Self::drop_placeholders(&mut st);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds or creates the entry for `k` and marks it used.
+    fn touch<'s>(st: &'s mut State, k: &Keyed<'_>) -> &'s mut Entry {
+        let tick = st.next_tick();
+        let e = st.entries.entry(k.key.clone()).or_insert_with(|| Entry {
+            slot: Arc::new(Slot::default()),
+            class_name: k.spec.class_name.clone(),
+            paths: BTreeSet::new(),
+            leases: 0,
+            pinned: false,
+            stale: false,
+            charged: 0,
+            tick,
+            last_used_ms: now_ms(),
+        });
+        e.tick = tick;
+        e.last_used_ms = now_ms();
+        e.paths.insert(k.spec.path.display().to_string());
+        e
     }
 
     fn acquire_inner(&self, request: &AcquireRequest) -> Result<Lease, StoreError> {
         self.reap_expired();
-        if request.components.is_empty() {
-            return Err(StoreError::new(Code::InvalidArgument, "components: at least one component is required"));
-        }
         let kind = request.kind.unwrap_or(self.config.default_kind);
-        let mut keyed = Vec::with_capacity(request.components.len());
-        for spec in &request.components {
-            if !crate::SUPPORTED_CLASSES.contains(&spec.class_name.as_str()) {
-                return Err(StoreError::new(
-                    Code::Unimplemented,
-                    format!("component {:?}: class {} is not supported by this store", spec.name, spec.class_name),
-                ));
-            }
-            let (key, files) = self.key_for(spec, kind)?;
-            keyed.push((spec, key, files));
-        }
+        let keyed = self.resolve(&request.components, kind)?;
         // Take the lease first, so nothing this request needs is evicted while its siblings load.
         let lease_id = uuid::Uuid::new_v4().to_string();
-        let mut slots = Vec::with_capacity(keyed.len());
         {
             let mut st = self.state();
-            let mut handles = Vec::new();
-            for (spec, key, _) in &keyed {
-                let e = st.entries.entry(key.clone()).or_insert_with(|| Entry {
-                    slot: Arc::new(Slot::default()),
-                    class_name: spec.class_name.clone(),
-                    paths: BTreeSet::new(),
-                    leases: 0,
-                    last_used_ms: now_ms(),
-                });
-                e.leases += 1;
-                e.last_used_ms = now_ms();
-                e.paths.insert(spec.path.display().to_string());
-                slots.push(e.slot.clone());
+            self.admit(&st, &keyed)?;
+            let mut handles = Vec::with_capacity(keyed.len());
+            for k in &keyed {
+                Self::touch(&mut st, k).leases += 1;
                 let handle = Handle {
-                    name: spec.name.clone(),
+                    name: k.spec.name.clone(),
                     id: uuid::Uuid::new_v4().to_string(),
-                    class_name: spec.class_name.clone(),
+                    class_name: k.spec.class_name.clone(),
                 };
-                handles.push((handle, key.clone()));
+                handles.push((handle, k.key.clone()));
             }
-            st.leases.insert(lease_id.clone(), LeaseState { handles, expires: Instant::now() + self.config.lease_ttl });
+            let lease = LeaseState {
+                handles,
+                expires: Instant::now() + self.config.lease_ttl,
+                loading: true,
+            };
+            st.leases.insert(lease_id.clone(), lease);
         }
-        for ((spec, key, files), slot) in keyed.iter().zip(&slots) {
-            if let Err(e) = self.load_into(key, slot, spec, files) {
-                let mut st = self.state();
-                Self::end_lease(&mut st, &lease_id);
-                // Drop placeholders that never loaded, so a failed load leaves nothing behind.
-                st.entries.retain(|_, e| e.leases > 0 || e.slot.resident.lock().map(|r| r.is_some()).unwrap_or(false));
-                return Err(e);
+        self.hold_and_load(&keyed, Holder::Lease(&lease_id))?;
+        let mut st = self.state();
+        let lease = st
+            .leases
+            .get_mut(&lease_id)
+            .ok_or_else(|| StoreError::new(Code::Internal, "lease vanished while loading"))?;
+        lease.loading = false;
+        lease.expires = Instant::now() + self.config.lease_ttl;
+        Ok(Lease {
+            id: lease_id,
+            handles: lease.handles.iter().map(|(h, _)| h.clone()).collect(),
+            ttl: self.config.lease_ttl,
+        })
+    }
+
+    /// Loads components if not resident and pins them: a pinned component is never evicted and
+    /// counts toward the budget until [`Store::unload`].
+    pub fn load(
+        &self,
+        components: &[ComponentSpec],
+        kind: Option<Kind>,
+    ) -> Result<Vec<Pinned>, StoreError> {
+        self.reap_expired();
+        let kind = kind.unwrap_or(self.config.default_kind);
+        let keyed = self.resolve(components, kind)?;
+        let mut newly_pinned = Vec::new();
+        let mut was_resident = Vec::with_capacity(keyed.len());
+        {
+            let mut st = self.state();
+            self.admit(&st, &keyed)?;
+            for k in &keyed {
+                let e = Self::touch(&mut st, k);
+                was_resident.push(e.slot.is_resident());
+                e.stale = false;
+                if !e.pinned {
+                    e.pinned = true;
+                    newly_pinned.push(k.key.clone());
+                }
             }
         }
+        self.hold_and_load(&keyed, Holder::Pin(&newly_pinned))?;
         let st = self.state();
-        let lease = st.leases.get(&lease_id).expect("lease inserted above");
-        Ok(Lease { id: lease_id, handles: lease.handles.iter().map(|(h, _)| h.clone()).collect(), ttl: self.config.lease_ttl })
+        Ok(keyed
+            .iter()
+            .zip(was_resident)
+            .map(|(k, was)| Pinned {
+                name: k.spec.name.clone(),
+                key: k.key.to_string(),
+                bytes: k.bytes,
+                changed: !was,
+                active_leases: st.entries.get(&k.key).map(|e| e.leases).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Unpins components (named by spec or by `Stats` key) and frees those no lease holds; a leased
+    /// one is marked stale and freed when its last lease ends. NOT_FOUND for one not resident.
+    pub fn unload(
+        &self,
+        components: &[ComponentSpec],
+        kind: Option<Kind>,
+        keys: &[String],
+    ) -> Result<Vec<Pinned>, StoreError> {
+        self.reap_expired();
+        let kind = kind.unwrap_or(self.config.default_kind);
+        let keyed = if components.is_empty() {
+            Vec::new()
+        } else {
+            self.resolve(components, kind)?
+        };
+        if keyed.is_empty() && keys.is_empty() {
+            return Err(StoreError::new(
+                Code::InvalidArgument,
+                "components: name at least one component or key",
+            ));
+        }
+        let mut st = self.state();
+        let mut targets: Vec<(String, ComponentKey)> = Vec::new();
+        for k in &keyed {
+            if !st.entries.get(&k.key).is_some_and(|e| e.slot.is_resident()) {
+                return Err(StoreError::new(
+                    Code::NotFound,
+                    format!(
+                        "components[{}]: {:?} ({}) is not resident",
+                        k.index, k.spec.name, k.key
+                    ),
+                ));
+            }
+            targets.push((k.spec.name.clone(), k.key.clone()));
+        }
+        for (i, wanted) in keys.iter().enumerate() {
+            let key = st
+                .entries
+                .iter()
+                .find(|(key, e)| key.to_string() == *wanted && e.slot.is_resident())
+                .map(|(key, _)| key.clone())
+                .ok_or_else(|| {
+                    StoreError::new(
+                        Code::NotFound,
+                        format!("keys[{i}]: {wanted:?} is not resident"),
+                    )
+                })?;
+            targets.push((String::new(), key));
+        }
+        let mut out = Vec::with_capacity(targets.len());
+        for (name, key) in targets {
+            let Some(e) = st.entries.get_mut(&key) else {
+                continue;
+            };
+            e.pinned = false;
+            let (bytes, leases) = (e.charged, e.leases);
+            let freed = leases == 0;
+            if freed {
+                st.entries.remove(&key);
+                tracing::info!(component = %key, "unloaded");
+            } else {
+                e.stale = true;
+                tracing::info!(component = %key, leases, "unloaded while leased: freed on its last release");
+            }
+            out.push(Pinned {
+                name,
+                key: key.to_string(),
+                bytes,
+                changed: freed,
+                active_leases: leases,
+            });
+        }
+        Ok(out)
     }
 
     fn resolve_handle(&self, lease_id: &str, handle_id: &str) -> Result<Arc<Resident>, StoreError> {
         let mut st = self.state();
         let now = Instant::now();
         let ttl = self.config.lease_ttl;
-        let lease = match st.leases.get_mut(lease_id) {
-            Some(l) if l.expires > now => l,
-            Some(_) => {
-                Self::end_lease(&mut st, lease_id);
-                return Err(StoreError::new(Code::FailedPrecondition, format!("lease {lease_id} has expired")));
+        match st.leases.get(lease_id) {
+            Some(l) if !l.loading && l.expires <= now => {
+                drop(st);
+                self.reap_expired();
+                return Err(self.state().lease_gone(lease_id));
             }
-            None => {
-                return Err(StoreError::new(Code::FailedPrecondition, format!("lease {lease_id:?} is unknown or has ended")))
-            }
-        };
+            Some(_) => {}
+            None => return Err(st.lease_gone(lease_id)),
+        }
+        if handle_id.is_empty() {
+            return Err(StoreError::new(
+                Code::InvalidArgument,
+                "handle_id: is required",
+            ));
+        }
+        let tick = st.next_tick();
+        let lease = st
+            .leases
+            .get_mut(lease_id)
+            .ok_or_else(|| StoreError::new(Code::Internal, "lease vanished"))?;
         // Using a lease keeps it alive, like a renewal.
         lease.expires = now + ttl;
         let key = lease
@@ -333,10 +812,22 @@ impl Store {
             .iter()
             .find(|(h, _)| h.id == handle_id)
             .map(|(_, k)| k.clone())
-            .ok_or_else(|| StoreError::new(Code::InvalidArgument, format!("handle {handle_id:?} does not belong to lease {lease_id}")))?;
-        let entry = st.entries.get_mut(&key).ok_or_else(|| StoreError::new(Code::Internal, "leased component missing"))?;
+            .ok_or_else(|| {
+                StoreError::new(
+                    Code::InvalidArgument,
+                    format!("handle_id: {handle_id:?} does not belong to lease {lease_id}"),
+                )
+            })?;
+        let entry = st
+            .entries
+            .get_mut(&key)
+            .ok_or_else(|| StoreError::new(Code::Internal, "leased component missing"))?;
+        entry.tick = tick;
         entry.last_used_ms = now_ms();
-        entry.slot.get().ok_or_else(|| StoreError::new(Code::Internal, "leased component is not loaded"))
+        entry
+            .slot
+            .get()
+            .ok_or_else(|| StoreError::new(Code::Internal, "leased component is not loaded"))
     }
 }
 
@@ -348,12 +839,13 @@ impl ComponentStore for Store {
     fn renew(&self, lease_id: &str) -> Result<Duration, StoreError> {
         self.reap_expired();
         let mut st = self.state();
-        let lease = st
-            .leases
-            .get_mut(lease_id)
-            .ok_or_else(|| StoreError::new(Code::FailedPrecondition, format!("lease {lease_id:?} is unknown or has expired")))?;
-        lease.expires = Instant::now() + self.config.lease_ttl;
-        Ok(self.config.lease_ttl)
+        match st.leases.get_mut(lease_id) {
+            Some(lease) => {
+                lease.expires = Instant::now() + self.config.lease_ttl;
+                Ok(self.config.lease_ttl)
+            }
+            None => Err(st.lease_gone(lease_id)),
+        }
     }
 
     fn release(&self, lease_id: &str) -> Result<(), StoreError> {
@@ -361,7 +853,7 @@ impl ComponentStore for Store {
         if Self::end_lease(&mut st, lease_id) {
             Ok(())
         } else {
-            Err(StoreError::new(Code::FailedPrecondition, format!("lease {lease_id:?} is unknown or has expired")))
+            Err(st.lease_gone(lease_id))
         }
     }
 
@@ -374,37 +866,86 @@ impl ComponentStore for Store {
         request_id: &str,
     ) -> Result<Tensors, StoreError> {
         let resident = self.resolve_handle(lease_id, handle_id)?;
-        let _span = tracing::debug_span!("invoke", class = %resident.class_name, method, request_id).entered();
-        let _guard = tch::no_grad_guard();
-        // libtorch reports shape errors by exception; tch turns most into Err, but a few paths panic.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resident.component.invoke(method, &inputs)))
-            .unwrap_or_else(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "component panicked".into());
-                Err(StoreError::new(Code::InvalidArgument, format!("{}.{method}: {msg}", resident.class_name)))
-            })
+        let _span =
+            tracing::debug_span!("invoke", class = %resident.class_name, method, request_id)
+                .entered();
+        let started = Instant::now();
+        let result = invoke_guarded(&resident, method, &inputs);
+        self.observer.invoked(
+            &resident.class_name,
+            method,
+            started.elapsed(),
+            result.as_ref().err().map(|e| e.code),
+        );
+        result
     }
 }
 
+/// Runs a component method, checking input names first and turning libtorch failures into statuses.
+fn invoke_guarded(
+    resident: &Resident,
+    method: &str,
+    inputs: &Tensors,
+) -> Result<Tensors, StoreError> {
+    let mut seen = HashSet::new();
+    for (name, _) in inputs {
+        if !seen.insert(name.as_str()) {
+            return Err(StoreError::new(
+                Code::InvalidArgument,
+                format!("inputs.{name}: given more than once"),
+            ));
+        }
+    }
+    let _guard = tch::no_grad_guard();
+    // libtorch reports shape errors by exception; tch turns most into Err, but a few paths panic.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        resident.component.invoke(method, inputs)
+    }))
+    .unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "component panicked".into());
+        Err(StoreError::new(Code::Internal, msg))
+    });
+    // Names and ranks were checked, so a kernel rejecting the tensors means their sizes do not fit
+    // this component's weights: the caller's inputs, not the store, are at fault.
+    result.map_err(|e| match e.code {
+        Code::Internal | Code::InvalidArgument
+            if !e.message.starts_with("inputs") && !e.message.starts_with("method") =>
+        {
+            StoreError::new(
+                Code::InvalidArgument,
+                format!(
+                    "inputs: {}.{method} rejected them: {}",
+                    resident.class_name, e.message
+                ),
+            )
+        }
+        _ => e,
+    })
+}
+
 /// Parameter bytes of the weight files once converted to `kind` (from the safetensors headers).
-fn estimate_bytes(files: &[PathBuf], kind: Kind) -> Result<u64, StoreError> {
+pub(crate) fn estimate_bytes(files: &[PathBuf], kind: Kind) -> Result<u64, StoreError> {
     let mut total = 0u64;
     for f in files {
-        let file = std::fs::File::open(f).map_err(|e| StoreError::new(Code::NotFound, format!("{}: {e}", f.display())))?;
+        let file = std::fs::File::open(f)
+            .map_err(|e| StoreError::new(Code::NotFound, format!("{}: {e}", f.display())))?;
         // SAFETY: read-only map of a weight file; the store does not modify weight files.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| StoreError::new(Code::Internal, format!("{}: {e}", f.display())))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| StoreError::new(Code::FailedPrecondition, format!("{}: {e}", f.display())))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+            StoreError::new(Code::FailedPrecondition, format!("{}: {e}", f.display()))
+        })?;
         for info in meta.tensors().values() {
             let numel: usize = info.shape.iter().product();
             let elt = match info.dtype {
-                safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F32 | safetensors::Dtype::F64 => {
-                    kind.elt_size_in_bytes()
-                }
+                safetensors::Dtype::F16
+                | safetensors::Dtype::BF16
+                | safetensors::Dtype::F32
+                | safetensors::Dtype::F64 => kind.elt_size_in_bytes(),
                 other => other.bitsize().div_ceil(8),
             };
             total += (numel * elt) as u64;
@@ -414,7 +955,10 @@ fn estimate_bytes(files: &[PathBuf], kind: Kind) -> Result<u64, StoreError> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// diffusers/torch dtype name of a kind.
@@ -435,3 +979,7 @@ fn device_name(device: Device) -> String {
         other => format!("{other:?}").to_lowercase(),
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

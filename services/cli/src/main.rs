@@ -3,11 +3,12 @@
 //! --embedded` runs the same pipeline in-process without any server).
 
 use anyhow::{bail, Context};
+use autopipe_orchestrator::metrics::{Histogram, LATENCY_BUCKETS};
 use autopipe_orchestrator::{serve, Orchestrator, OrchestratorConfig, ServeOptions};
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1;
-use autopipe_store::{Store, StoreConfig};
+use autopipe_store::{Store, StoreConfig, StoreObserver};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -23,6 +24,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the orchestrator with an in-process component store (one machine, no separate store).
@@ -60,10 +63,12 @@ impl StoreArgs {
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
         }
-        let device = autopipe_store::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        let device = autopipe_store::parse_device(&self.device)
+            .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
         Ok(StoreConfig {
             device,
-            default_kind: autopipe_store::parse_kind(&self.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+            default_kind: autopipe_store::parse_kind(&self.dtype)
+                .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
             memory_budget: self
                 .memory_budget
                 .as_deref()
@@ -91,6 +96,9 @@ struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "AUTOPIPE_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
+    /// Serve Prometheus metrics on this host:port (GET /metrics); off when unset.
+    #[arg(long, env = "AUTOPIPE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -171,7 +179,11 @@ struct ResolveArgs {
 #[derive(Debug, Args)]
 struct StatsArgs {
     /// The store: host:port or unix:///path.sock.
-    #[arg(long, env = "AUTOPIPE_STORE", default_value = "unix:///tmp/autopipe/store.sock")]
+    #[arg(
+        long,
+        env = "AUTOPIPE_STORE",
+        default_value = "unix:///tmp/autopipe/store.sock"
+    )]
     store: Address,
 }
 
@@ -225,9 +237,11 @@ fn progress_bar() -> ProgressBar {
     }
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed_precise}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar
 }
@@ -241,7 +255,13 @@ fn write_images(resp: &v1::GenerateResponse, output: &Path) -> anyhow::Result<()
             output.with_file_name(format!("{stem}-{i}.png"))
         };
         std::fs::write(&path, &img.png).with_context(|| format!("writing {}", path.display()))?;
-        println!("{} ({}x{}, seed {})", path.display(), img.width, img.height, img.seed);
+        println!(
+            "{} ({}x{}, seed {})",
+            path.display(),
+            img.width,
+            img.height,
+            img.seed
+        );
     }
     for w in &resp.warnings {
         eprintln!("warning: {w}");
@@ -267,13 +287,20 @@ impl StepObserver for BarObserver {
     }
 }
 
-async fn generate_remote(server: &Address, req: v1::GenerateRequest) -> anyhow::Result<v1::GenerateResponse> {
+async fn generate_remote(
+    server: &Address,
+    req: v1::GenerateRequest,
+) -> anyhow::Result<v1::GenerateResponse> {
     let channel = transport::channel(server)?;
     let mut client = v1::orchestrator_client::OrchestratorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let bar = progress_bar();
-    let mut stream = client.generate_stream(req).await.map_err(status_error)?.into_inner();
+    let mut stream = client
+        .generate_stream(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
     while let Some(event) = stream.next().await {
         match event.map_err(status_error)?.event {
             Some(v1::generate_event::Event::Progress(p)) => {
@@ -290,6 +317,56 @@ async fn generate_remote(server: &Address, req: v1::GenerateRequest) -> anyhow::
     bail!("the server closed the stream without a result")
 }
 
+/// How long the embedded store's component loads take.
+struct LoadMetrics(Histogram);
+
+impl StoreObserver for LoadMetrics {
+    fn loaded(&self, _class_name: &str, _bytes: u64, took: Duration, ok: bool) {
+        if ok {
+            self.0.observe(took);
+        }
+    }
+}
+
+/// The embedded store's metrics, appended to the orchestrator's on every scrape.
+fn store_metrics(store: &Store, loads: &LoadMetrics, out: &mut String) {
+    use std::fmt::Write as _;
+    let s = store.stats();
+    out.push_str("# HELP autopipe_store_load_seconds Component load duration.\n# TYPE autopipe_store_load_seconds histogram\n");
+    loads.0.render(out, "autopipe_store_load_seconds", "");
+    let _ = write!(
+        out,
+        "# HELP autopipe_store_resident_bytes Bytes of resident component weights.\n\
+         # TYPE autopipe_store_resident_bytes gauge\n\
+         autopipe_store_resident_bytes {}\n\
+         # HELP autopipe_store_active_leases Leases not yet released or expired.\n\
+         # TYPE autopipe_store_active_leases gauge\n\
+         autopipe_store_active_leases {}\n\
+         # HELP autopipe_store_resident_components Resident components.\n\
+         # TYPE autopipe_store_resident_components gauge\n\
+         autopipe_store_resident_components {}\n\
+         # HELP autopipe_store_evictions_total Components evicted to make room.\n\
+         # TYPE autopipe_store_evictions_total counter\n\
+         autopipe_store_evictions_total {}\n\
+         # HELP autopipe_store_loads_total Component loads completed.\n\
+         # TYPE autopipe_store_loads_total counter\n\
+         autopipe_store_loads_total {}\n\
+         # HELP autopipe_store_expired_leases_total Leases that expired without a release.\n\
+         # TYPE autopipe_store_expired_leases_total counter\n\
+         autopipe_store_expired_leases_total {}\n\
+         # HELP autopipe_store_memory_budget_bytes Resident-bytes budget (0 = unlimited).\n\
+         # TYPE autopipe_store_memory_budget_bytes gauge\n\
+         autopipe_store_memory_budget_bytes {}\n",
+        s.resident_bytes,
+        s.active_leases,
+        s.components.len(),
+        s.evictions,
+        s.loads,
+        s.expired_leases,
+        s.memory_budget.unwrap_or(0)
+    );
+}
+
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
@@ -297,23 +374,35 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 fn init_tracing() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve(a) => {
-            let store = Arc::new(Store::new(a.store.config()?));
-            let orchestrator = Arc::new(Orchestrator::new(store, OrchestratorConfig::default()));
+            let loads = Arc::new(LoadMetrics(Histogram::new(LATENCY_BUCKETS)));
+            let store = Arc::new(Store::new(a.store.config()?).with_observer(loads.clone()));
+            let orchestrator = Arc::new(Orchestrator::new(
+                store.clone(),
+                OrchestratorConfig::default(),
+            ));
+            orchestrator
+                .metrics()
+                .add_collector(move |out| store_metrics(&store, &loads, out));
             let options = ServeOptions {
                 listen: a.listen,
                 max_concurrency: a.max_concurrency,
                 max_queue: a.max_queue,
                 drain_timeout: Duration::from_secs(a.drain_timeout),
+                metrics_listen: a.metrics_listen,
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.spawn(async move {
@@ -321,7 +410,15 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("autopipe serving on {addr} (embedded store)");
                 }
             });
-            runtime.block_on(serve(orchestrator, options, transport::shutdown_signal(), Some(tx)))
+            let result = runtime.block_on(serve(
+                orchestrator,
+                options,
+                transport::shutdown_signal(),
+                Some(tx),
+            ));
+            // Pipelines still running after the drain stop at their next step; don't wait longer.
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            result
         }
         Command::Generate(a) => {
             let req = request(&a)?;
@@ -331,7 +428,9 @@ fn main() -> anyhow::Result<()> {
                 let store = Arc::new(Store::new(a.store.config()?));
                 let orchestrator = Orchestrator::new(store, OrchestratorConfig::default());
                 let bar = progress_bar();
-                let resp = orchestrator.generate(&req, "cli", &BarObserver(bar.clone())).map_err(status_error)?;
+                let resp = orchestrator
+                    .generate(&req, "cli", &BarObserver(bar.clone()))
+                    .map_err(status_error)?;
                 bar.finish_and_clear();
                 resp
             } else {
@@ -348,31 +447,48 @@ fn main() -> anyhow::Result<()> {
             };
             let resp = match &a.server {
                 Some(server) => runtime.block_on(async {
-                    let mut c = v1::orchestrator_client::OrchestratorClient::new(transport::channel(server)?);
+                    let mut c = v1::orchestrator_client::OrchestratorClient::new(
+                        transport::channel(server)?,
+                    );
                     Ok::<_, anyhow::Error>(c.resolve(req).await.map_err(status_error)?.into_inner())
                 })?,
                 None => {
                     let store = Arc::new(Store::new(StoreConfig::default()));
-                    Orchestrator::new(store, OrchestratorConfig::default()).resolve(&req).map_err(status_error)?
+                    Orchestrator::new(store, OrchestratorConfig::default())
+                        .resolve(&req)
+                        .map_err(status_error)?
                 }
             };
             println!("{}", resp.pipeline);
             println!("  model class: {}", resp.model_class);
             println!("  implemented: {}", resp.implemented);
             for c in &resp.components {
-                println!("  {:<22} {}{}", c.name, c.class_name, if c.optional { " (optional)" } else { "" });
+                println!(
+                    "  {:<22} {}{}",
+                    c.name,
+                    c.class_name,
+                    if c.optional { " (optional)" } else { "" }
+                );
             }
             Ok(())
         }
         Command::Stats(a) => runtime.block_on(async {
             let mut c = v1::store_client::StoreClient::new(transport::channel(&a.store)?);
-            let s = c.stats(v1::StatsRequest {}).await.map_err(status_error)?.into_inner();
+            let s = c
+                .stats(v1::StatsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
             println!(
                 "resident {} bytes, {} active leases, {} evictions, budget {}",
                 s.resident_bytes,
                 s.active_leases,
                 s.evictions,
-                if s.memory_budget_bytes == 0 { "unlimited".to_string() } else { s.memory_budget_bytes.to_string() }
+                if s.memory_budget_bytes == 0 {
+                    "unlimited".to_string()
+                } else {
+                    s.memory_budget_bytes.to_string()
+                }
             );
             for comp in s.components {
                 println!(

@@ -3,11 +3,13 @@
 //! control flow. It holds no weights; with [`RemoteStore`] the store is another process, with
 //! [`autopipe_store::Store`] it is in-process (embedded mode), and the pipelines are the same.
 
+pub mod metrics;
 mod orchestrator;
 mod remote_store;
 mod service;
 mod validate;
 
+pub use metrics::Metrics;
 pub use orchestrator::{Orchestrator, OrchestratorConfig};
 pub use remote_store::RemoteStore;
 pub use service::{serve, OrchestratorService, ServeOptions};

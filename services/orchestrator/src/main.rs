@@ -15,7 +15,11 @@ struct Args {
     #[arg(long, env = "AUTOPIPE_LISTEN", default_value = "0.0.0.0:50051")]
     listen: Address,
     /// The store to lease components from: host:port, http://host:port or unix:///path.sock.
-    #[arg(long, env = "AUTOPIPE_STORE", default_value = "unix:///tmp/autopipe/store.sock")]
+    #[arg(
+        long,
+        env = "AUTOPIPE_STORE",
+        default_value = "unix:///tmp/autopipe/store.sock"
+    )]
     store: Address,
     /// Weight dtype when a request names none (float32, float16, bfloat16); default: the store's.
     #[arg(long, env = "AUTOPIPE_DTYPE")]
@@ -29,25 +33,49 @@ struct Args {
     /// Seconds in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "AUTOPIPE_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
+    /// Serve Prometheus metrics on this host:port (GET /metrics); off when unset.
+    #[arg(long, env = "AUTOPIPE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     let default_kind = autopipe_orchestrator::parse_dtype(args.dtype.as_deref().unwrap_or(""))
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     // Channels spawn their connection workers on the runtime they are created in.
     let _entered = runtime.enter();
-    let store = RemoteStore::new(&args.store, runtime.handle().clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let orchestrator = Arc::new(Orchestrator::new(Arc::new(store), OrchestratorConfig { default_kind, ..Default::default() }));
+    let store = RemoteStore::new(&args.store, runtime.handle().clone())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let orchestrator = Arc::new(Orchestrator::new(
+        Arc::new(store),
+        OrchestratorConfig {
+            default_kind,
+            ..Default::default()
+        },
+    ));
     let options = ServeOptions {
         listen: args.listen,
         max_concurrency: args.max_concurrency,
         max_queue: args.max_queue,
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        metrics_listen: args.metrics_listen,
     };
-    runtime.block_on(serve(orchestrator, options, autopipe_orchestrator::shutdown_signal(), None)).context("orchestrator")
+    let result = runtime.block_on(serve(
+        orchestrator,
+        options,
+        autopipe_orchestrator::shutdown_signal(),
+        None,
+    ));
+    // Pipelines still running after the drain stop at their next step; don't wait longer than that.
+    drop(_entered);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result.context("orchestrator")
 }

@@ -20,12 +20,20 @@ pub struct RemoteStore {
 impl RemoteStore {
     /// A client for the store at `address` (connects lazily), driven by `runtime`.
     pub fn new(address: &Address, runtime: tokio::runtime::Handle) -> Result<Self, StoreError> {
-        let channel = transport::channel(address)
-            .map_err(|e| StoreError::new(Code::InvalidArgument, format!("store address {address}: {e}")))?;
+        let channel = transport::channel(address).map_err(|e| {
+            StoreError::new(
+                Code::InvalidArgument,
+                format!("store address {address}: {e}"),
+            )
+        })?;
         let client = StoreClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { client, runtime, address: address.clone() })
+        Ok(Self {
+            client,
+            runtime,
+            address: address.clone(),
+        })
     }
 
     /// The store's address.
@@ -79,21 +87,30 @@ impl ComponentStore for RemoteStore {
             handles: resp
                 .handles
                 .into_iter()
-                .map(|h| Handle { name: h.name, id: h.id, class_name: h.class_name })
+                .map(|h| Handle {
+                    name: h.name,
+                    id: h.id,
+                    class_name: h.class_name,
+                })
                 .collect(),
             ttl: Duration::from_millis(resp.ttl_ms),
         })
     }
 
     fn renew(&self, lease_id: &str) -> Result<Duration, StoreError> {
-        let req = v1::RenewRequest { lease_id: lease_id.to_string() };
+        let req = v1::RenewRequest {
+            lease_id: lease_id.to_string(),
+        };
         let resp = self.call(|mut c| async move { c.renew(req).await })?;
         Ok(Duration::from_millis(resp.ttl_ms))
     }
 
     fn release(&self, lease_id: &str) -> Result<(), StoreError> {
-        let req = v1::ReleaseRequest { lease_id: lease_id.to_string() };
-        self.call(|mut c| async move { c.release(req).await }).map(|_| ())
+        let req = v1::ReleaseRequest {
+            lease_id: lease_id.to_string(),
+        };
+        self.call(|mut c| async move { c.release(req).await })
+            .map(|_| ())
     }
 
     fn invoke(
@@ -109,9 +126,9 @@ impl ComponentStore for RemoteStore {
             .map(|(name, t)| {
                 Ok(v1::NamedTensor {
                     name: name.clone(),
-                    tensor: Some(
-                        tensor_to_wire(t).map_err(|e| StoreError::new(Code::InvalidArgument, format!("{name}: {e}")))?,
-                    ),
+                    tensor: Some(tensor_to_wire(t).map_err(|e| {
+                        StoreError::new(Code::InvalidArgument, format!("{name}: {e}"))
+                    })?),
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -126,9 +143,12 @@ impl ComponentStore for RemoteStore {
         resp.outputs
             .into_iter()
             .map(|nt| {
-                let wire = nt.tensor.ok_or_else(|| StoreError::new(Code::Internal, format!("output {} has no tensor", nt.name)))?;
-                let t = tensor_from_wire(&wire, Device::Cpu)
-                    .map_err(|e| StoreError::new(Code::Internal, format!("output {}: {e}", nt.name)))?;
+                let wire = nt.tensor.ok_or_else(|| {
+                    StoreError::new(Code::Internal, format!("output {} has no tensor", nt.name))
+                })?;
+                let t = tensor_from_wire(&wire, Device::Cpu).map_err(|e| {
+                    StoreError::new(Code::Internal, format!("output {}: {e}", nt.name))
+                })?;
                 Ok((nt.name, t))
             })
             .collect()

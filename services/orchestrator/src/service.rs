@@ -1,17 +1,19 @@
 //! The `autopipe.v1.Orchestrator` gRPC service: admission control, deadlines and cancellation
 //! (checked before every denoising step), progress streaming, health, reflection and drain.
 
+use crate::metrics::{spawn_metrics_server, Metrics};
 use crate::Orchestrator;
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
 use autopipe_proto::transport::{self, Address, Incoming, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Server settings shared by `autopipe-orchestrator` and `autopipe serve`.
 #[derive(Debug, Clone)]
@@ -21,15 +23,40 @@ pub struct ServeOptions {
     pub max_concurrency: usize,
     /// Requests waiting for a slot before new ones are refused with RESOURCE_EXHAUSTED.
     pub max_queue: usize,
-    /// How long in-flight requests may run after SIGTERM before the server stops anyway.
+    /// How long in-flight requests may run after SIGTERM before they are stopped (UNAVAILABLE).
     pub drain_timeout: Duration,
+    /// Where to serve Prometheus metrics (`host:port`, `GET /metrics`); `None` = nowhere.
+    pub metrics_listen: Option<String>,
 }
 
 /// Bounded concurrency plus a bounded queue (TGI-style admission).
 struct Admission {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
+    concurrency: usize,
     waiting: AtomicUsize,
     max_queue: usize,
+    /// Moving average of how long a request holds a slot, in ms (0 = none seen yet): the retry hint.
+    mean_ms: AtomicU64,
+}
+
+impl Admission {
+    /// How long a refused client should wait: about one slot's turnover per request ahead of it.
+    fn retry_after_ms(&self) -> u64 {
+        match self.mean_ms.load(Ordering::Relaxed) {
+            0 => 1000,
+            mean => {
+                let ahead = self.waiting.load(Ordering::Relaxed) as u64 + 1;
+                (mean * ahead / self.concurrency.max(1) as u64).clamp(100, 60_000)
+            }
+        }
+    }
+
+    fn record(&self, held: Duration) {
+        let ms = (held.as_millis() as u64).max(1);
+        let old = self.mean_ms.load(Ordering::Relaxed);
+        let new = if old == 0 { ms } else { (old * 7 + ms) / 8 };
+        self.mean_ms.store(new.max(1), Ordering::Relaxed);
+    }
 }
 
 /// The gRPC face of an [`Orchestrator`].
@@ -37,10 +64,16 @@ struct Admission {
 pub struct OrchestratorService {
     inner: Arc<Orchestrator>,
     admission: Arc<Admission>,
+    /// Set on SIGTERM: refuse new work, finish what was admitted.
     draining: Arc<AtomicBool>,
+    /// Set when the drain timeout passes: running pipelines stop at their next step.
+    stopping: Arc<AtomicBool>,
+    /// Requests admitted or queued and not finished (their blocking work included).
+    active: Arc<AtomicUsize>,
 }
 
-/// Sets a flag when dropped: a unary call whose client went away drops its handler future.
+/// Sets a flag when dropped: a call whose client went away (or whose deadline passed) drops the
+/// future awaiting the pipeline, and the pipeline sees the flag before its next step.
 struct CancelOnDrop(Arc<AtomicBool>);
 
 impl Drop for CancelOnDrop {
@@ -49,15 +82,86 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Counts a request in `active` (and optionally the in-flight gauge) until dropped.
+struct Counted {
+    active: Option<Arc<AtomicUsize>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(a) = &self.active {
+            a.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(m) = &self.metrics {
+            m.in_flight_add(-1);
+        }
+    }
+}
+
+/// A place in the admission queue, given back when dropped (also when the client gives up waiting).
+struct QueueSlot<'a> {
+    admission: &'a Admission,
+    metrics: &'a Metrics,
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.admission.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queue_add(-1);
+    }
+}
+
+/// Counts a request in the metrics when it ends, as CANCELLED if its caller went away first.
+struct Outcome {
+    metrics: Arc<Metrics>,
+    task: &'static str,
+    model: String,
+    started: Instant,
+    done: bool,
+}
+
+impl Outcome {
+    fn done(&mut self, code: tonic::Code) {
+        self.done = true;
+        self.metrics
+            .request_done(self.task, &self.model, code, self.started.elapsed());
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.request_done(
+                self.task,
+                &self.model,
+                tonic::Code::Cancelled,
+                self.started.elapsed(),
+            );
+        }
+    }
+}
+
 struct RequestObserver {
     cancelled: Arc<AtomicBool>,
-    draining: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
     deadline: Option<Instant>,
     events: Option<mpsc::Sender<Result<v1::GenerateEvent, Status>>>,
+    metrics: Arc<Metrics>,
+    /// When the current step began: `should_stop` is called right before every step.
+    step_started: Mutex<Option<Instant>>,
 }
 
 impl StepObserver for RequestObserver {
     fn on_step(&self, p: Progress) {
+        if let Some(t) = self
+            .step_started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            self.metrics.step(t.elapsed());
+        }
         if let Some(tx) = &self.events {
             let event = v1::GenerateEvent {
                 event: Some(v1::generate_event::Event::Progress(v1::Progress {
@@ -72,13 +176,18 @@ impl StepObserver for RequestObserver {
     }
 
     fn should_stop(&self) -> Option<PipelineError> {
-        if self.cancelled.load(Ordering::SeqCst) || self.events.as_ref().is_some_and(|tx| tx.is_closed()) {
+        *self.step_started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        if self.cancelled.load(Ordering::SeqCst)
+            || self.events.as_ref().is_some_and(|tx| tx.is_closed())
+        {
             return Some(PipelineError::Cancelled);
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Some(PipelineError::DeadlineExceeded);
         }
-        let _ = &self.draining;
+        if self.stopping.load(Ordering::SeqCst) {
+            return Some(PipelineError::Unavailable);
+        }
         None
     }
 }
@@ -89,8 +198,8 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
@@ -99,26 +208,47 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// The caller's `x-request-id` (printable ASCII, ≤ 128 bytes) or a new UUID.
 fn request_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// The task field as a metrics label.
+fn task_label(task: i32) -> &'static str {
+    match v1::Task::try_from(task) {
+        Ok(v1::Task::Text2img) => "text2img",
+        Ok(v1::Task::Img2img) => "img2img",
+        Ok(v1::Task::Inpaint) => "inpaint",
+        Ok(v1::Task::Unspecified) => "unspecified",
+        Err(_) => "invalid",
+    }
+}
+
+/// tonic's own `grpc-timeout` timer answers CANCELLED when a unary deadline passes; answering a
+/// moment earlier lets the client see DEADLINE_EXCEEDED, as gRPC specifies.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
 impl OrchestratorService {
     /// A service over `inner` with the given admission limits.
     pub fn new(inner: Arc<Orchestrator>, max_concurrency: usize, max_queue: usize) -> Self {
+        let concurrency = max_concurrency.max(1);
         Self {
             inner,
             admission: Arc::new(Admission {
-                slots: Semaphore::new(max_concurrency.max(1)),
+                slots: Arc::new(Semaphore::new(concurrency)),
+                concurrency,
                 waiting: AtomicUsize::new(0),
                 max_queue,
+                mean_ms: AtomicU64::new(0),
             }),
             draining: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
+            active: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -127,22 +257,67 @@ impl OrchestratorService {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("server is draining; retry on another replica"));
+    /// Requests admitted or queued and not yet finished.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new work, waits up to `timeout` for admitted requests to finish, then stops the
+    /// rest at their next denoising step (they answer UNAVAILABLE and release their leases).
+    pub async fn drain(&self, timeout: Duration) {
+        self.start_draining();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if let Ok(permit) = self.admission.slots.try_acquire() {
+        if self.active() > 0 {
+            tracing::warn!(
+                active = self.active(),
+                "drain timeout passed; stopping in-flight requests"
+            );
+            self.stopping.store(true, Ordering::SeqCst);
+            // One step (or a decode) may still be running; give it a moment to notice.
+            let grace = tokio::time::Instant::now() + Duration::from_secs(5);
+            while self.active() > 0 && tokio::time::Instant::now() < grace {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "server is draining (shutting down); retry on another replica",
+            ));
+        }
+        if let Ok(permit) = self.admission.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
         if self.admission.waiting.fetch_add(1, Ordering::SeqCst) >= self.admission.max_queue {
             self.admission.waiting.fetch_sub(1, Ordering::SeqCst);
-            let mut s = Status::resource_exhausted("queue full: too many requests in flight; retry later");
-            s.metadata_mut().insert("retry-after-ms", tonic::metadata::MetadataValue::from_static("1000"));
+            let retry = self.admission.retry_after_ms();
+            let mut s = Status::resource_exhausted(format!(
+                "queue full: {} generating and {} waiting; retry after {retry} ms",
+                self.admission.concurrency, self.admission.max_queue
+            ));
+            s.metadata_mut().insert(
+                "retry-after-ms",
+                tonic::metadata::MetadataValue::from(retry),
+            );
             return Err(s);
         }
-        let permit = self.admission.slots.acquire().await;
-        self.admission.waiting.fetch_sub(1, Ordering::SeqCst);
-        permit.map_err(|_| Status::unavailable("server is shutting down"))
+        let metrics = self.inner.metrics();
+        metrics.queue_add(1);
+        let _slot = QueueSlot {
+            admission: &self.admission,
+            metrics,
+        };
+        self.admission
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("server is shutting down"))
     }
 
     async fn run(
@@ -151,25 +326,98 @@ impl OrchestratorService {
         events: Option<mpsc::Sender<Result<v1::GenerateEvent, Status>>>,
         cancelled: Arc<AtomicBool>,
     ) -> Result<v1::GenerateResponse, Status> {
-        let deadline = grpc_timeout(&req).map(|d| Instant::now() + d);
+        let started = Instant::now();
+        let deadline = grpc_timeout(&req).and_then(|d| started.checked_add(d));
         let id = request_id(&req);
-        let _permit = self.admit().await?;
-        let observer = RequestObserver { cancelled, draining: self.draining.clone(), deadline, events };
-        let inner = self.inner.clone();
-        let body = req.into_inner();
-        let span = tracing::info_span!("generate", request_id = %id, model = %body.model, task = body.task);
-        tokio::task::spawn_blocking(move || {
-            let _e = span.enter();
-            let started = Instant::now();
-            let result = inner.generate(&body, &id, &observer);
-            match &result {
-                Ok(r) => tracing::info!(ms = started.elapsed().as_millis() as u64, pipeline = %r.pipeline, "ok"),
-                Err(s) => tracing::info!(code = ?s.code(), message = %s.message(), "failed"),
+        let task = task_label(req.get_ref().task);
+        let model = req.get_ref().model.trim().to_string();
+        let span = tracing::info_span!("generate", request_id = %id, model = %model, task);
+        let mut outcome = Outcome {
+            metrics: self.inner.metrics().clone(),
+            task,
+            model,
+            started,
+            done: false,
+        };
+        let work = self
+            .run_admitted(req, id.clone(), deadline, events, cancelled)
+            .instrument(span.clone());
+        let result = match deadline {
+            Some(d) => {
+                let at = d.checked_sub(DEADLINE_MARGIN).unwrap_or(d);
+                match tokio::time::timeout_at(tokio::time::Instant::from_std(at), work).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Status::deadline_exceeded(
+                        "deadline exceeded (grpc-timeout)",
+                    )),
+                }
             }
+            None => work.await,
+        };
+        outcome.done(
             result
+                .as_ref()
+                .map(|_| tonic::Code::Ok)
+                .unwrap_or_else(|s| s.code()),
+        );
+        span.in_scope(|| match &result {
+            Ok(r) => tracing::info!(ms = started.elapsed().as_millis() as u64, pipeline = %r.pipeline, "ok"),
+            Err(s) => tracing::info!(code = ?s.code(), message = %s.message(), "failed"),
+        });
+        result.map_err(|mut s| {
+            if let Ok(v) = tonic::metadata::MetadataValue::try_from(id.as_str()) {
+                s.metadata_mut().insert("x-request-id", v);
+            }
+            s
         })
-        .await
-        .map_err(|e| Status::internal(format!("generation task failed: {e}")))?
+    }
+
+    async fn run_admitted(
+        &self,
+        req: Request<v1::GenerateRequest>,
+        id: String,
+        deadline: Option<Instant>,
+        events: Option<mpsc::Sender<Result<v1::GenerateEvent, Status>>>,
+        cancelled: Arc<AtomicBool>,
+    ) -> Result<v1::GenerateResponse, Status> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let active = Counted {
+            active: Some(self.active.clone()),
+            metrics: None,
+        };
+        let permit = self.admit().await?;
+        let metrics = self.inner.metrics().clone();
+        metrics.in_flight_add(1);
+        let in_flight = Counted {
+            active: None,
+            metrics: Some(metrics.clone()),
+        };
+        let observer = RequestObserver {
+            cancelled: cancelled.clone(),
+            stopping: self.stopping.clone(),
+            deadline,
+            events,
+            metrics,
+            step_started: Mutex::new(None),
+        };
+        let inner = self.inner.clone();
+        let admission = self.admission.clone();
+        let body = req.into_inner();
+        let span = tracing::Span::current();
+        let handle = tokio::task::spawn_blocking(move || {
+            // The slot and the counts are held until the pipeline really ends, even when the
+            // caller stopped waiting for it.
+            let (_permit, _active, _in_flight) = (permit, active, in_flight);
+            let _e = span.enter();
+            let held = Instant::now();
+            let result = inner.generate(&body, &id, &observer);
+            admission.record(held.elapsed());
+            result
+        });
+        let _cancel_if_dropped = CancelOnDrop(cancelled);
+        handle
+            .await
+            .map_err(|e| Status::internal(format!("generation task failed: {e}")))?
     }
 }
 
@@ -177,7 +425,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> 
 
 #[tonic::async_trait]
 impl v1::orchestrator_server::Orchestrator for OrchestratorService {
-    async fn generate(&self, req: Request<v1::GenerateRequest>) -> Result<Response<v1::GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        req: Request<v1::GenerateRequest>,
+    ) -> Result<Response<v1::GenerateResponse>, Status> {
         let cancelled = Arc::new(AtomicBool::new(false));
         let _cancel = CancelOnDrop(cancelled.clone());
         self.run(req, None, cancelled).await.map(Response::new)
@@ -193,14 +444,25 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         let this = self.clone();
         tokio::spawn(async move {
             let cancelled = Arc::new(AtomicBool::new(false));
-            let result = this.run(req, Some(tx.clone()), cancelled).await;
-            let event = result.map(|r| v1::GenerateEvent { event: Some(v1::generate_event::Event::Result(r)) });
+            // A client that goes away also stops a request still waiting in the queue.
+            let result = tokio::select! {
+                r = this.run(req, Some(tx.clone()), cancelled) => r,
+                _ = tx.closed() => return,
+            };
+            let event = result.map(|r| v1::GenerateEvent {
+                event: Some(v1::generate_event::Event::Result(r)),
+            });
             let _ = tx.send(event).await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn resolve(&self, req: Request<v1::ResolveRequest>) -> Result<Response<v1::ResolveResponse>, Status> {
+    async fn resolve(
+        &self,
+        req: Request<v1::ResolveRequest>,
+    ) -> Result<Response<v1::ResolveResponse>, Status> {
         let inner = self.inner.clone();
         let body = req.into_inner();
         tokio::task::spawn_blocking(move || inner.resolve(&body))
@@ -210,19 +472,30 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
     }
 }
 
-/// Serves the orchestrator (plus grpc.health.v1 and reflection) until `shutdown` resolves, then
-/// drains: health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight ones get
-/// `drain_timeout` to finish. `bound` receives the address actually listened on.
+/// Serves the orchestrator (plus grpc.health.v1, reflection and, with `metrics_listen`, Prometheus
+/// metrics) until `shutdown` resolves, then drains: health goes NOT_SERVING and new requests get
+/// UNAVAILABLE while the listener stays open, admitted requests get `drain_timeout` to finish
+/// (then stop at their next step), and the server stops. `bound` receives the address listened on.
 pub async fn serve(
     orchestrator: Arc<Orchestrator>,
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     bound: Option<tokio::sync::oneshot::Sender<Address>>,
 ) -> anyhow::Result<()> {
-    let service = OrchestratorService::new(orchestrator, options.max_concurrency, options.max_queue);
+    if let Some(listen) = &options.metrics_listen {
+        spawn_metrics_server(orchestrator.metrics().clone(), listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {listen}: {e}"))?;
+    }
+    let service =
+        OrchestratorService::new(orchestrator, options.max_concurrency, options.max_queue);
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<OrchestratorServer<OrchestratorService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_serving::<OrchestratorServer<OrchestratorService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(autopipe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -242,11 +515,27 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
-    let on_drain = async move {
+    // Drain while still accepting connections, so probes see NOT_SERVING and late clients get a
+    // clear UNAVAILABLE instead of a refused connection; only then stop the server.
+    let drain_timeout = options.drain_timeout;
+    let drained = async move {
+        shutdown.await;
+        tracing::info!(
+            timeout_s = drain_timeout.as_secs_f64(),
+            active = drain_service.active(),
+            "draining"
+        );
         drain_service.start_draining();
-        health.set_not_serving::<OrchestratorServer<OrchestratorService>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health
+            .set_not_serving::<OrchestratorServer<OrchestratorService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        drain_service.drain(drain_timeout).await;
     };
-    transport::serve_with_drain(router, incoming, shutdown, on_drain, options.drain_timeout).await?;
+    // What is left after the drain is sending the last responses.
+    transport::serve_with_drain(router, incoming, drained, async {}, Duration::from_secs(5))
+        .await?;
     Ok(())
 }

@@ -13,6 +13,10 @@ pub const MAX_STEPS: u32 = 1000;
 pub const MAX_IMAGES: u32 = 16;
 /// Longest prompt accepted, in bytes (longer ones are truncated to 77 tokens anyway).
 pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
+/// Most output pixels one request may ask for (width × height × num_images_per_prompt).
+pub const MAX_OUTPUT_PIXELS: u64 = 4096 * 4096;
+/// Longest model reference or revision accepted, in bytes.
+pub const MAX_REFERENCE_BYTES: usize = 4096;
 
 /// A request that passed validation.
 #[derive(Debug)]
@@ -35,7 +39,10 @@ pub fn task(t: i32) -> Result<Task, Status> {
         Ok(v1::Task::Text2img) => Ok(Task::Text2Img),
         Ok(v1::Task::Img2img) => Ok(Task::Img2Img),
         Ok(v1::Task::Inpaint) => Ok(Task::Inpaint),
-        Ok(v1::Task::Unspecified) => Err(invalid("task", "is required (TASK_TEXT2IMG, TASK_IMG2IMG or TASK_INPAINT)")),
+        Ok(v1::Task::Unspecified) => Err(invalid(
+            "task",
+            "is required (TASK_TEXT2IMG, TASK_IMG2IMG or TASK_INPAINT)",
+        )),
         Err(_) => Err(invalid("task", format!("unknown task {t}"))),
     }
 }
@@ -49,19 +56,40 @@ fn side(v: u32, field: &str) -> Result<Option<u32>, Status> {
     match v {
         0 => Ok(None),
         v if v % 8 != 0 => Err(invalid(field, format!("must be a multiple of 8, got {v}"))),
-        v if v > MAX_SIDE => Err(invalid(field, format!("must be at most {MAX_SIDE}, got {v}"))),
+        v if v > MAX_SIDE => Err(invalid(
+            field,
+            format!("must be at most {MAX_SIDE}, got {v}"),
+        )),
         v => Ok(Some(v)),
     }
+}
+
+/// A model reference or revision: bounded, no control characters (a NUL would fail deep in the OS).
+fn reference(v: &str, field: &str) -> Result<(), Status> {
+    if v.len() > MAX_REFERENCE_BYTES {
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_REFERENCE_BYTES} bytes"),
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(invalid(field, "contains control characters"));
+    }
+    Ok(())
 }
 
 fn check_image(bytes: &[u8], field: &str) -> Result<(u32, u32), Status> {
     if bytes.is_empty() {
         return Err(invalid(field, "is required for this task"));
     }
-    let img = image::load_from_memory(bytes).map_err(|e| invalid(field, format!("cannot decode image: {e}")))?;
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| invalid(field, format!("cannot decode image: {e}")))?;
     let (w, h) = (img.width(), img.height());
     if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
-        return Err(invalid(field, format!("size {w}x{h} is outside 1..={MAX_SIDE}")));
+        return Err(invalid(
+            field,
+            format!("size {w}x{h} is outside 1..={MAX_SIDE}"),
+        ));
     }
     Ok((w, h))
 }
@@ -70,40 +98,86 @@ fn check_image(bytes: &[u8], field: &str) -> Result<(u32, u32), Status> {
 pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> {
     let task = task(req.task)?;
     if req.model.trim().is_empty() {
-        return Err(invalid("model", "is required (a local diffusers folder or a hub repo id)"));
+        return Err(invalid(
+            "model",
+            "is required (a local diffusers folder or a hub repo id)",
+        ));
+    }
+    reference(&req.model, "model")?;
+    reference(&req.revision, "revision")?;
+    if req.revision.split('/').any(|part| part == "..") {
+        return Err(invalid("revision", "must not contain \"..\""));
     }
     if req.prompt.len() > MAX_PROMPT_BYTES || req.negative_prompt.len() > MAX_PROMPT_BYTES {
-        let field = if req.prompt.len() > MAX_PROMPT_BYTES { "prompt" } else { "negative_prompt" };
-        return Err(invalid(field, format!("longer than {MAX_PROMPT_BYTES} bytes")));
+        let field = if req.prompt.len() > MAX_PROMPT_BYTES {
+            "prompt"
+        } else {
+            "negative_prompt"
+        };
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_PROMPT_BYTES} bytes"),
+        ));
     }
     let width = side(req.width, "width")?;
     let height = side(req.height, "height")?;
     let num_inference_steps = match req.num_inference_steps {
         Some(0) => return Err(invalid("num_inference_steps", "must be at least 1")),
-        Some(n) if n > MAX_STEPS => return Err(invalid("num_inference_steps", format!("must be at most {MAX_STEPS}, got {n}"))),
+        Some(n) if n > MAX_STEPS => {
+            return Err(invalid(
+                "num_inference_steps",
+                format!("must be at most {MAX_STEPS}, got {n}"),
+            ))
+        }
         n => n,
     };
     if let Some(g) = req.guidance_scale {
         if !g.is_finite() || g < 0.0 {
-            return Err(invalid("guidance_scale", format!("must be a finite number ≥ 0, got {g}")));
+            return Err(invalid(
+                "guidance_scale",
+                format!("must be a finite number ≥ 0, got {g}"),
+            ));
         }
     }
     if let Some(s) = req.strength {
         if !(0.0..=1.0).contains(&s) {
-            return Err(invalid("strength", format!("must be in [0.0, 1.0], got {s}")));
+            return Err(invalid(
+                "strength",
+                format!("must be in [0.0, 1.0], got {s}"),
+            ));
         }
     }
     let num_images_per_prompt = match req.num_images_per_prompt {
         Some(0) => return Err(invalid("num_images_per_prompt", "must be at least 1")),
         Some(n) if n > MAX_IMAGES => {
-            return Err(invalid("num_images_per_prompt", format!("must be at most {MAX_IMAGES}, got {n}")))
+            return Err(invalid(
+                "num_images_per_prompt",
+                format!("must be at most {MAX_IMAGES}, got {n}"),
+            ))
         }
         n => n,
     };
+    let pixels = width.unwrap_or(512) as u64
+        * height.unwrap_or(512) as u64
+        * num_images_per_prompt.unwrap_or(1) as u64;
+    if pixels > MAX_OUTPUT_PIXELS {
+        return Err(invalid(
+            "num_images_per_prompt",
+            format!("width × height × num_images_per_prompt = {pixels} pixels is more than {MAX_OUTPUT_PIXELS} per request"),
+        ));
+    }
     let scheduler = match req.scheduler.trim() {
         "" => None,
         s if autopipe_schedulers::SUPPORTED.contains(&s) => Some(s.to_string()),
-        s => return Err(invalid("scheduler", format!("unknown scheduler {s:?}; supported: {}", autopipe_schedulers::SUPPORTED.join(", ")))),
+        s => {
+            return Err(invalid(
+                "scheduler",
+                format!(
+                    "unknown scheduler {s:?}; supported: {}",
+                    autopipe_schedulers::SUPPORTED.join(", ")
+                ),
+            ))
+        }
     };
     let scheduler_options = match req.scheduler_options.trim() {
         "" => serde_json::Map::new(),
@@ -117,7 +191,14 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
     match task {
         Task::Text2Img => {
             if !req.image.is_empty() || !req.mask_image.is_empty() {
-                return Err(invalid(if req.image.is_empty() { "mask_image" } else { "image" }, "is not used by text2img"));
+                return Err(invalid(
+                    if req.image.is_empty() {
+                        "mask_image"
+                    } else {
+                        "image"
+                    },
+                    "is not used by text2img",
+                ));
             }
             if req.strength.is_some() {
                 return Err(invalid("strength", "is not used by text2img"));
@@ -135,14 +216,22 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
             if image != mask {
                 return Err(invalid(
                     "mask_image",
-                    format!("size {}x{} does not match image size {}x{}", mask.0, mask.1, image.0, image.1),
+                    format!(
+                        "size {}x{} does not match image size {}x{}",
+                        mask.0, mask.1, image.0, image.1
+                    ),
                 ));
             }
         }
     }
     let variant = match req.variant.trim() {
         "" => None,
-        v if v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => Some(v.to_string()),
+        v if v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+        {
+            Some(v.to_string())
+        }
         v => return Err(invalid("variant", format!("invalid variant {v:?}"))),
     };
     let seed = req.seed.unwrap_or_else(|| {
@@ -171,4 +260,180 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
             num_images_per_prompt,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(w, h, image::Rgb([120, 30, 200]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    fn good(task: v1::Task) -> v1::GenerateRequest {
+        let (image, mask_image) = match task {
+            v1::Task::Img2img => (png(64, 64), Vec::new()),
+            v1::Task::Inpaint => (png(64, 64), png(64, 64)),
+            _ => (Vec::new(), Vec::new()),
+        };
+        v1::GenerateRequest {
+            task: task as i32,
+            model: "/models/sd1".into(),
+            prompt: "a cat".into(),
+            width: 64,
+            height: 64,
+            num_inference_steps: Some(4),
+            image,
+            mask_image,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn good_requests_pass_for_every_task() {
+        for task in [v1::Task::Text2img, v1::Task::Img2img, v1::Task::Inpaint] {
+            let v = generate_request(&good(task)).unwrap_or_else(|e| panic!("{task:?}: {e:?}"));
+            assert_eq!(v.model, "/models/sd1");
+        }
+        // The full u64 range is a valid seed (torch maps a negative seed s to s + 2^64).
+        let mut r = good(v1::Task::Text2img);
+        r.seed = Some(u64::MAX);
+        assert_eq!(generate_request(&r).unwrap().params.seed, u64::MAX);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        type Edit = Box<dyn Fn(&mut v1::GenerateRequest)>;
+        let t2i = v1::Task::Text2img;
+        let i2i = v1::Task::Img2img;
+        let inp = v1::Task::Inpaint;
+        let cases: Vec<(v1::Task, &str, Edit)> = vec![
+            (t2i, "task", Box::new(|r| r.task = 0)),
+            (t2i, "task", Box::new(|r| r.task = 42)),
+            (t2i, "model", Box::new(|r| r.model = "  ".into())),
+            (t2i, "model", Box::new(|r| r.model = "/a\0b".into())),
+            (
+                t2i,
+                "model",
+                Box::new(|r| r.model = "x".repeat(MAX_REFERENCE_BYTES + 1)),
+            ),
+            (
+                t2i,
+                "revision",
+                Box::new(|r| r.revision = "../../etc".into()),
+            ),
+            (
+                t2i,
+                "prompt",
+                Box::new(|r| r.prompt = "a".repeat(MAX_PROMPT_BYTES + 1)),
+            ),
+            (
+                t2i,
+                "negative_prompt",
+                Box::new(|r| r.negative_prompt = "a".repeat(MAX_PROMPT_BYTES + 1)),
+            ),
+            (t2i, "width", Box::new(|r| r.width = 65)),
+            (t2i, "height", Box::new(|r| r.height = 100)),
+            (t2i, "width", Box::new(|r| r.width = MAX_SIDE + 8)),
+            (
+                t2i,
+                "num_inference_steps",
+                Box::new(|r| r.num_inference_steps = Some(0)),
+            ),
+            (
+                t2i,
+                "num_inference_steps",
+                Box::new(|r| r.num_inference_steps = Some(MAX_STEPS + 1)),
+            ),
+            (
+                t2i,
+                "guidance_scale",
+                Box::new(|r| r.guidance_scale = Some(-1.0)),
+            ),
+            (
+                t2i,
+                "guidance_scale",
+                Box::new(|r| r.guidance_scale = Some(f32::NAN)),
+            ),
+            (
+                t2i,
+                "guidance_scale",
+                Box::new(|r| r.guidance_scale = Some(f32::INFINITY)),
+            ),
+            (i2i, "strength", Box::new(|r| r.strength = Some(1.5))),
+            (i2i, "strength", Box::new(|r| r.strength = Some(-0.1))),
+            (i2i, "strength", Box::new(|r| r.strength = Some(f32::NAN))),
+            (t2i, "strength", Box::new(|r| r.strength = Some(0.5))),
+            (
+                t2i,
+                "num_images_per_prompt",
+                Box::new(|r| r.num_images_per_prompt = Some(0)),
+            ),
+            (
+                t2i,
+                "num_images_per_prompt",
+                Box::new(|r| r.num_images_per_prompt = Some(MAX_IMAGES + 1)),
+            ),
+            (
+                t2i,
+                "num_images_per_prompt",
+                Box::new(|r| {
+                    r.width = 4096;
+                    r.height = 4096;
+                    r.num_images_per_prompt = Some(2);
+                }),
+            ),
+            (
+                t2i,
+                "scheduler",
+                Box::new(|r| r.scheduler = "FancyScheduler".into()),
+            ),
+            (
+                t2i,
+                "scheduler_options",
+                Box::new(|r| r.scheduler_options = "{not json".into()),
+            ),
+            (
+                t2i,
+                "scheduler_options",
+                Box::new(|r| r.scheduler_options = "[1, 2]".into()),
+            ),
+            (t2i, "dtype", Box::new(|r| r.dtype = "int8".into())),
+            (t2i, "variant", Box::new(|r| r.variant = "../fp16".into())),
+            (t2i, "image", Box::new(|r| r.image = png(8, 8))),
+            (t2i, "mask_image", Box::new(|r| r.mask_image = png(8, 8))),
+            (i2i, "image", Box::new(|r| r.image.clear())),
+            (
+                i2i,
+                "image",
+                Box::new(|r| r.image = b"not an image".to_vec()),
+            ),
+            (i2i, "mask_image", Box::new(|r| r.mask_image = png(64, 64))),
+            (inp, "mask_image", Box::new(|r| r.mask_image.clear())),
+            (inp, "mask_image", Box::new(|r| r.mask_image = png(32, 64))),
+            (
+                inp,
+                "image",
+                Box::new(|r| r.image = png(64, 64)[..40].to_vec()),
+            ),
+        ];
+        for (i, (task, field, edit)) in cases.iter().enumerate() {
+            let mut r = good(*task);
+            edit(&mut r);
+            let err = generate_request(&r).expect_err(&format!("case {i} ({field}) should fail"));
+            assert_eq!(
+                err.code(),
+                tonic::Code::InvalidArgument,
+                "case {i}: {err:?}"
+            );
+            assert!(
+                err.message().starts_with(&format!("{field}: ")),
+                "case {i}: expected field {field}, got {:?}",
+                err.message()
+            );
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! `autopipe-store`: the component store daemon. Keeps weights resident on its device, leases them,
 //! and runs component forward passes for orchestrators (`autopipe.v1.Store`).
 
+mod metrics;
 mod service;
 
 use anyhow::Context;
@@ -15,7 +16,11 @@ use std::time::Duration;
 #[command(version)]
 struct Args {
     /// Address to serve autopipe.v1.Store on: host:port or unix:///path.sock.
-    #[arg(long, env = "AUTOPIPE_STORE_LISTEN", default_value = "unix:///tmp/autopipe/store.sock")]
+    #[arg(
+        long,
+        env = "AUTOPIPE_STORE_LISTEN",
+        default_value = "unix:///tmp/autopipe/store.sock"
+    )]
     listen: Address,
     /// Device for weights and compute: cpu, cuda, cuda:N.
     #[arg(long, env = "AUTOPIPE_DEVICE", default_value = "cpu")]
@@ -32,6 +37,9 @@ struct Args {
     /// Seconds in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "AUTOPIPE_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
+    /// Serve Prometheus metrics at http://<host:port>/metrics (e.g. 0.0.0.0:9091); off when unset.
+    #[arg(long, env = "AUTOPIPE_STORE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// libtorch intra-op threads (default: libtorch's choice, one per core).
     #[arg(long, env = "AUTOPIPE_THREADS")]
     threads: Option<i32>,
@@ -39,31 +47,51 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let device = autopipe_store::parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let device =
+        autopipe_store::parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     if let tch::Device::Cuda(i) = device {
-        anyhow::ensure!(tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(), "--device {}: no such CUDA device", args.device);
+        anyhow::ensure!(
+            tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(),
+            "--device {}: no such CUDA device",
+            args.device
+        );
     }
-    let default_kind = autopipe_store::parse_kind(&args.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let default_kind =
+        autopipe_store::parse_kind(&args.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let memory_budget = args
         .memory_budget
         .as_deref()
         .map(|s| autopipe_store::parse_budget(s, device))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
-    let store = Arc::new(Store::new(StoreConfig {
-        device,
-        default_kind,
-        memory_budget,
-        lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
-    }));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let store = Arc::new(
+        Store::new(StoreConfig {
+            device,
+            default_kind,
+            memory_budget,
+            lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
+        })
+        .with_observer(metrics.clone()),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime
-        .block_on(service::serve(store, args.listen, Duration::from_secs(args.drain_timeout)))
+        .block_on(service::serve(
+            store,
+            metrics,
+            args.listen,
+            args.metrics_listen,
+            Duration::from_secs(args.drain_timeout),
+        ))
         .context("store")
 }

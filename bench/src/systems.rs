@@ -1,0 +1,376 @@
+//! The three systems under test, each a set of child processes the driver starts, sends requests
+//! to, measures (peak RSS from `/proc/<pid>/status`) and stops:
+//! - `embedded`: `bench embedded-worker` (orchestrator + in-process store);
+//! - `split`: `autopipe-store` + `autopipe-orchestrator`, talking gRPC over loopback TCP;
+//! - `diffusers`: `bench/diffusers_bench.py` (AutoPipeline `from_pretrained` / `from_pipe`).
+
+use crate::spec::{reply_from_response, Reply, Spec};
+use anyhow::{bail, Context, Result};
+use autopipe_proto::transport::{self, Address};
+use autopipe_proto::v1;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which system a process set belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SystemKind {
+    Embedded,
+    /// embedded with `AUTOPIPE_CHANNELS_LAST=0` (NCHW convolutions): the A/B of that change.
+    EmbeddedNchw,
+    Split,
+    Diffusers,
+}
+
+impl SystemKind {
+    /// The name used in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::EmbeddedNchw => "embedded-nchw",
+            Self::Split => "split",
+            Self::Diffusers => "diffusers",
+        }
+    }
+}
+
+/// How to start the systems.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub bin_dir: PathBuf,
+    pub python: String,
+    pub script: PathBuf,
+    pub threads: i32,
+    pub dtype: String,
+    pub model: String,
+    pub variant: Option<String>,
+    pub log_dir: PathBuf,
+    /// Split mode over Unix sockets (as in one pod) instead of loopback TCP.
+    pub unix: bool,
+}
+
+fn log_file(launch: &Launch, name: &str) -> Result<std::fs::File> {
+    std::fs::create_dir_all(&launch.log_dir)?;
+    let path = launch.log_dir.join(format!("{name}.log"));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| path.display().to_string())
+}
+
+/// Peak resident set size (VmHWM) of a live process, in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A child speaking the JSON-lines protocol.
+struct LineWorker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    ready: Value,
+}
+
+impl LineWorker {
+    fn spawn(mut cmd: Command, log: std::fs::File) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("worker stdout")?);
+        let mut w = Self {
+            child,
+            stdin,
+            stdout,
+            ready: Value::Null,
+        };
+        w.ready = w.read_line()?;
+        Ok(w)
+    }
+
+    fn read_line(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let status = self.child.wait()?;
+            bail!("worker exited ({status}) without answering; see its log");
+        }
+        Ok(serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))?)
+    }
+
+    fn call(&mut self, spec: &Spec) -> Result<Reply> {
+        writeln!(self.stdin, "{}", serde_json::to_string(spec)?)?;
+        self.stdin.flush()?;
+        let reply: Reply = serde_json::from_value(self.read_line()?)?;
+        if !reply.ok {
+            bail!("{}", reply.error.unwrap_or_default());
+        }
+        Ok(reply)
+    }
+}
+
+impl Drop for LineWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A service process killed when dropped.
+struct Service {
+    child: Child,
+    address: Address,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn serving(address: &Address) -> bool {
+    let Ok(channel) = transport::channel(address) else {
+        return false;
+    };
+    let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
+    match c
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+    {
+        Ok(r) => {
+            r.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        }
+        Err(_) => false,
+    }
+}
+
+/// Store + orchestrator processes and clients to them.
+struct SplitProcs {
+    store: Service,
+    orchestrator: Service,
+    rt: tokio::runtime::Runtime,
+    client: v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
+    store_client: v1::store_client::StoreClient<tonic::transport::Channel>,
+}
+
+impl SplitProcs {
+    fn start(launch: &Launch) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (store_addr, orch_addr) = if launch.unix {
+            let n = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            (
+                Address::Unix(launch.log_dir.join(format!("store-{n}.sock"))),
+                Address::Unix(launch.log_dir.join(format!("orchestrator-{n}.sock"))),
+            )
+        } else {
+            (
+                Address::Tcp(format!("127.0.0.1:{}", free_port()?)),
+                Address::Tcp(format!("127.0.0.1:{}", free_port()?)),
+            )
+        };
+        std::fs::create_dir_all(&launch.log_dir)?;
+        let store_url = match &store_addr {
+            Address::Tcp(hp) => format!("http://{hp}"),
+            unix => unix.to_string(),
+        };
+        let threads = launch.threads.to_string();
+        let store = Command::new(launch.bin_dir.join("autopipe-store"))
+            .args(["--listen", &store_addr.to_string(), "--threads", &threads, "--dtype", &launch.dtype])
+            .args(["--lease-ttl", "600"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file(launch, "split-store")?))
+            .spawn()
+            .context("starting autopipe-store (build it: cargo build --release -p autopipe-store-daemon)")?;
+        let store = Service {
+            child: store,
+            address: store_addr.clone(),
+        };
+        // The orchestrator runs the scheduler and image processing: same intra-op threads.
+        let orchestrator = Command::new(launch.bin_dir.join("autopipe-orchestrator"))
+            .args(["--listen", &orch_addr.to_string(), "--store", &store_url])
+            .args(["--dtype", &launch.dtype])
+            .env("RUST_LOG", "warn")
+            .env("OMP_NUM_THREADS", &threads)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file(launch, "split-orchestrator")?))
+            .spawn()
+            .context("starting autopipe-orchestrator (build it: cargo build --release -p autopipe-orchestrator)")?;
+        let orchestrator = Service {
+            child: orchestrator,
+            address: orch_addr.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for s in [&store, &orchestrator] {
+            while !rt.block_on(serving(&s.address)) {
+                if Instant::now() > deadline {
+                    bail!("{} did not become healthy", s.address);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _entered = rt.enter();
+        let client =
+            v1::orchestrator_client::OrchestratorClient::new(transport::channel(&orch_addr)?)
+                .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(transport::MAX_MESSAGE_BYTES);
+        let store_client = v1::store_client::StoreClient::new(transport::channel(&store_addr)?);
+        drop(_entered);
+        Ok(Self {
+            store,
+            orchestrator,
+            rt,
+            client,
+            store_client,
+        })
+    }
+
+    fn call(&mut self, spec: &Spec) -> Result<Reply> {
+        let request = spec.to_request()?;
+        let t0 = Instant::now();
+        let resp = self
+            .rt
+            .block_on(self.client.generate(request))
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let png = resp
+            .images
+            .first()
+            .map(|i| i.png.as_slice())
+            .unwrap_or_default();
+        std::fs::write(&spec.out, png)?;
+        let mut reply = reply_from_response(&resp, wall_ms);
+        let stats = self
+            .rt
+            .block_on(self.store_client.stats(v1::StatsRequest {}))?
+            .into_inner();
+        reply.loads = Some(stats.components.iter().map(|c| c.load_count).sum());
+        reply.resident_bytes = Some(stats.resident_bytes);
+        Ok(reply)
+    }
+}
+
+enum Procs {
+    Line(LineWorker),
+    Split(Box<SplitProcs>),
+}
+
+/// A started system.
+pub struct System {
+    pub kind: SystemKind,
+    procs: Procs,
+    /// Wall time from spawning its processes to the first image.
+    pub started: Instant,
+}
+
+impl System {
+    /// Spawns the system's processes (the clock for cold start starts here).
+    pub fn start(kind: SystemKind, launch: &Launch) -> Result<Self> {
+        let started = Instant::now();
+        let threads = launch.threads.to_string();
+        let procs = match kind {
+            SystemKind::Embedded | SystemKind::EmbeddedNchw => {
+                let mut cmd = Command::new(std::env::current_exe()?);
+                cmd.args([
+                    "embedded-worker",
+                    "--dtype",
+                    &launch.dtype,
+                    "--threads",
+                    &threads,
+                ])
+                .env("RUST_LOG", "warn");
+                if kind == SystemKind::EmbeddedNchw {
+                    cmd.env("AUTOPIPE_CHANNELS_LAST", "0");
+                }
+                Procs::Line(LineWorker::spawn(cmd, log_file(launch, kind.name())?)?)
+            }
+            SystemKind::Diffusers => {
+                let mut cmd = Command::new(&launch.python);
+                cmd.arg(&launch.script).args([
+                    "--model",
+                    &launch.model,
+                    "--dtype",
+                    &launch.dtype,
+                    "--threads",
+                    &threads,
+                ]);
+                if let Some(v) = &launch.variant {
+                    cmd.args(["--variant", v]);
+                }
+                cmd.env("OMP_NUM_THREADS", &threads)
+                    .env("TQDM_DISABLE", "1")
+                    .env("HF_HUB_OFFLINE", "1");
+                Procs::Line(LineWorker::spawn(cmd, log_file(launch, "diffusers")?)?)
+            }
+            SystemKind::Split => Procs::Split(Box::new(SplitProcs::start(launch)?)),
+        };
+        Ok(Self {
+            kind,
+            procs,
+            started,
+        })
+    }
+
+    /// The worker's start-up line (diffusers: library versions).
+    pub fn ready_info(&self) -> Value {
+        match &self.procs {
+            Procs::Line(w) => w.ready.clone(),
+            Procs::Split(_) => Value::Null,
+        }
+    }
+
+    /// Runs one generation.
+    pub fn call(&mut self, spec: &Spec) -> Result<Reply> {
+        match &mut self.procs {
+            Procs::Line(w) => w.call(spec),
+            Procs::Split(s) => s.call(spec),
+        }
+        .with_context(|| format!("{} {}", self.kind.name(), spec.task))
+    }
+
+    /// Peak RSS of each process: (role, bytes).
+    pub fn peak_rss(&self) -> Vec<(String, Option<u64>)> {
+        match &self.procs {
+            Procs::Line(w) => vec![(self.kind.name().to_string(), peak_rss(w.child.id()))],
+            Procs::Split(s) => vec![
+                ("split-store".to_string(), peak_rss(s.store.child.id())),
+                (
+                    "split-orchestrator".to_string(),
+                    peak_rss(s.orchestrator.child.id()),
+                ),
+            ],
+        }
+    }
+}
+
+/// The repository root (bench/..).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}

@@ -1,0 +1,497 @@
+//! Engine tests on the tiny diffusers checkpoints in tests/fixtures: budget, LRU eviction, fail-fast
+//! admission, coalesced loads, content dedup, pins, lease expiry and input validation.
+
+use super::*;
+use std::path::Path;
+use std::sync::Barrier;
+use tch::Tensor;
+
+fn fixture(model: &str, name: &str) -> ComponentSpec {
+    let class_name = match name {
+        "vae" => "AutoencoderKL",
+        "unet" => "UNet2DConditionModel",
+        _ => "CLIPTextModel",
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/checkpoints")
+        .join(model)
+        .join(name);
+    ComponentSpec {
+        name: name.into(),
+        class_name: class_name.into(),
+        path: path.canonicalize().expect("fixture component"),
+        variant: (model == "sd2-tiny").then(|| "fp16".to_string()),
+    }
+}
+
+/// Bytes a component takes once loaded in float32.
+fn size(spec: &ComponentSpec) -> u64 {
+    let files =
+        autopipe_models::weights::weight_files(&spec.path, spec.variant.as_deref()).unwrap();
+    estimate_bytes(&files, Kind::Float).unwrap()
+}
+
+fn store(budget: Option<u64>) -> Store {
+    Store::new(StoreConfig {
+        memory_budget: budget,
+        ..Default::default()
+    })
+}
+
+fn acquire(store: &Store, specs: &[ComponentSpec]) -> Result<Lease, StoreError> {
+    store.acquire(&AcquireRequest {
+        components: specs.to_vec(),
+        kind: None,
+        request_id: "test".into(),
+    })
+}
+
+/// (first path, leases, pinned) of each resident component, by path.
+fn resident(store: &Store) -> Vec<(String, u32, bool)> {
+    let mut v: Vec<_> = store
+        .stats()
+        .components
+        .into_iter()
+        .map(|c| (c.paths[0].clone(), c.active_leases, c.pinned))
+        .collect();
+    v.sort();
+    v
+}
+
+fn path(spec: &ComponentSpec) -> String {
+    spec.path.display().to_string()
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
+/// Entries in the state map, resident or not: a failed load must leave no placeholder.
+fn entry_count(store: &Store) -> usize {
+    store.state().entries.len()
+}
+
+#[test]
+fn evicts_the_least_recently_used_unleased_component() {
+    let (a, b, c) = (
+        fixture("sd1-tiny", "vae"),
+        fixture("sd2-tiny", "vae"),
+        fixture("sd-inpaint-tiny", "unet"),
+    );
+    let (sa, sb, sc) = (size(&a), size(&b), size(&c));
+    // Room for any two, not all three.
+    let s = store(Some(sa + sb + sc - 1));
+    for spec in [&a, &b, &a] {
+        let lease = acquire(&s, std::slice::from_ref(spec)).unwrap();
+        s.release(&lease.id).unwrap();
+    }
+    assert_eq!(s.stats().resident_bytes, sa + sb);
+    // b was used less recently than a (a was acquired again), so b goes.
+    let lease = acquire(&s, std::slice::from_ref(&c)).unwrap();
+    let stats = s.stats();
+    assert_eq!(stats.evictions, 1);
+    assert_eq!(stats.resident_bytes, sa + sc);
+    assert_eq!(
+        resident(&s),
+        sorted(vec![(path(&a), 0, false), (path(&c), 1, false)])
+    );
+    // a was found resident the second time, never reloaded.
+    assert_eq!(stats.loads, 3);
+    assert!(stats.components.iter().all(|c| c.load_count == 1));
+    s.release(&lease.id).unwrap();
+}
+
+#[test]
+fn a_load_that_cannot_fit_beside_leased_components_fails_fast_and_leaves_nothing() {
+    let (a, b, c) = (
+        fixture("sd1-tiny", "vae"),
+        fixture("sd2-tiny", "vae"),
+        fixture("sd-inpaint-tiny", "unet"),
+    );
+    let (sa, sb, sc) = (size(&a), size(&b), size(&c));
+    let s = store(Some(sa + sc - 1));
+    let held = acquire(&s, std::slice::from_ref(&a)).unwrap();
+    let err = acquire(&s, std::slice::from_ref(&c)).unwrap_err();
+    assert_eq!(err.code, Code::ResourceExhausted, "{err}");
+    // Two components, the first of which would fit alone: refused before loading either.
+    let s2 = store(Some(sa + sb + sc - 1));
+    let held2 = acquire(&s2, std::slice::from_ref(&a)).unwrap();
+    let err = acquire(&s2, &[b.clone(), c.clone()]).unwrap_err();
+    assert_eq!(err.code, Code::ResourceExhausted, "{err}");
+    for (store, lease) in [(&s, &held), (&s2, &held2)] {
+        let stats = store.stats();
+        assert_eq!(
+            (stats.loads, stats.evictions, stats.active_leases),
+            (1, 0, 1)
+        );
+        assert_eq!(resident(store), vec![(path(&a), 1, false)]);
+        assert_eq!(entry_count(store), 1, "no placeholder left behind");
+        store.release(&lease.id).unwrap();
+    }
+    // Once released, the same request succeeds by evicting it.
+    let lease = acquire(&s, std::slice::from_ref(&c)).unwrap();
+    assert_eq!(s.stats().evictions, 1);
+    assert_eq!(resident(&s), vec![(path(&c), 1, false)]);
+    s.release(&lease.id).unwrap();
+}
+
+#[test]
+fn a_component_larger_than_the_whole_budget_is_refused_without_evicting() {
+    let (a, c) = (
+        fixture("sd1-tiny", "vae"),
+        fixture("sd-inpaint-tiny", "unet"),
+    );
+    let (sa, sc) = (size(&a), size(&c));
+    assert!(sa < sc);
+    let s = store(Some(sc - 1));
+    let lease = acquire(&s, std::slice::from_ref(&a)).unwrap();
+    s.release(&lease.id).unwrap();
+    let err = acquire(&s, std::slice::from_ref(&c)).unwrap_err();
+    assert_eq!(err.code, Code::ResourceExhausted);
+    assert!(err.message.contains("whole budget"), "{err}");
+    let stats = s.stats();
+    assert_eq!(
+        (stats.evictions, stats.resident_bytes, stats.active_leases),
+        (0, sa, 0)
+    );
+    let err = s.load(std::slice::from_ref(&c), None).unwrap_err();
+    assert_eq!(err.code, Code::ResourceExhausted);
+    assert_eq!(entry_count(&s), 1);
+}
+
+#[test]
+fn concurrent_acquisitions_of_one_component_coalesce_into_one_load() {
+    let unet = fixture("sd1-tiny", "unet");
+    let s = store(None);
+    let n = 8;
+    let barrier = Barrier::new(n);
+    let leases: Vec<Lease> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    acquire(&s, std::slice::from_ref(&unet)).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stats = s.stats();
+    assert_eq!(stats.loads, 1);
+    assert_eq!(stats.components.len(), 1);
+    assert_eq!(
+        (
+            stats.components[0].load_count,
+            stats.components[0].active_leases
+        ),
+        (1, n as u32)
+    );
+    assert_eq!(stats.active_leases, n as u32);
+    let ids: HashSet<&str> = leases.iter().map(|l| l.id.as_str()).collect();
+    assert_eq!(ids.len(), n);
+    for l in &leases {
+        s.release(&l.id).unwrap();
+    }
+    assert_eq!(s.stats().components[0].active_leases, 0);
+}
+
+#[test]
+fn identical_content_in_two_checkpoints_is_stored_once() {
+    let (v1, v2) = (
+        fixture("sd1-tiny", "vae"),
+        fixture("sd-inpaint-tiny", "vae"),
+    );
+    let (u1, u2) = (
+        fixture("sd1-tiny", "unet"),
+        fixture("sd-inpaint-tiny", "unet"),
+    );
+    let s = store(None);
+    let l1 = acquire(&s, &[v1.clone(), u1.clone()]).unwrap();
+    let l2 = acquire(&s, &[v2.clone(), u2.clone()]).unwrap();
+    let stats = s.stats();
+    // Same VAE bytes in both checkpoints: one resident copy, leased twice; the UNets differ.
+    assert_eq!(stats.components.len(), 3);
+    assert_eq!(stats.loads, 3);
+    assert_eq!(stats.resident_bytes, size(&v1) + size(&u1) + size(&u2));
+    let vae = stats
+        .components
+        .iter()
+        .find(|c| c.class_name == "AutoencoderKL")
+        .unwrap();
+    assert_eq!((vae.load_count, vae.active_leases), (1, 2));
+    assert_eq!(vae.paths, sorted(vec![path(&v1), path(&v2)]));
+    s.release(&l1.id).unwrap();
+    s.release(&l2.id).unwrap();
+}
+
+#[test]
+fn pinned_components_are_never_evicted_and_unload_frees_them() {
+    let (a, b, c) = (
+        fixture("sd1-tiny", "vae"),
+        fixture("sd2-tiny", "vae"),
+        fixture("sd-inpaint-tiny", "unet"),
+    );
+    let (sa, sb, sc) = (size(&a), size(&b), size(&c));
+    let s = store(Some(sa + sb + sc - 1));
+    let pinned = s.load(std::slice::from_ref(&a), None).unwrap();
+    assert_eq!(pinned.len(), 1);
+    assert!(pinned[0].changed && pinned[0].bytes == sa);
+    let lease = acquire(&s, std::slice::from_ref(&b)).unwrap();
+    s.release(&lease.id).unwrap();
+    // a is the least recently used, but pinned: b is evicted instead.
+    let lease = acquire(&s, std::slice::from_ref(&c)).unwrap();
+    assert_eq!(s.stats().evictions, 1);
+    assert_eq!(
+        resident(&s),
+        sorted(vec![(path(&a), 0, true), (path(&c), 1, false)])
+    );
+    // Pinned a and leased c leave no room for b.
+    assert_eq!(
+        acquire(&s, std::slice::from_ref(&b)).unwrap_err().code,
+        Code::ResourceExhausted
+    );
+    // Unloading an unleased component frees it now.
+    let out = s.unload(std::slice::from_ref(&a), None, &[]).unwrap();
+    assert!(out[0].changed);
+    assert_eq!(resident(&s), vec![(path(&c), 1, false)]);
+    // Unloading a leased one marks it stale; its last release frees it.
+    let again = s.load(std::slice::from_ref(&c), None).unwrap();
+    assert!(!again[0].changed, "already resident");
+    assert_eq!(again[0].active_leases, 1);
+    let key = again[0].key.clone();
+    let out = s.unload(&[], None, std::slice::from_ref(&key)).unwrap();
+    assert_eq!((out[0].changed, out[0].active_leases), (false, 1));
+    let stats = s.stats();
+    assert!(stats.components[0].stale && !stats.components[0].pinned);
+    s.release(&lease.id).unwrap();
+    assert!(s.stats().components.is_empty());
+    assert_eq!(entry_count(&s), 0);
+    let err = s.unload(&[], None, &[key]).unwrap_err();
+    assert_eq!(err.code, Code::NotFound);
+    assert_eq!(
+        s.unload(std::slice::from_ref(&a), None, &[])
+            .unwrap_err()
+            .code,
+        Code::NotFound
+    );
+    assert_eq!(
+        s.unload(&[], None, &[]).unwrap_err().code,
+        Code::InvalidArgument
+    );
+}
+
+#[test]
+fn an_expired_lease_fails_precondition_and_its_components_become_evictable() {
+    let (a, b) = (fixture("sd1-tiny", "vae"), fixture("sd2-tiny", "vae"));
+    let s = Store::new(StoreConfig {
+        memory_budget: Some(size(&a) + size(&b) - 1),
+        lease_ttl: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let lease = acquire(&s, std::slice::from_ref(&a)).unwrap();
+    let handle = lease.handle("vae").unwrap().id.clone();
+    std::thread::sleep(Duration::from_millis(500));
+    let latents = Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let err = s
+        .invoke(
+            &lease.id,
+            &handle,
+            "decode",
+            vec![("latents".into(), latents)],
+            "r",
+        )
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition);
+    assert!(err.message.contains("expired"), "{err}");
+    assert_eq!(
+        s.renew(&lease.id).unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    let stats = s.stats();
+    assert_eq!(
+        (
+            stats.active_leases,
+            stats.expired_leases,
+            stats.components[0].active_leases
+        ),
+        (0, 1, 0)
+    );
+    // The expired lease no longer protects a: b's load evicts it.
+    let lease = acquire(&s, std::slice::from_ref(&b)).unwrap();
+    assert_eq!(s.stats().evictions, 1);
+    assert_eq!(resident(&s), vec![(path(&b), 1, false)]);
+    // Renewed in time, a lease outlives its TTL.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        s.renew(&lease.id).unwrap();
+    }
+    assert_eq!(s.stats().active_leases, 1);
+}
+
+#[test]
+fn a_failed_load_leaves_no_placeholder_and_no_lease() {
+    let good = fixture("sd1-tiny", "vae");
+    // VAE weights named as a UNet: the load fails after the lease was taken.
+    let bad = ComponentSpec {
+        name: "unet".into(),
+        class_name: "UNet2DConditionModel".into(),
+        ..good.clone()
+    };
+    let s = store(Some(1 << 30));
+    let err = acquire(&s, &[good.clone(), bad]).unwrap_err();
+    assert_ne!(err.code, Code::Internal, "{err}");
+    assert!(err.message.starts_with("components[1]: \"unet\""), "{err}");
+    let stats = s.stats();
+    assert_eq!(stats.active_leases, 0);
+    // The good component stays cached (unleased, evictable); the failed one left nothing.
+    assert_eq!(resident(&s), vec![(path(&good), 0, false)]);
+    assert_eq!(entry_count(&s), 1);
+    assert_eq!(s.state().charged_bytes(), size(&good));
+}
+
+#[test]
+fn store_calls_are_validated_with_the_field_named() {
+    let vae = fixture("sd1-tiny", "vae");
+    let s = store(None);
+    let check = |r: Result<Lease, StoreError>, code: Code, field: &str| {
+        let err = r.unwrap_err();
+        assert_eq!(err.code, code, "{err}");
+        assert!(err.message.starts_with(field), "{field}: {err}");
+    };
+    check(acquire(&s, &[]), Code::InvalidArgument, "components");
+    check(
+        acquire(&s, &[vae.clone(), vae.clone()]),
+        Code::InvalidArgument,
+        "components[1].name",
+    );
+    let unknown = ComponentSpec {
+        class_name: "FluxTransformer2DModel".into(),
+        ..vae.clone()
+    };
+    check(
+        acquire(&s, &[unknown]),
+        Code::Unimplemented,
+        "components[0].class_name",
+    );
+    let missing = ComponentSpec {
+        path: vae.path.join("nope"),
+        ..vae.clone()
+    };
+    check(
+        acquire(&s, &[missing]),
+        Code::NotFound,
+        "components[0].path",
+    );
+    let empty = ComponentSpec {
+        path: vae.path.parent().unwrap().join("tokenizer"),
+        ..vae.clone()
+    };
+    check(acquire(&s, &[empty]), Code::NotFound, "components[0].path");
+    assert_eq!(entry_count(&s), 0);
+
+    let lease = acquire(&s, std::slice::from_ref(&vae)).unwrap();
+    let other = acquire(&s, std::slice::from_ref(&vae)).unwrap();
+    let h = lease.handle("vae").unwrap().id.clone();
+    let latents = || Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let invoke = |lease: &str, handle: &str, method: &str, inputs: Tensors| {
+        s.invoke(lease, handle, method, inputs, "r")
+    };
+    let other_handle = other.handle("vae").unwrap().id.clone();
+    let cases: Vec<(Result<Tensors, StoreError>, Code, &str)> = vec![
+        (
+            invoke("nope", &h, "decode", vec![("latents".into(), latents())]),
+            Code::FailedPrecondition,
+            "lease_id",
+        ),
+        (
+            invoke("", &h, "decode", vec![("latents".into(), latents())]),
+            Code::FailedPrecondition,
+            "lease_id",
+        ),
+        (
+            invoke(&lease.id, "", "decode", vec![]),
+            Code::InvalidArgument,
+            "handle_id",
+        ),
+        (
+            invoke(
+                &lease.id,
+                &other_handle,
+                "decode",
+                vec![("latents".into(), latents())],
+            ),
+            Code::InvalidArgument,
+            "handle_id",
+        ),
+        (
+            invoke(
+                &lease.id,
+                &h,
+                "forward",
+                vec![("latents".into(), latents())],
+            ),
+            Code::InvalidArgument,
+            "method",
+        ),
+        (
+            invoke(&lease.id, &h, "decode", vec![("z".into(), latents())]),
+            Code::InvalidArgument,
+            "inputs.z",
+        ),
+        (
+            invoke(&lease.id, &h, "decode", vec![]),
+            Code::InvalidArgument,
+            "inputs.latents",
+        ),
+        (
+            invoke(
+                &lease.id,
+                &h,
+                "decode",
+                vec![("latents".into(), zeros(&[4, 8, 8]))],
+            ),
+            Code::InvalidArgument,
+            "inputs.latents",
+        ),
+        (
+            invoke(
+                &lease.id,
+                &h,
+                "decode",
+                vec![("latents".into(), latents()), ("latents".into(), latents())],
+            ),
+            Code::InvalidArgument,
+            "inputs.latents",
+        ),
+        (
+            invoke(
+                &lease.id,
+                &h,
+                "decode",
+                vec![("latents".into(), zeros(&[1, 3, 8, 8]))],
+            ),
+            Code::InvalidArgument,
+            "inputs",
+        ),
+    ];
+    for (i, (r, code, field)) in cases.into_iter().enumerate() {
+        let err = r.unwrap_err();
+        assert_eq!(err.code, code, "case {i}: {err}");
+        assert!(err.message.starts_with(field), "case {i}: {field}: {err}");
+    }
+    let out = invoke(&lease.id, &h, "decode", vec![("latents".into(), latents())]).unwrap();
+    assert_eq!(out[0].1.size(), vec![1, 3, 16, 16]);
+    assert_eq!(
+        s.release("nope").unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    s.release(&lease.id).unwrap();
+    assert_eq!(
+        s.release(&lease.id).unwrap_err().code,
+        Code::FailedPrecondition
+    );
+    s.release(&other.id).unwrap();
+    assert_eq!(s.stats().active_leases, 0);
+}
