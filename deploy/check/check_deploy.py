@@ -16,7 +16,7 @@
             must each make a check fail
 6. smoke    the real binaries started with each overlay's ConfigMaps (addresses moved to loopback/temp dir,
             CUDA -> CPU here), on the image's library layout; every probe run as the kubelet would run it;
-            metrics answer GET where the binaries serve them; SIGTERM -> readiness not SERVING, clean exit
+            metrics answer GET on both daemons; SIGTERM -> readiness not SERVING, clean exit
 Prints `N passed, N failed` last; exits non-zero on any failure.
 """
 
@@ -43,8 +43,6 @@ K8S_VERSIONS = ["1.29.0", "1.37.0"]
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 # Variables a container may get that are not flags of the binary.
 NON_FLAG_ENV = {"RUST_LOG", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "NVIDIA_DRIVER_CAPABILITIES"}
-# Flags the manifests already use that the binaries are still gaining: reported, not failed, while absent.
-PENDING_ENV = {"AUTOPIPE_METRICS_LISTEN": "metrics endpoint (--metrics-listen)"}
 # Which gRPC service each daemon registers with grpc.health.v1 besides "".
 HEALTH_SERVICE = {"autopipe-store": "Store", "autopipe-orchestrator": "Orchestrator"}
 NAMESPACED_EXEMPT = {"Namespace"}
@@ -551,19 +549,15 @@ def check_daemons(renders: list[Render], bins: Binaries, proto_dir: Path, docker
 def check_daemon(d: Daemon, all_daemons: list[Daemon], r: Render, services: set[str], docker: str) -> None:
     """Checks one daemon container against its binary's --help, proto/ and the rest of its render."""
     c, h, s = d.container, d.help, d.settings
-    errors, pending = [], []
+    errors = []
     # environment: every AUTOPIPE_* variable is a flag of this binary; others are known or used in args
     argv = " ".join(list(c.get("command") or []) + list(c.get("args") or []))
     for var in sorted(d.env):
         if var in h.by_env():
             continue
-        if var in PENDING_ENV:
-            pending.append(var)
-        elif var.startswith("AUTOPIPE_") or (var not in NON_FLAG_ENV and f"$({var})" not in argv):
+        if var.startswith("AUTOPIPE_") or (var not in NON_FLAG_ENV and f"$({var})" not in argv):
             errors.append(f"{var} is not an environment variable of `{' '.join(d.cmd)}`")
     R.check(not errors, f"{d.label}: its {len(d.env)} variables are flags of `{' '.join(d.cmd)}` (or RUST_LOG/HF_*)", "; ".join(errors))
-    for var in pending:
-        R.note(f"{d.label}: {var} ({PENDING_ENV[var]}) is not in `{' '.join(d.cmd)} --help` yet: pending, not checked")
     R.check(d.binary in image_binaries(docker), f"{d.label}: the image builds {d.binary}",
             f"deploy/docker/Dockerfile builds {sorted(image_binaries(docker))}")
 
@@ -734,9 +728,6 @@ def check_scrape(w: dict, daemons: list[Daemon], r: Render) -> None:
     if not R.check(bool(owners), f"{label}: prometheus.io/port {port} is a container port", "no container has it"):
         return
     d = owners[0]
-    if "--metrics-listen" not in d.help.options:
-        R.note(f"{d.label}: serves no metrics yet (`{' '.join(d.cmd)}` has no --metrics-listen): scrape annotation pending")
-        return
     lk, lw = split_address(d.settings.get("--metrics-listen") or "")
     R.check(lk == "tcp" and lw.endswith(f":{port}"), f"{label}: prometheus.io/port {port} = {d.container['name']} --metrics-listen",
             f"--metrics-listen is {d.settings.get('--metrics-listen')!r}")
@@ -944,10 +935,7 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
     try:
         for d in order:
             env = dict(bins.env)
-            for var, val in d.env.items():
-                if var in PENDING_ENV and var not in d.help.by_env():
-                    continue
-                env[var] = val
+            env.update(d.env)
             for var in ("AUTOPIPE_LISTEN", "AUTOPIPE_STORE_LISTEN", "AUTOPIPE_STORE", "AUTOPIPE_METRICS_LISTEN"):
                 if var in env and var in d.help.by_env():
                     env[var] = move(d, env[var])

@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, env = "AUTOPIPE_DRAIN_TIMEOUT", default_value_t = 30)]
     drain_timeout: u64,
     /// Serve Prometheus metrics at http://<host:port>/metrics (e.g. 0.0.0.0:9091); off when unset.
-    #[arg(long, env = "AUTOPIPE_STORE_METRICS_LISTEN")]
+    #[arg(long, env = "AUTOPIPE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
     /// libtorch intra-op threads (default: libtorch's choice, one per core).
     #[arg(long, env = "AUTOPIPE_THREADS")]
