@@ -32,7 +32,10 @@ impl Drop for TempDir {
 
 /// The reference case `case` with its model replaced by the hub repo `model`.
 fn hub_request(case: &str, model: &str) -> v1::GenerateRequest {
-    v1::GenerateRequest { model: model.into(), ..reference_request(case) }
+    v1::GenerateRequest {
+        model: model.into(),
+        ..reference_request(case)
+    }
 }
 
 fn set(items: &[&str]) -> BTreeSet<String> {
@@ -40,9 +43,19 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 }
 
 /// Generates `req` on the orchestrator at `service`, checks the image against diffusers' for `case`.
-fn generate_matching(rt: &tokio::runtime::Runtime, service: &Service, case: &str, req: v1::GenerateRequest) -> v1::GenerateResponse {
+fn generate_matching(
+    rt: &tokio::runtime::Runtime,
+    service: &Service,
+    case: &str,
+    req: v1::GenerateRequest,
+) -> v1::GenerateResponse {
     let resp = rt
-        .block_on(async { orchestrator_client(&service.address).await.generate(req).await })
+        .block_on(async {
+            orchestrator_client(&service.address)
+                .await
+                .generate(req)
+                .await
+        })
         .unwrap_or_else(|e| panic!("{case}: {e:?}"))
         .into_inner();
     assert_eq!(resp.images.len(), 1, "{case}");
@@ -58,7 +71,9 @@ fn hub_references_fetch_only_what_the_pipeline_needs() {
     let started = Instant::now();
     let checkpoints = fixtures().join("checkpoints");
     let hub = FakeHub::start(vec![
-        FakeRepo::from_dir("org/sd1-tiny", checkpoints.join("sd1-tiny")).expect("sd1-tiny").with_sd_extras(),
+        FakeRepo::from_dir("org/sd1-tiny", checkpoints.join("sd1-tiny"))
+            .expect("sd1-tiny")
+            .with_sd_extras(),
         FakeRepo::from_dir("org/sd2-tiny", checkpoints.join("sd2-tiny")).expect("sd2-tiny"),
     ]);
     let home = TempDir::new();
@@ -85,13 +100,31 @@ fn hub_references_fetch_only_what_the_pipeline_needs() {
         }))
         .expect("resolve org/sd2-tiny")
         .into_inner();
-    assert_eq!((r.pipeline.as_str(), r.model_class.as_str(), r.implemented), ("StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline", true));
-    assert!(r.components.iter().any(|c| c.name == "unet" && c.class_name == "UNet2DConditionModel"));
-    assert_eq!(hub.downloads_since(0, "org/sd2-tiny"), set(&["model_index.json"]));
+    assert_eq!(
+        (r.pipeline.as_str(), r.model_class.as_str(), r.implemented),
+        (
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionPipeline",
+            true
+        )
+    );
+    assert!(r
+        .components
+        .iter()
+        .any(|c| c.name == "unet" && c.class_name == "UNet2DConditionModel"));
+    assert_eq!(
+        hub.downloads_since(0, "org/sd2-tiny"),
+        set(&["model_index.json"])
+    );
 
     // sd1: the regular safetensors of the five components, no safety checker, pickle, ckpt or
     // other variant; the image is diffusers' and the same as from the local folder.
-    let sd1 = generate_matching(&rt, &split.orchestrator, "sd1_t2i_euler", hub_request("sd1_t2i_euler", "org/sd1-tiny"));
+    let sd1 = generate_matching(
+        &rt,
+        &split.orchestrator,
+        "sd1_t2i_euler",
+        hub_request("sd1_t2i_euler", "org/sd1-tiny"),
+    );
     let sd1_files = hub.downloads_since(0, "org/sd1-tiny");
     assert_eq!(
         sd1_files,
@@ -113,35 +146,74 @@ fn hub_references_fetch_only_what_the_pipeline_needs() {
     for (extra, _) in SD_EXTRAS {
         assert!(!sd1_files.contains(*extra), "{extra} was downloaded");
     }
-    let local = rt.block_on(client.generate(reference_request("sd1_t2i_euler"))).expect("sd1 from its folder").into_inner();
-    assert!(local.images[0].png == sd1.images[0].png, "hub and local-folder images differ");
+    let local = rt
+        .block_on(client.generate(reference_request("sd1_t2i_euler")))
+        .expect("sd1 from its folder")
+        .into_inner();
+    assert!(
+        local.images[0].png == sd1.images[0].png,
+        "hub and local-folder images differ"
+    );
 
     // sd2: fp16-only, asked for with variant fp16; its fp16 weights come, once each.
     let sd2_req = hub_request("sd2_t2i_dpmpp", "org/sd2-tiny");
     assert_eq!(sd2_req.variant, "fp16");
     let sd2 = generate_matching(&rt, &split.orchestrator, "sd2_t2i_dpmpp", sd2_req.clone());
-    let sd2_weights: BTreeSet<_> = hub.downloads_since(0, "org/sd2-tiny").into_iter().filter(|f| f.ends_with(".safetensors")).collect();
+    let sd2_weights: BTreeSet<_> = hub
+        .downloads_since(0, "org/sd2-tiny")
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors"))
+        .collect();
     assert_eq!(
         sd2_weights,
-        set(&["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"])
+        set(&[
+            "text_encoder/model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors"
+        ])
     );
-    let cdn = hub.requests().iter().filter(|r| r.path.starts_with("/cdn/") && !r.is_probe()).count();
+    let cdn = hub
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/cdn/") && !r.is_probe())
+        .count();
     assert_eq!(cdn, 3 + 3, "each weight file downloaded once");
 
     // Again: the cache serves, the hub is only asked for the repo listing.
     let mark = hub.log_len();
-    let again = generate_matching(&rt, &split.orchestrator, "sd1_t2i_euler", hub_request("sd1_t2i_euler", "org/sd1-tiny"));
+    let again = generate_matching(
+        &rt,
+        &split.orchestrator,
+        "sd1_t2i_euler",
+        hub_request("sd1_t2i_euler", "org/sd1-tiny"),
+    );
     assert!(again.images[0].png == sd1.images[0].png);
-    assert!(hub.resolves_since(mark).is_empty(), "{:?}", hub.resolves_since(mark));
-    assert!(hub.requests_since(mark).iter().all(|r| r.path.starts_with("/api/models/org/sd1-tiny/")), "{:?}", hub.requests_since(mark));
+    assert!(
+        hub.resolves_since(mark).is_empty(),
+        "{:?}",
+        hub.resolves_since(mark)
+    );
+    assert!(
+        hub.requests_since(mark)
+            .iter()
+            .all(|r| r.path.starts_with("/api/models/org/sd1-tiny/")),
+        "{:?}",
+        hub.requests_since(mark)
+    );
 
     // A repo the hub does not have.
     for model in ["org/no-such-model", "org/sd1-tiny-typo"] {
-        let err = rt.block_on(client.generate(hub_request("sd1_t2i_euler", model))).unwrap_err();
+        let err = rt
+            .block_on(client.generate(hub_request("sd1_t2i_euler", model)))
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "{model}: {err:?}");
         assert!(err.message().contains(model), "{model}: {err:?}");
         let err = rt
-            .block_on(client.resolve(v1::ResolveRequest { model: model.into(), task: v1::Task::Text2img as i32, ..Default::default() }))
+            .block_on(client.resolve(v1::ResolveRequest {
+                model: model.into(),
+                task: v1::Task::Text2img as i32,
+                ..Default::default()
+            }))
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "{model}: {err:?}");
     }
@@ -151,14 +223,28 @@ fn hub_references_fetch_only_what_the_pipeline_needs() {
     env.push(("HF_HUB_OFFLINE", "1"));
     let offline = orchestrator_with_env(&split.store.address, &env);
     let mark = hub.log_len();
-    let sd1_offline = generate_matching(&rt, &offline, "sd1_t2i_euler", hub_request("sd1_t2i_euler", "org/sd1-tiny"));
+    let sd1_offline = generate_matching(
+        &rt,
+        &offline,
+        "sd1_t2i_euler",
+        hub_request("sd1_t2i_euler", "org/sd1-tiny"),
+    );
     let sd2_offline = generate_matching(&rt, &offline, "sd2_t2i_dpmpp", sd2_req);
-    assert!(sd1_offline.images[0].png == sd1.images[0].png && sd2_offline.images[0].png == sd2.images[0].png);
+    assert!(
+        sd1_offline.images[0].png == sd1.images[0].png
+            && sd2_offline.images[0].png == sd2.images[0].png
+    );
     let mut offline_client = rt.block_on(orchestrator_client(&offline.address));
-    let err = rt.block_on(offline_client.generate(hub_request("sd1_t2i_euler", "org/no-such-model"))).unwrap_err();
+    let err = rt
+        .block_on(offline_client.generate(hub_request("sd1_t2i_euler", "org/no-such-model")))
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     assert!(err.message().contains("HF_HUB_OFFLINE"), "{err:?}");
-    assert!(hub.requests_since(mark).is_empty(), "offline orchestrator asked the hub: {:?}", hub.requests_since(mark));
+    assert!(
+        hub.requests_since(mark).is_empty(),
+        "offline orchestrator asked the hub: {:?}",
+        hub.requests_since(mark)
+    );
 
     println!("hub end to end in {:.1} s", started.elapsed().as_secs_f64());
 }

@@ -694,6 +694,7 @@ fn the_request_id_reaches_every_store_call() {
         max_queue: 2,
         drain_timeout: Duration::from_secs(1),
         metrics_listen: None,
+        preload: Vec::new(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     rt.spawn(serve(

@@ -17,15 +17,25 @@ pub fn fixtures() -> PathBuf {
 /// Where cargo put the workspace binaries (target/<profile>/), next to this test's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory");
     let path = dir.join(name);
-    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first (scripts/test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
     path
 }
 
 /// A free loopback port (bound then released; the service binds it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A running service process, killed when dropped.
@@ -42,35 +52,63 @@ impl Service {
     }
 
     /// Like [`Service::start`], with `env` (name, value) pairs set for the process.
-    pub fn start_with_env(name: &'static str, address: Address, args: &[String], env: &[(&str, &str)]) -> Self {
+    pub fn start_with_env(
+        name: &'static str,
+        address: Address,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Self {
         let child = Command::new(bin(name))
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let service = Self { child, address, name };
+        let service = Self {
+            child,
+            address,
+            name,
+        };
         service.wait_serving(Duration::from_secs(60));
         service
     }
 
     /// Polls grpc.health.v1 until SERVING.
     pub fn wait_serving(&self, timeout: Duration) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let deadline = Instant::now() + timeout;
         loop {
             let ok = rt.block_on(async {
                 let channel = transport::channel(&self.address).ok()?;
                 let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
-                let r = c.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
-                Some(r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                let r = c
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .ok()?;
+                Some(
+                    r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                )
             });
             if ok == Some(true) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{} did not become healthy on {}", self.name, self.address);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not become healthy on {}",
+                self.name,
+                self.address
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -103,29 +141,46 @@ impl Split {
     /// Like [`Split::start`], with `env` (name, value) pairs set for both processes.
     pub fn start_with_env(store_args: &[&str], env: &[(&str, &str)]) -> Self {
         let store_addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
-        let mut args = vec!["--listen".to_string(), store_addr.to_string(), "--threads".into(), "1".into()];
+        let mut args = vec![
+            "--listen".to_string(),
+            store_addr.to_string(),
+            "--threads".into(),
+            "1".into(),
+        ];
         args.extend(store_args.iter().map(|s| s.to_string()));
         let store = Service::start_with_env("autopipe-store", store_addr.clone(), &args, env);
         let orchestrator = orchestrator_with_env(&store.address, env);
-        Self { store, orchestrator }
+        Self {
+            store,
+            orchestrator,
+        }
     }
 }
 
 /// Starts an `autopipe-orchestrator` process leasing from the store at `store`, with `env` set.
 pub fn orchestrator_with_env(store: &Address, env: &[(&str, &str)]) -> Service {
     let address = Address::Tcp(format!("127.0.0.1:{}", free_port()));
-    let args = ["--listen".to_string(), address.to_string(), "--store".into(), store.to_string()];
+    let args = [
+        "--listen".to_string(),
+        address.to_string(),
+        "--store".into(),
+        store.to_string(),
+    ];
     Service::start_with_env("autopipe-orchestrator", address, &args, env)
 }
 
 /// An orchestrator client over a real socket.
-pub async fn orchestrator_client(address: &Address) -> v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel> {
+pub async fn orchestrator_client(
+    address: &Address,
+) -> v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel> {
     v1::orchestrator_client::OrchestratorClient::new(transport::channel(address).expect("channel"))
         .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
 }
 
 /// A store client over a real socket.
-pub async fn store_client(address: &Address) -> v1::store_client::StoreClient<tonic::transport::Channel> {
+pub async fn store_client(
+    address: &Address,
+) -> v1::store_client::StoreClient<tonic::transport::Channel> {
     v1::store_client::StoreClient::new(transport::channel(address).expect("channel"))
 }
 
@@ -135,17 +190,30 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         &std::fs::read_to_string(fixtures().join("reference/cases.json")).expect("cases.json"),
     )
     .expect("cases.json parses");
-    let c = cases.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no reference case {name}"));
+    let c = cases
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no reference case {name}"));
     let task = match c["task"].as_str().unwrap_or_default() {
         "text2img" => v1::Task::Text2img,
         "img2img" => v1::Task::Img2img,
         _ => v1::Task::Inpaint,
     };
-    let read = |k: &str| c[k].as_str().map(|p| std::fs::read(fixtures().join("reference").join(p)).expect("input image")).unwrap_or_default();
-    let model = fixtures().join("checkpoints").join(c["model"].as_str().unwrap_or_default());
+    let read = |k: &str| {
+        c[k].as_str()
+            .map(|p| std::fs::read(fixtures().join("reference").join(p)).expect("input image"))
+            .unwrap_or_default()
+    };
+    let model = fixtures()
+        .join("checkpoints")
+        .join(c["model"].as_str().unwrap_or_default());
     v1::GenerateRequest {
         task: task as i32,
-        model: model.canonicalize().expect("checkpoint").display().to_string(),
+        model: model
+            .canonicalize()
+            .expect("checkpoint")
+            .display()
+            .to_string(),
         prompt: c["prompt"].as_str().unwrap_or_default().into(),
         negative_prompt: c["negative_prompt"].as_str().unwrap_or_default().into(),
         width: c["width"].as_u64().unwrap_or(0) as u32,
@@ -159,20 +227,31 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         scheduler: c["scheduler"].as_str().unwrap_or_default().into(),
         num_images_per_prompt: c["num_images_per_prompt"].as_u64().map(|v| v as u32),
         variant: c["variant"].as_str().unwrap_or_default().into(),
-        scheduler_options: c["scheduler_kwargs"].as_object().filter(|m| !m.is_empty()).map(|m| serde_json::Value::Object(m.clone()).to_string()).unwrap_or_default(),
+        scheduler_options: c["scheduler_kwargs"]
+            .as_object()
+            .filter(|m| !m.is_empty())
+            .map(|m| serde_json::Value::Object(m.clone()).to_string())
+            .unwrap_or_default(),
         ..Default::default()
     }
 }
 
 /// The reference PNG of a case's image `i`, decoded to RGB.
 pub fn reference_image(name: &str, i: usize) -> image::RgbImage {
-    image::open(fixtures().join("reference").join(format!("{name}_{i}.png"))).expect("reference png").to_rgb8()
+    image::open(fixtures().join("reference").join(format!("{name}_{i}.png")))
+        .expect("reference png")
+        .to_rgb8()
 }
 
 /// PSNR in dB between two RGB images (infinite when identical).
 pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
     assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
-    let mse = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>()
+    let mse = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
         / a.as_raw().len() as f64;
     if mse == 0.0 {
         f64::INFINITY
@@ -183,7 +262,9 @@ pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
 
 /// Decodes a response image.
 pub fn decode(img: &v1::Image) -> image::RgbImage {
-    image::load_from_memory(&img.png).expect("response png").to_rgb8()
+    image::load_from_memory(&img.png)
+        .expect("response png")
+        .to_rgb8()
 }
 
 /// A step observer that reports nothing and never stops.
@@ -198,7 +279,12 @@ impl autopipe_pipelines::StepObserver for Silent {
 
 /// Starts an `autopipe-store` listening on `address` (`--threads 1`) with extra flags.
 pub fn start_store(address: &Address, extra: &[&str]) -> Service {
-    let mut args = vec!["--listen".to_string(), address.to_string(), "--threads".into(), "1".into()];
+    let mut args = vec![
+        "--listen".to_string(),
+        address.to_string(),
+        "--threads".into(),
+        "1".into(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     Service::start("autopipe-store", address.clone(), &args)
 }
@@ -206,7 +292,12 @@ pub fn start_store(address: &Address, extra: &[&str]) -> Service {
 /// Starts an `autopipe-orchestrator` on a free loopback port, leasing from the store at `store`.
 pub fn start_orchestrator(store: &Address, extra: &[&str]) -> Service {
     let address = Address::Tcp(format!("127.0.0.1:{}", free_port()));
-    let mut args = vec!["--listen".to_string(), address.to_string(), "--store".into(), store.to_string()];
+    let mut args = vec![
+        "--listen".to_string(),
+        address.to_string(),
+        "--store".into(),
+        store.to_string(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     Service::start("autopipe-orchestrator", address, &args)
 }
@@ -214,18 +305,31 @@ pub fn start_orchestrator(store: &Address, extra: &[&str]) -> Service {
 impl Split {
     /// Starts both with extra flags for each.
     pub fn start_with(store_args: &[&str], orchestrator_args: &[&str]) -> Self {
-        let store = start_store(&Address::Tcp(format!("127.0.0.1:{}", free_port())), store_args);
+        let store = start_store(
+            &Address::Tcp(format!("127.0.0.1:{}", free_port())),
+            store_args,
+        );
         let orchestrator = start_orchestrator(&store.address, orchestrator_args);
-        Self { store, orchestrator }
+        Self {
+            store,
+            orchestrator,
+        }
     }
 
     /// Like [`Split::start_with`], with the store on a Unix socket in the temp folder (the
     /// one-pod deployment: orchestrator and store side by side).
     pub fn start_unix(store_args: &[&str], orchestrator_args: &[&str]) -> Self {
-        let path = std::env::temp_dir().join(format!("autopipe-e2e-{}-{}.sock", std::process::id(), free_port()));
+        let path = std::env::temp_dir().join(format!(
+            "autopipe-e2e-{}-{}.sock",
+            std::process::id(),
+            free_port()
+        ));
         let store = start_store(&Address::Unix(path), store_args);
         let orchestrator = start_orchestrator(&store.address, orchestrator_args);
-        Self { store, orchestrator }
+        Self {
+            store,
+            orchestrator,
+        }
     }
 
     /// The store's Stats (panics when the store cannot be reached).
@@ -237,7 +341,10 @@ impl Split {
 impl Service {
     /// Sends SIGTERM (graceful shutdown).
     pub fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill -TERM");
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
         assert!(status.success(), "kill -TERM {} failed", self.child.id());
     }
 
@@ -257,20 +364,46 @@ impl Service {
 
     /// grpc.health.v1 status of the whole server ("" service), or `None` if it does not answer.
     pub fn health(&self) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        self.health_of("")
+    }
+
+    /// grpc.health.v1 status of `service` (e.g. "autopipe.v1.Orchestrator", what readiness asks).
+    pub fn health_of(
+        &self,
+        service: &str,
+    ) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
         rt.block_on(async {
             let channel = transport::channel(&self.address).ok()?;
             let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
-            let r = c.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
-            tonic_health::pb::health_check_response::ServingStatus::try_from(r.into_inner().status).ok()
+            let r = c
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.to_string(),
+                })
+                .await
+                .ok()?;
+            tonic_health::pb::health_check_response::ServingStatus::try_from(r.into_inner().status)
+                .ok()
         })
     }
 }
 
 /// A store's Stats over a fresh connection (its own runtime, so callable from anywhere).
 pub fn stats(address: &Address) -> Result<v1::StatsResponse, tonic::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async { store_client(address).await.stats(v1::StatsRequest {}).await.map(tonic::Response::into_inner) })
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        store_client(address)
+            .await
+            .stats(v1::StatsRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+    })
 }
 
 /// Polls `f` every 20 ms until it is true or `timeout` passes; returns how long it took.
@@ -290,13 +423,22 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Dura
 /// `GET /metrics` from a Prometheus endpoint at `host:port`.
 pub fn scrape(address: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(address).unwrap_or_else(|e| panic!("metrics {address}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: autopipe\r\n\r\n").expect("send");
+    let mut s =
+        std::net::TcpStream::connect(address).unwrap_or_else(|e| panic!("metrics {address}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: autopipe\r\n\r\n")
+        .expect("send");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read metrics");
-    assert!(text.starts_with("HTTP/1.1 200"), "metrics: {}", text.lines().next().unwrap_or(""));
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "metrics: {}",
+        text.lines().next().unwrap_or("")
+    );
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
 }
 
 /// The value of the sample `series` (name plus labels exactly as exposed, e.g.
@@ -304,7 +446,11 @@ pub fn scrape(address: &str) -> String {
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
@@ -315,7 +461,9 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.iter().all(|lab| rest.contains(lab))).then(|| value.parse::<f64>().ok()).flatten()
+            (n == name && labels.iter().all(|lab| rest.contains(lab)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
         })
         .sum()
 }
@@ -335,7 +483,8 @@ pub fn noise_png(w: u32, h: u32, seed: u32, padding: usize) -> Vec<u8> {
         image::Rgb(px)
     });
     let mut png = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut png, image::ImageFormat::Png).expect("encode png");
+    img.write_to(&mut png, image::ImageFormat::Png)
+        .expect("encode png");
     let mut png = png.into_inner();
     if padding > 0 {
         // A private ancillary chunk ("apAd": lowercase first letter = ancillary) before IEND.
@@ -355,7 +504,11 @@ fn png_crc(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { 0xedb8_8320 ^ (crc >> 1) } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                0xedb8_8320 ^ (crc >> 1)
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -10,20 +10,38 @@ fn three_tasks_share_one_set_of_weights() {
     let split = Split::start(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(orchestrator_client(&split.orchestrator.address));
-    let stats = || rt.block_on(async { store_client(&split.store.address).await.stats(v1::StatsRequest {}).await }).unwrap().into_inner();
+    let stats = || {
+        rt.block_on(async {
+            store_client(&split.store.address)
+                .await
+                .stats(v1::StatsRequest {})
+                .await
+        })
+        .unwrap()
+        .into_inner()
+    };
     let cases = ["sd1_t2i_pndm", "sd1_i2i_s060", "sd1_inpaint_rect_s075"];
 
     let mut resident_after_first = None;
     for (i, case) in cases.iter().enumerate() {
-        let resp = rt.block_on(client.clone().generate(reference_request(case))).unwrap().into_inner();
+        let resp = rt
+            .block_on(client.clone().generate(reference_request(case)))
+            .unwrap()
+            .into_inner();
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
         let s = stats();
-        println!("{case:<24} {:<34} PSNR {p:.2} dB, resident {} bytes", resp.pipeline, s.resident_bytes);
+        println!(
+            "{case:<24} {:<34} PSNR {p:.2} dB, resident {} bytes",
+            resp.pipeline, s.resident_bytes
+        );
         assert!(p >= 40.0, "{case}: PSNR {p:.2}");
         assert_eq!(s.active_leases, 0, "lease left behind after {case}");
         match resident_after_first {
             None => resident_after_first = Some(s.resident_bytes),
-            Some(r) => assert_eq!(s.resident_bytes, r, "resident bytes grew at request {i} ({case})"),
+            Some(r) => assert_eq!(
+                s.resident_bytes, r,
+                "resident bytes grew at request {i} ({case})"
+            ),
         }
     }
 
@@ -44,12 +62,24 @@ fn three_tasks_share_one_set_of_weights() {
     }
 
     let s = stats();
-    assert_eq!(s.resident_bytes, resident_after_first.unwrap(), "resident bytes grew under concurrency");
+    assert_eq!(
+        s.resident_bytes,
+        resident_after_first.unwrap(),
+        "resident bytes grew under concurrency"
+    );
     assert_eq!(s.active_leases, 0);
     let classes: Vec<&str> = s.components.iter().map(|c| c.class_name.as_str()).collect();
-    assert_eq!(s.components.len(), 3, "expected text_encoder, unet, vae resident once each: {classes:?}");
+    assert_eq!(
+        s.components.len(),
+        3,
+        "expected text_encoder, unet, vae resident once each: {classes:?}"
+    );
     for c in &s.components {
-        assert_eq!(c.load_count, 1, "{} loaded {} times", c.class_name, c.load_count);
+        assert_eq!(
+            c.load_count, 1,
+            "{} loaded {} times",
+            c.class_name, c.load_count
+        );
     }
 }
 
@@ -61,12 +91,45 @@ fn identical_components_across_checkpoints_are_stored_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(orchestrator_client(&split.orchestrator.address));
     for case in ["sd1_inpaint_rect_s100", "sdinp_inpaint_rect_s100"] {
-        rt.block_on(client.clone().generate(reference_request(case))).unwrap();
+        rt.block_on(client.clone().generate(reference_request(case)))
+            .unwrap();
     }
-    let s = rt.block_on(async { store_client(&split.store.address).await.stats(v1::StatsRequest {}).await }).unwrap().into_inner();
-    let count = |class: &str| s.components.iter().filter(|c| c.class_name == class).count();
-    assert_eq!((count("CLIPTextModel"), count("AutoencoderKL"), count("UNet2DConditionModel")), (1, 1, 2));
-    let vae = s.components.iter().find(|c| c.class_name == "AutoencoderKL").unwrap();
-    assert_eq!(vae.paths.len(), 2, "the shared VAE should list both checkpoints: {:?}", vae.paths);
-    assert_eq!(s.resident_bytes, s.components.iter().map(|c| c.bytes).sum::<u64>());
+    let s = rt
+        .block_on(async {
+            store_client(&split.store.address)
+                .await
+                .stats(v1::StatsRequest {})
+                .await
+        })
+        .unwrap()
+        .into_inner();
+    let count = |class: &str| {
+        s.components
+            .iter()
+            .filter(|c| c.class_name == class)
+            .count()
+    };
+    assert_eq!(
+        (
+            count("CLIPTextModel"),
+            count("AutoencoderKL"),
+            count("UNet2DConditionModel")
+        ),
+        (1, 1, 2)
+    );
+    let vae = s
+        .components
+        .iter()
+        .find(|c| c.class_name == "AutoencoderKL")
+        .unwrap();
+    assert_eq!(
+        vae.paths.len(),
+        2,
+        "the shared VAE should list both checkpoints: {:?}",
+        vae.paths
+    );
+    assert_eq!(
+        s.resident_bytes,
+        s.components.iter().map(|c| c.bytes).sum::<u64>()
+    );
 }

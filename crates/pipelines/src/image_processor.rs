@@ -12,7 +12,8 @@ pub fn decode(bytes: &[u8], field: &'static str) -> Result<DynamicImage> {
     if bytes.is_empty() {
         return Err(PipelineError::invalid(field, "is required for this task"));
     }
-    image::load_from_memory(bytes).map_err(|e| PipelineError::invalid(field, format!("cannot decode image: {e}")))
+    image::load_from_memory(bytes)
+        .map_err(|e| PipelineError::invalid(field, format!("cannot decode image: {e}")))
 }
 
 /// `get_default_height_width`: the image's size rounded down to a multiple of `vae_scale_factor`.
@@ -47,7 +48,8 @@ fn pil_luma(img: &DynamicImage) -> GrayImage {
             let rgb = img.to_rgb8();
             GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
                 let p = rgb.get_pixel(x, y).0;
-                let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
+                let l =
+                    (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
                 image::Luma([l as u8])
             })
         }
@@ -60,7 +62,10 @@ pub fn preprocess_mask(img: &DynamicImage, width: u32, height: u32) -> Tensor {
     if gray.width() != width || gray.height() != height {
         gray = image::imageops::resize(&gray, width, height, FilterType::Lanczos3);
     }
-    let t = Tensor::from_slice(gray.as_raw()).reshape([1, 1, height as i64, width as i64]).to_kind(Kind::Float) / 255.0;
+    let t = Tensor::from_slice(gray.as_raw())
+        .reshape([1, 1, height as i64, width as i64])
+        .to_kind(Kind::Float)
+        / 255.0;
     t.ge(0.5).to_kind(Kind::Float)
 }
 
@@ -76,11 +81,16 @@ pub fn postprocess(decoded: &Tensor) -> Result<(Tensor, Vec<crate::GeneratedImag
         let len = (h * w * 3) as usize;
         let mut raw = vec![0u8; len];
         one.f_copy_data_u8(&mut raw, len)?;
-        let img = RgbImage::from_raw(w, h, raw).ok_or_else(|| PipelineError::Internal("image buffer size".into()))?;
+        let img = RgbImage::from_raw(w, h, raw)
+            .ok_or_else(|| PipelineError::Internal("image buffer size".into()))?;
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .map_err(|e| PipelineError::Internal(format!("png encode: {e}")))?;
-        out.push(crate::GeneratedImage { png, width: w, height: h });
+        out.push(crate::GeneratedImage {
+            png,
+            width: w,
+            height: h,
+        });
     }
     Ok((nhwc, out))
 }
@@ -98,7 +108,9 @@ mod tests {
 
     #[test]
     fn mask_binarizes_at_half() {
-        let img = DynamicImage::ImageLuma8(GrayImage::from_fn(4, 1, |x, _| image::Luma([[0, 127, 128, 255][x as usize]])));
+        let img = DynamicImage::ImageLuma8(GrayImage::from_fn(4, 1, |x, _| {
+            image::Luma([[0, 127, 128, 255][x as usize]])
+        }));
         let m = preprocess_mask(&img, 4, 1);
         let v: Vec<f32> = m.flatten(0, -1).try_into().unwrap();
         assert_eq!(v, vec![0.0, 0.0, 1.0, 1.0]);
@@ -106,10 +118,15 @@ mod tests {
 
     #[test]
     fn preprocess_normalizes_and_postprocess_inverts() {
-        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30) as u8, (y * 30) as u8, 255])));
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([(x * 30) as u8, (y * 30) as u8, 255])
+        }));
         let t = preprocess(&img, 8, 8);
         assert_eq!(t.size(), vec![1, 3, 8, 8]);
-        assert!((t.max().double_value(&[]) - 1.0).abs() < 1e-6 && (t.min().double_value(&[]) + 1.0).abs() < 1e-6);
+        assert!(
+            (t.max().double_value(&[]) - 1.0).abs() < 1e-6
+                && (t.min().double_value(&[]) + 1.0).abs() < 1e-6
+        );
         let (_, pngs) = postprocess(&t).unwrap();
         let back = image::load_from_memory(&pngs[0].png).unwrap().to_rgb8();
         assert_eq!(back.as_raw(), img.to_rgb8().as_raw());

@@ -93,7 +93,10 @@ impl StepObserver for NoObserver {
 pub enum PipelineError {
     /// A request field is invalid; `field` names it as in `GenerateRequest`.
     #[error("{field}: {message}")]
-    InvalidArgument { field: &'static str, message: String },
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
     /// The checkpoint is missing something this pipeline needs.
     #[error("{0}")]
     Checkpoint(#[from] autopipe_repo::Error),
@@ -116,14 +119,19 @@ pub enum PipelineError {
 impl PipelineError {
     /// A field-level validation error.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Self::InvalidArgument { field, message: message.into() }
+        Self::InvalidArgument {
+            field,
+            message: message.into(),
+        }
     }
 
     /// The status code a client sees.
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } | Self::Tokenizer(_) => Code::InvalidArgument,
-            Self::Scheduler(autopipe_schedulers::Error::UnknownScheduler(_)) => Code::InvalidArgument,
+            Self::Scheduler(autopipe_schedulers::Error::UnknownScheduler(_)) => {
+                Code::InvalidArgument
+            }
             Self::Scheduler(_) => Code::FailedPrecondition,
             Self::Checkpoint(autopipe_repo::Error::NotFound(_)) => Code::NotFound,
             Self::Checkpoint(_) => Code::FailedPrecondition,

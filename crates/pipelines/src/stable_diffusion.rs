@@ -5,7 +5,9 @@
 //! or the 4-channel blend after each step).
 
 use crate::image_processor;
-use crate::{GenerateParams, Output, PipelineError, Progress, Result, StageTimings, StepObserver, Task};
+use crate::{
+    GenerateParams, Output, PipelineError, Progress, Result, StageTimings, StepObserver, Task,
+};
 use autopipe_repo::Checkpoint;
 use autopipe_rng::Generator;
 use autopipe_schedulers::Scheduler;
@@ -44,20 +46,33 @@ impl Configs {
             }
         }
         if unet.get("time_cond_proj_dim").is_some_and(|v| !v.is_null()) {
-            return Err(PipelineError::invalid("model", "UNets with time_cond_proj_dim (LCM) are not supported"));
+            return Err(PipelineError::invalid(
+                "model",
+                "UNets with time_cond_proj_dim (LCM) are not supported",
+            ));
         }
-        let int = |v: &Value, k: &str, default: i64| v.get(k).and_then(Value::as_i64).unwrap_or(default);
-        let blocks = vae.get("block_out_channels").and_then(Value::as_array).map(Vec::len).unwrap_or(4);
+        let int =
+            |v: &Value, k: &str, default: i64| v.get(k).and_then(Value::as_i64).unwrap_or(default);
+        let blocks = vae
+            .get("block_out_channels")
+            .and_then(Value::as_array)
+            .map(Vec::len)
+            .unwrap_or(4);
         let scheduler_class = scheduler_config
             .get("_class_name")
             .and_then(Value::as_str)
-            .ok_or_else(|| PipelineError::invalid("model", "scheduler_config.json has no _class_name"))?
+            .ok_or_else(|| {
+                PipelineError::invalid("model", "scheduler_config.json has no _class_name")
+            })?
             .to_string();
         Ok(Self {
             unet_in_channels: int(&unet, "in_channels", 4),
             unet_sample_size: int(&unet, "sample_size", 64) as u32,
             vae_scale_factor: 1 << (blocks.max(1) - 1),
-            scaling_factor: vae.get("scaling_factor").and_then(Value::as_f64).unwrap_or(0.18215),
+            scaling_factor: vae
+                .get("scaling_factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.18215),
             latent_channels: int(&vae, "latent_channels", 4),
             scheduler_class,
             scheduler_config,
@@ -97,12 +112,20 @@ impl<'a> StableDiffusion<'a> {
         tokenizer: &'a ClipTokenizer,
         request_id: &'a str,
     ) -> Self {
-        Self { store, lease, checkpoint, tokenizer, request_id }
+        Self {
+            store,
+            lease,
+            checkpoint,
+            tokenizer,
+            request_id,
+        }
     }
 
     fn invoke(&self, component: &str, method: &str, inputs: Tensors) -> Result<Tensors> {
         let handle = self.lease.handle(component)?;
-        Ok(self.store.invoke(&self.lease.id, &handle.id, method, inputs, self.request_id)?)
+        Ok(self
+            .store
+            .invoke(&self.lease.id, &handle.id, method, inputs, self.request_id)?)
     }
 
     fn output(outputs: &mut Tensors, name: &str) -> Result<Tensor> {
@@ -138,18 +161,32 @@ impl<'a> StableDiffusion<'a> {
         }
         ids.extend(enc.input_ids);
         let input_ids = Tensor::from_slice(&ids).reshape([batch, max_len as i64]);
-        let mut out = self.invoke("text_encoder", "encode", vec![("input_ids".into(), input_ids)])?;
+        let mut out = self.invoke(
+            "text_encoder",
+            "encode",
+            vec![("input_ids".into(), input_ids)],
+        )?;
         let embeds = Self::output(&mut out, "last_hidden_state")?;
         // diffusers encodes positive and negative separately, then repeats each per image.
         let (b, s, d) = (num_images, embeds.size()[1], embeds.size()[2]);
-        let per_prompt: Vec<Tensor> =
-            (0..batch).map(|i| embeds.get(i).unsqueeze(0).repeat([1, b, 1]).view([b, s, d])).collect();
+        let per_prompt: Vec<Tensor> = (0..batch)
+            .map(|i| embeds.get(i).unsqueeze(0).repeat([1, b, 1]).view([b, s, d]))
+            .collect();
         Ok(Tensor::cat(&per_prompt, 0))
     }
 
     /// `retrieve_latents(vae.encode(image), generator)`, sampled, times `scaling_factor`.
-    fn encode_image(&self, image: &Tensor, cfg: &Configs, generator: &mut Generator) -> Result<Tensor> {
-        let mut out = self.invoke("vae", "encode", vec![("sample".into(), image.shallow_clone())])?;
+    fn encode_image(
+        &self,
+        image: &Tensor,
+        cfg: &Configs,
+        generator: &mut Generator,
+    ) -> Result<Tensor> {
+        let mut out = self.invoke(
+            "vae",
+            "encode",
+            vec![("sample".into(), image.shallow_clone())],
+        )?;
         let mean = Self::output(&mut out, "mean")?;
         let logvar = Self::output(&mut out, "logvar")?;
         let noise = generator.randn(&mean.size(), mean.kind(), mean.device());
@@ -158,7 +195,12 @@ impl<'a> StableDiffusion<'a> {
     }
 
     /// Runs the pipeline for `task` with already validated `params`.
-    pub fn run(&self, task: Task, params: &GenerateParams, observer: &dyn StepObserver) -> Result<Output> {
+    pub fn run(
+        &self,
+        task: Task,
+        params: &GenerateParams,
+        observer: &dyn StepObserver,
+    ) -> Result<Output> {
         let cfg = Configs::read(self.checkpoint)?;
         let mut warnings = Vec::new();
         let steps = params.num_inference_steps.unwrap_or(50) as usize;
@@ -171,47 +213,75 @@ impl<'a> StableDiffusion<'a> {
             Task::Inpaint => as_python_float(params.strength.unwrap_or(1.0)),
         };
         if !(0.0..=1.0).contains(&strength) {
-            return Err(PipelineError::invalid("strength", format!("must be in [0.0, 1.0], got {strength}")));
+            return Err(PipelineError::invalid(
+                "strength",
+                format!("must be in [0.0, 1.0], got {strength}"),
+            ));
         }
         if task == Task::Inpaint && cfg.unet_in_channels != 4 && cfg.unet_in_channels != 9 {
             return Err(PipelineError::invalid(
                 "model",
-                format!("the unet should have either 4 or 9 input channels, not {}", cfg.unet_in_channels),
+                format!(
+                    "the unet should have either 4 or 9 input channels, not {}",
+                    cfg.unet_in_channels
+                ),
             ));
         }
         if task != Task::Inpaint && cfg.unet_in_channels != 4 {
             return Err(PipelineError::invalid(
                 "model",
-                format!("a {}-channel (inpainting) unet can only run the inpaint task", cfg.unet_in_channels),
+                format!(
+                    "a {}-channel (inpainting) unet can only run the inpaint task",
+                    cfg.unet_in_channels
+                ),
             ));
         }
 
         // Sizes: text2img and inpaint default to the UNet's sample size; img2img follows the image.
         let init_image = match task {
             Task::Text2Img => None,
-            _ => Some(image_processor::decode(params.image.as_deref().unwrap_or_default(), "image")?),
+            _ => Some(image_processor::decode(
+                params.image.as_deref().unwrap_or_default(),
+                "image",
+            )?),
         };
         let default_side = cfg.unet_sample_size * cfg.vae_scale_factor;
         let (width, height) = match (&init_image, task) {
             (Some(img), Task::Img2Img) => image_processor::default_size(img, cfg.vae_scale_factor),
-            _ => (params.width.unwrap_or(default_side), params.height.unwrap_or(default_side)),
+            _ => (
+                params.width.unwrap_or(default_side),
+                params.height.unwrap_or(default_side),
+            ),
         };
         if width % 8 != 0 || height % 8 != 0 || width == 0 || height == 0 {
-            let field = if width % 8 != 0 || width == 0 { "width" } else { "height" };
-            return Err(PipelineError::invalid(field, format!("height and width must be positive multiples of 8, got {height}x{width}")));
+            let field = if width % 8 != 0 || width == 0 {
+                "width"
+            } else {
+                "height"
+            };
+            return Err(PipelineError::invalid(
+                field,
+                format!("height and width must be positive multiples of 8, got {height}x{width}"),
+            ));
         }
 
         let scheduler_class = params.scheduler.as_deref().unwrap_or(&cfg.scheduler_class);
         let mut scheduler_config = cfg.scheduler_config.clone();
         if let Some(obj) = scheduler_config.as_object_mut() {
-            obj.extend(params.scheduler_options.iter().map(|(k, v)| (k.clone(), v.clone())));
+            obj.extend(
+                params
+                    .scheduler_options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
         }
         let mut scheduler = autopipe_schedulers::from_config(scheduler_class, &scheduler_config)?;
         let mut generator = Generator::new(params.seed);
 
         let t0 = Instant::now();
         let negative = params.negative_prompt.as_deref().unwrap_or("");
-        let prompt_embeds = self.encode_prompt(&params.prompt, negative, num_images, guide, &mut warnings)?;
+        let prompt_embeds =
+            self.encode_prompt(&params.prompt, negative, num_images, guide, &mut warnings)?;
         let (kind, device) = (prompt_embeds.kind(), prompt_embeds.device());
         let encode_prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -222,7 +292,10 @@ impl<'a> StableDiffusion<'a> {
             let init_timestep = ((steps as f64 * strength) as usize).min(steps);
             let t_start = steps.saturating_sub(init_timestep);
             let begin = t_start * scheduler.order();
-            timesteps = timesteps.get(begin..).map(<[f64]>::to_vec).unwrap_or_default();
+            timesteps = timesteps
+                .get(begin..)
+                .map(<[f64]>::to_vec)
+                .unwrap_or_default();
             scheduler.set_begin_index(begin);
             if steps - t_start < 1 {
                 return Err(PipelineError::invalid(
@@ -234,35 +307,86 @@ impl<'a> StableDiffusion<'a> {
 
         let prepared = match task {
             Task::Text2Img => {
-                let shape = [num_images, cfg.latent_channels, (height / cfg.vae_scale_factor) as i64, (width / cfg.vae_scale_factor) as i64];
+                let shape = [
+                    num_images,
+                    cfg.latent_channels,
+                    (height / cfg.vae_scale_factor) as i64,
+                    (width / cfg.vae_scale_factor) as i64,
+                ];
                 let latents = generator.randn(&shape, kind, device) * scheduler.init_noise_sigma();
-                Prepared { latents, blend: None, unet_extra: None }
+                Prepared {
+                    latents,
+                    blend: None,
+                    unet_extra: None,
+                }
             }
             Task::Img2Img => {
                 let img = init_image.as_ref().expect("decoded above");
-                let image = image_processor::preprocess(img, width, height).to_device(device).to_kind(kind);
+                let image = image_processor::preprocess(img, width, height)
+                    .to_device(device)
+                    .to_kind(kind);
                 let init = self.encode_image(&image, &cfg, &mut generator)?;
-                let init = if num_images > 1 { init.repeat([num_images, 1, 1, 1]) } else { init };
+                let init = if num_images > 1 {
+                    init.repeat([num_images, 1, 1, 1])
+                } else {
+                    init
+                };
                 let noise = generator.randn(&init.size(), kind, device);
                 let latents = scheduler.add_noise(&init, &noise, timesteps[0]);
-                Prepared { latents, blend: None, unet_extra: None }
+                Prepared {
+                    latents,
+                    blend: None,
+                    unet_extra: None,
+                }
             }
-            Task::Inpaint => self.prepare_inpaint(params, &cfg, init_image.as_ref().expect("decoded above"), width, height, num_images, strength, guide, &timesteps, scheduler.as_mut(), &mut generator, kind, device)?,
+            Task::Inpaint => self.prepare_inpaint(
+                params,
+                &cfg,
+                init_image.as_ref().expect("decoded above"),
+                width,
+                height,
+                num_images,
+                strength,
+                guide,
+                &timesteps,
+                scheduler.as_mut(),
+                &mut generator,
+                kind,
+                device,
+            )?,
         };
 
         let t1 = Instant::now();
-        let latents = self.denoise(&prepared, &prompt_embeds, &timesteps, guidance, guide, scheduler.as_mut(), &mut generator, observer)?;
+        let latents = self.denoise(
+            &prepared,
+            &prompt_embeds,
+            &timesteps,
+            guidance,
+            guide,
+            scheduler.as_mut(),
+            &mut generator,
+            observer,
+        )?;
         let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
 
         let t2 = Instant::now();
-        let mut out = self.invoke("vae", "decode", vec![("latents".into(), latents / cfg.scaling_factor)])?;
+        let mut out = self.invoke(
+            "vae",
+            "decode",
+            vec![("latents".into(), latents / cfg.scaling_factor)],
+        )?;
         let decoded = Self::output(&mut out, "sample")?;
         let (images_f32, images) = image_processor::postprocess(&decoded)?;
         let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
         Ok(Output {
             images,
             images_f32,
-            timings: StageTimings { encode_prompt_ms, denoise_ms, decode_ms, steps: timesteps.len() as u32 },
+            timings: StageTimings {
+                encode_prompt_ms,
+                denoise_ms,
+                decode_ms,
+                steps: timesteps.len() as u32,
+            },
             warnings,
         })
     }
@@ -284,21 +408,36 @@ impl<'a> StableDiffusion<'a> {
         kind: Kind,
         device: Device,
     ) -> Result<Prepared> {
-        let mask_img = image_processor::decode(params.mask_image.as_deref().unwrap_or_default(), "mask_image")?;
+        let mask_img = image_processor::decode(
+            params.mask_image.as_deref().unwrap_or_default(),
+            "mask_image",
+        )?;
         if (mask_img.width(), mask_img.height()) != (img.width(), img.height()) {
             return Err(PipelineError::invalid(
                 "mask_image",
-                format!("size {}x{} does not match image size {}x{}", mask_img.width(), mask_img.height(), img.width(), img.height()),
+                format!(
+                    "size {}x{} does not match image size {}x{}",
+                    mask_img.width(),
+                    mask_img.height(),
+                    img.width(),
+                    img.height()
+                ),
             ));
         }
         let init_image = image_processor::preprocess(img, width, height);
         let is_strength_max = strength == 1.0;
         let four_channel = cfg.unet_in_channels == 4;
-        let shape = [num_images, cfg.latent_channels, (height / cfg.vae_scale_factor) as i64, (width / cfg.vae_scale_factor) as i64];
+        let shape = [
+            num_images,
+            cfg.latent_channels,
+            (height / cfg.vae_scale_factor) as i64,
+            (width / cfg.vae_scale_factor) as i64,
+        ];
 
         // prepare_latents(..., return_noise=True, return_image_latents=four_channel)
         let image_latents = if four_channel || !is_strength_max {
-            let l = self.encode_image(&init_image.to_device(device).to_kind(kind), cfg, generator)?;
+            let l =
+                self.encode_image(&init_image.to_device(device).to_kind(kind), cfg, generator)?;
             let reps = num_images / l.size()[0];
             Some(l.repeat([reps, 1, 1, 1]))
         } else {
@@ -308,25 +447,49 @@ impl<'a> StableDiffusion<'a> {
         let latents = if is_strength_max {
             &noise * scheduler.init_noise_sigma()
         } else {
-            scheduler.add_noise(image_latents.as_ref().expect("encoded when strength < 1"), &noise, timesteps[0])
+            scheduler.add_noise(
+                image_latents.as_ref().expect("encoded when strength < 1"),
+                &noise,
+                timesteps[0],
+            )
         };
 
         // prepare_mask_latents
         let mask_condition = image_processor::preprocess_mask(&mask_img, width, height);
         let masked_image = &init_image * mask_condition.lt(0.5).to_kind(Kind::Float);
         let latent_hw = [shape[2], shape[3]];
-        let mask = mask_condition.upsample_nearest2d(latent_hw, None, None).to_device(device).to_kind(kind);
-        let masked_latents = self.encode_image(&masked_image.to_device(device).to_kind(kind), cfg, generator)?;
+        let mask = mask_condition
+            .upsample_nearest2d(latent_hw, None, None)
+            .to_device(device)
+            .to_kind(kind);
+        let masked_latents = self.encode_image(
+            &masked_image.to_device(device).to_kind(kind),
+            cfg,
+            generator,
+        )?;
         let mask = mask.repeat([num_images / mask.size()[0], 1, 1, 1]);
-        let masked_latents = masked_latents.repeat([num_images / masked_latents.size()[0], 1, 1, 1]);
+        let masked_latents =
+            masked_latents.repeat([num_images / masked_latents.size()[0], 1, 1, 1]);
 
         if four_channel {
             let image_latents = image_latents.expect("encoded for 4-channel unets");
-            Ok(Prepared { latents, blend: Some((image_latents, noise, mask)), unet_extra: None })
+            Ok(Prepared {
+                latents,
+                blend: Some((image_latents, noise, mask)),
+                unet_extra: None,
+            })
         } else {
             let extra = Tensor::cat(&[mask, masked_latents], 1);
-            let extra = if guide { Tensor::cat(&[&extra, &extra], 0) } else { extra };
-            Ok(Prepared { latents, blend: None, unet_extra: Some(extra) })
+            let extra = if guide {
+                Tensor::cat(&[&extra, &extra], 0)
+            } else {
+                extra
+            };
+            Ok(Prepared {
+                latents,
+                blend: None,
+                unet_extra: Some(extra),
+            })
         }
     }
 
@@ -348,7 +511,11 @@ impl<'a> StableDiffusion<'a> {
             if let Some(stop) = observer.should_stop() {
                 return Err(stop);
             }
-            let model_input = if guide { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+            let model_input = if guide {
+                Tensor::cat(&[&latents, &latents], 0)
+            } else {
+                latents.shallow_clone()
+            };
             let model_input = scheduler.scale_model_input(&model_input, t);
             let model_input = match &prepared.unet_extra {
                 Some(extra) => Tensor::cat(&[&model_input, extra], 1),
@@ -361,7 +528,10 @@ impl<'a> StableDiffusion<'a> {
                 vec![
                     ("sample".into(), model_input),
                     ("timestep".into(), timestep),
-                    ("encoder_hidden_states".into(), prompt_embeds.shallow_clone()),
+                    (
+                        "encoder_hidden_states".into(),
+                        prompt_embeds.shallow_clone(),
+                    ),
                 ],
             )?;
             let mut noise_pred = Self::output(&mut out, "sample")?;
@@ -377,7 +547,11 @@ impl<'a> StableDiffusion<'a> {
                 };
                 latents = (1.0 - mask) * proper + mask * &latents;
             }
-            observer.on_step(Progress { step: i as u32 + 1, total_steps: total, timestep: t });
+            observer.on_step(Progress {
+                step: i as u32 + 1,
+                total_steps: total,
+                timestep: t,
+            });
         }
         Ok(latents)
     }

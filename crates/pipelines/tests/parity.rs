@@ -40,7 +40,12 @@ fn fixtures() -> PathBuf {
 /// PSNR in dB between two uint8 images of the same size.
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let mse: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
     if mse == 0.0 {
         f64::INFINITY
     } else {
@@ -61,9 +66,18 @@ fn run_case(store: &Store, case: &Case) -> Vec<(String, f64, f64)> {
             variant: case.variant.clone(),
         })
         .collect();
-    let lease = store.acquire(&AcquireRequest { components: specs, kind: Some(Kind::Float), request_id: case.name.clone() }).unwrap();
+    let lease = store
+        .acquire(&AcquireRequest {
+            components: specs,
+            kind: Some(Kind::Float),
+            request_id: case.name.clone(),
+        })
+        .unwrap();
     let task: Task = case.task.parse().unwrap();
-    let read = |p: &Option<String>| p.as_ref().map(|p| std::fs::read(reference.join(p)).unwrap());
+    let read = |p: &Option<String>| {
+        p.as_ref()
+            .map(|p| std::fs::read(reference.join(p)).unwrap())
+    };
     let params = GenerateParams {
         prompt: case.prompt.clone(),
         negative_prompt: Some(case.negative_prompt.clone()),
@@ -79,12 +93,23 @@ fn run_case(store: &Store, case: &Case) -> Vec<(String, f64, f64)> {
         scheduler_options: case.scheduler_kwargs.clone(),
         num_images_per_prompt: Some(case.num_images_per_prompt),
     };
-    let out = StableDiffusion::new(store, &lease, &ckpt, &tokenizer, &case.name).run(task, &params, &NoObserver).unwrap();
+    let out = StableDiffusion::new(store, &lease, &ckpt, &tokenizer, &case.name)
+        .run(task, &params, &NoObserver)
+        .unwrap();
     store.release(&lease.id).unwrap();
-    assert_eq!(out.images.len(), case.outputs.len(), "{}: image count", case.name);
-    let expected_f32 = Tensor::read_safetensors(reference.join(format!("{}.safetensors", case.name))).unwrap();
+    assert_eq!(
+        out.images.len(),
+        case.outputs.len(),
+        "{}: image count",
+        case.name
+    );
+    let expected_f32 =
+        Tensor::read_safetensors(reference.join(format!("{}.safetensors", case.name))).unwrap();
     let expected_f32 = &expected_f32.iter().find(|(n, _)| n == "images").unwrap().1;
-    let max_diff = (&out.images_f32 - expected_f32.to_device(Device::Cpu)).abs().max().double_value(&[]);
+    let max_diff = (&out.images_f32 - expected_f32.to_device(Device::Cpu))
+        .abs()
+        .max()
+        .double_value(&[]);
     out.images
         .iter()
         .zip(&case.outputs)
@@ -100,13 +125,18 @@ fn run_case(store: &Store, case: &Case) -> Vec<(String, f64, f64)> {
 #[test]
 fn every_reference_case_matches_diffusers() {
     tch::set_num_threads(1);
-    let cases: Vec<Case> =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference/cases.json")).unwrap()).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/cases.json")).unwrap(),
+    )
+    .unwrap();
     let filter = std::env::var("PARITY_CASE").ok();
     let store = Store::new(StoreConfig::default());
     let mut failures = Vec::new();
     println!("{:<34} {:>10} {:>12}", "case", "PSNR (dB)", "max |Δ| f32");
-    for case in cases.iter().filter(|c| filter.as_deref().is_none_or(|f| c.name.contains(f))) {
+    for case in cases
+        .iter()
+        .filter(|c| filter.as_deref().is_none_or(|f| c.name.contains(f)))
+    {
         for (image, psnr, max_diff) in run_case(&store, case) {
             println!("{image:<34} {psnr:>10.2} {max_diff:>12.2e}");
             if psnr < 40.0 {
@@ -114,5 +144,9 @@ fn every_reference_case_matches_diffusers() {
             }
         }
     }
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }

@@ -27,7 +27,9 @@ impl std::str::FromStr for Address {
         }
         let hostport = s.strip_prefix("http://").unwrap_or(s);
         if hostport.is_empty() || !hostport.contains(':') {
-            return Err(format!("{s:?}: expected host:port, http://host:port or unix:///path"));
+            return Err(format!(
+                "{s:?}: expected host:port, http://host:port or unix:///path"
+            ));
         }
         Ok(Self::Tcp(hostport.trim_end_matches('/').to_string()))
     }
@@ -44,7 +46,10 @@ impl std::fmt::Display for Address {
 
 /// A bound listener, as a stream of connections tonic can serve.
 pub enum Incoming {
-    Tcp(tokio_stream::wrappers::TcpListenerStream, std::net::SocketAddr),
+    Tcp(
+        tokio_stream::wrappers::TcpListenerStream,
+        std::net::SocketAddr,
+    ),
     Unix(tokio_stream::wrappers::UnixListenerStream, PathBuf),
 }
 
@@ -55,7 +60,10 @@ impl Incoming {
             Address::Tcp(hp) => {
                 let listener = tokio::net::TcpListener::bind(hp).await?;
                 let local = listener.local_addr()?;
-                Ok(Self::Tcp(tokio_stream::wrappers::TcpListenerStream::new(listener), local))
+                Ok(Self::Tcp(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    local,
+                ))
             }
             Address::Unix(path) => {
                 if path.exists() {
@@ -65,7 +73,10 @@ impl Incoming {
                     std::fs::create_dir_all(dir)?;
                 }
                 let listener = tokio::net::UnixListener::bind(path)?;
-                Ok(Self::Unix(tokio_stream::wrappers::UnixListenerStream::new(listener), path.clone()))
+                Ok(Self::Unix(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    path.clone(),
+                ))
             }
         }
     }
@@ -85,13 +96,17 @@ pub fn channel(address: &Address) -> Result<Channel, tonic::transport::Error> {
         Address::Tcp(hp) => Ok(Endpoint::from_shared(format!("http://{hp}"))?.connect_lazy()),
         Address::Unix(path) => {
             let path = path.clone();
-            Ok(Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            })))
+            Ok(
+                Endpoint::from_static("http://localhost").connect_with_connector_lazy(
+                    tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    }),
+                ),
+            )
         }
     }
 }
@@ -178,9 +193,20 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert_eq!("127.0.0.1:50051".parse::<Address>().unwrap(), Address::Tcp("127.0.0.1:50051".into()));
-        assert_eq!("http://store:50052/".parse::<Address>().unwrap(), Address::Tcp("store:50052".into()));
-        assert_eq!("unix:///run/autopipe/store.sock".parse::<Address>().unwrap(), Address::Unix("/run/autopipe/store.sock".into()));
+        assert_eq!(
+            "127.0.0.1:50051".parse::<Address>().unwrap(),
+            Address::Tcp("127.0.0.1:50051".into())
+        );
+        assert_eq!(
+            "http://store:50052/".parse::<Address>().unwrap(),
+            Address::Tcp("store:50052".into())
+        );
+        assert_eq!(
+            "unix:///run/autopipe/store.sock"
+                .parse::<Address>()
+                .unwrap(),
+            Address::Unix("/run/autopipe/store.sock".into())
+        );
         for bad in ["", "unix://", "localhost", "http://"] {
             assert!(bad.parse::<Address>().is_err(), "{bad:?}");
         }

@@ -29,16 +29,24 @@ pub struct ModelIndex {
 impl ModelIndex {
     /// Parses `model_index.json` text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let malformed = |reason: String| Error::Malformed { path: path.to_path_buf(), reason };
+        let malformed = |reason: String| Error::Malformed {
+            path: path.to_path_buf(),
+            reason,
+        };
         let value: Value = serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
-        let obj = value.as_object().ok_or_else(|| malformed("not a JSON object".into()))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| malformed("not a JSON object".into()))?;
         let class_name = obj
             .get("_class_name")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| malformed("missing \"_class_name\"".into()))?
             .to_string();
-        let diffusers_version = obj.get("_diffusers_version").and_then(Value::as_str).map(str::to_string);
+        let diffusers_version = obj
+            .get("_diffusers_version")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let mut components = BTreeMap::new();
         let mut options = BTreeMap::new();
         for (key, v) in obj {
@@ -49,7 +57,10 @@ impl ModelIndex {
                 Some([Value::String(lib), Value::String(class)]) => {
                     components.insert(
                         key.clone(),
-                        ComponentEntry::Present { library: lib.clone(), class_name: class.clone() },
+                        ComponentEntry::Present {
+                            library: lib.clone(),
+                            class_name: class.clone(),
+                        },
                     );
                 }
                 Some([Value::Null, Value::Null]) => {
@@ -65,7 +76,12 @@ impl ModelIndex {
                 }
             }
         }
-        Ok(Self { class_name, diffusers_version, components, options })
+        Ok(Self {
+            class_name,
+            diffusers_version,
+            components,
+            options,
+        })
     }
 
     /// The class name of a present component.
@@ -89,17 +105,27 @@ impl Checkpoint {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root: PathBuf = root.into();
         if !root.is_dir() {
-            return Err(Error::NotFound(format!("model folder {} does not exist", root.display())));
+            return Err(Error::NotFound(format!(
+                "model folder {} does not exist",
+                root.display()
+            )));
         }
         let path = root.join("model_index.json");
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::NotFound(format!("{} is not a diffusers folder: no model_index.json", root.display()))
-            }
-            _ => Error::Io { path: path.clone(), source: e },
+            std::io::ErrorKind::NotFound => Error::NotFound(format!(
+                "{} is not a diffusers folder: no model_index.json",
+                root.display()
+            )),
+            _ => Error::Io {
+                path: path.clone(),
+                source: e,
+            },
         })?;
         let index = ModelIndex::parse(&text, &path)?;
-        let root = root.canonicalize().map_err(|e| Error::Io { path: root.clone(), source: e })?;
+        let root = root.canonicalize().map_err(|e| Error::Io {
+            path: root.clone(),
+            source: e,
+        })?;
         Ok(Self { root, index })
     }
 
@@ -123,7 +149,10 @@ impl Checkpoint {
         }
         let dir = self.root.join(name);
         if !dir.is_dir() {
-            return Err(Error::NotFound(format!("component folder {} does not exist", dir.display())));
+            return Err(Error::NotFound(format!(
+                "component folder {} does not exist",
+                dir.display()
+            )));
         }
         Ok(dir)
     }
@@ -132,10 +161,18 @@ impl Checkpoint {
     pub fn read_json(&self, component: &str, file: &str) -> Result<Value> {
         let path = self.component_dir(component)?.join(file);
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::NotFound(format!("{} does not exist", path.display())),
-            _ => Error::Io { path: path.clone(), source: e },
+            std::io::ErrorKind::NotFound => {
+                Error::NotFound(format!("{} does not exist", path.display()))
+            }
+            _ => Error::Io {
+                path: path.clone(),
+                source: e,
+            },
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::Malformed { path, reason: e.to_string() })
+        serde_json::from_str(&text).map_err(|e| Error::Malformed {
+            path,
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -151,14 +188,25 @@ mod tests {
         let idx = ModelIndex::parse(text, Path::new("model_index.json")).unwrap();
         assert_eq!(idx.class_name, "StableDiffusionPipeline");
         assert_eq!(idx.component_class("unet"), Some("UNet2DConditionModel"));
-        assert_eq!(idx.components.get("safety_checker"), Some(&ComponentEntry::Absent));
+        assert_eq!(
+            idx.components.get("safety_checker"),
+            Some(&ComponentEntry::Absent)
+        );
         assert_eq!(idx.component_class("safety_checker"), None);
-        assert_eq!(idx.options.get("requires_safety_checker"), Some(&Value::Bool(false)));
+        assert_eq!(
+            idx.options.get("requires_safety_checker"),
+            Some(&Value::Bool(false))
+        );
     }
 
     #[test]
     fn rejects_what_diffusers_does_not_write() {
-        for bad in [r#"[]"#, r#"{"unet": ["diffusers", "UNet2DConditionModel"]}"#, r#"{"_class_name": "X", "unet": ["diffusers"]}"#, "{"] {
+        for bad in [
+            r#"[]"#,
+            r#"{"unet": ["diffusers", "UNet2DConditionModel"]}"#,
+            r#"{"_class_name": "X", "unet": ["diffusers"]}"#,
+            "{",
+        ] {
             let err = ModelIndex::parse(bad, Path::new("m.json")).unwrap_err();
             assert!(matches!(err, Error::Malformed { .. }), "{bad}: {err}");
         }

@@ -26,7 +26,10 @@ pub enum Error {
     #[error("invalid model reference {0:?}: expected a local diffusers folder or a hub repo id like \"org/name\"")]
     InvalidReference(String),
     #[error("io error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The hub refused access (HTTP 401/403): a private or gated repo, or a rejected token.
     #[error("{0}")]
     Unauthorized(String),

@@ -25,18 +25,31 @@ impl ModelRef {
             return Ok(Self::Local(path));
         }
         if looks_like_path(model) {
-            return Err(Error::NotFound(format!("model folder {model} does not exist")));
+            return Err(Error::NotFound(format!(
+                "model folder {model} does not exist"
+            )));
         }
         if !is_repo_id(model) {
             return Err(Error::InvalidReference(model.to_string()));
         }
-        let revision = if revision.is_empty() { "main" } else { revision };
-        Ok(Self::Hub { repo_id: model.to_string(), revision: revision.to_string() })
+        let revision = if revision.is_empty() {
+            "main"
+        } else {
+            revision
+        };
+        Ok(Self::Hub {
+            repo_id: model.to_string(),
+            revision: revision.to_string(),
+        })
     }
 }
 
 fn looks_like_path(s: &str) -> bool {
-    s.starts_with('/') || s.starts_with("./") || s.starts_with("../") || s.starts_with('~') || s.matches('/').count() > 1
+    s.starts_with('/')
+        || s.starts_with("./")
+        || s.starts_with("../")
+        || s.starts_with('~')
+        || s.matches('/').count() > 1
 }
 
 /// huggingface_hub's repo id rule: `[namespace/]name`, each part of letters, digits, `-`, `_`, `.`,
@@ -49,7 +62,8 @@ fn is_repo_id(s: &str) -> bool {
     parts.len() <= 2
         && parts.iter().all(|p| {
             !p.is_empty()
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 && !p.starts_with(['-', '.'])
                 && !p.ends_with(['-', '.'])
         })
@@ -62,16 +76,28 @@ mod tests {
     #[test]
     fn classifies_references() {
         let dir = std::env::temp_dir();
-        assert_eq!(ModelRef::parse(dir.to_str().unwrap(), "").unwrap(), ModelRef::Local(dir.clone()));
+        assert_eq!(
+            ModelRef::parse(dir.to_str().unwrap(), "").unwrap(),
+            ModelRef::Local(dir.clone())
+        );
         assert_eq!(
             ModelRef::parse("runwayml/stable-diffusion-v1-5", "").unwrap(),
-            ModelRef::Hub { repo_id: "runwayml/stable-diffusion-v1-5".into(), revision: "main".into() }
+            ModelRef::Hub {
+                repo_id: "runwayml/stable-diffusion-v1-5".into(),
+                revision: "main".into()
+            }
         );
         assert_eq!(
             ModelRef::parse("org/name", "fp16").unwrap(),
-            ModelRef::Hub { repo_id: "org/name".into(), revision: "fp16".into() }
+            ModelRef::Hub {
+                repo_id: "org/name".into(),
+                revision: "fp16".into()
+            }
         );
-        assert!(matches!(ModelRef::parse("/no/such/folder", ""), Err(Error::NotFound(_))));
+        assert!(matches!(
+            ModelRef::parse("/no/such/folder", ""),
+            Err(Error::NotFound(_))
+        ));
         for bad in ["", "  ", "a b/c", "org/-name", "org//name", "x--y/z"] {
             assert!(ModelRef::parse(bad, "").is_err(), "{bad:?} accepted");
         }

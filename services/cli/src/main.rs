@@ -99,6 +99,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics on this host:port (GET /metrics); off when unset.
     #[arg(long, env = "AUTOPIPE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Models to warm up at start (local folders or hub repo ids, comma-separated): their
+    /// components are loaded into the store before the Orchestrator service reports SERVING.
+    #[arg(long, env = "AUTOPIPE_PRELOAD", value_delimiter = ',')]
+    preload: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -403,6 +407,12 @@ fn main() -> anyhow::Result<()> {
                 max_queue: a.max_queue,
                 drain_timeout: Duration::from_secs(a.drain_timeout),
                 metrics_listen: a.metrics_listen,
+                preload: a
+                    .preload
+                    .into_iter()
+                    .map(|m| m.trim().to_string())
+                    .filter(|m| !m.is_empty())
+                    .collect(),
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.spawn(async move {

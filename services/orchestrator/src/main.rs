@@ -36,6 +36,10 @@ struct Args {
     /// Serve Prometheus metrics on this host:port (GET /metrics); off when unset.
     #[arg(long, env = "AUTOPIPE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Models to warm up at start (local folders or hub repo ids, comma-separated): their
+    /// components are loaded into the store before the Orchestrator service reports SERVING.
+    #[arg(long, env = "AUTOPIPE_PRELOAD", value_delimiter = ',')]
+    preload: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +71,12 @@ fn main() -> anyhow::Result<()> {
         max_queue: args.max_queue,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         metrics_listen: args.metrics_listen,
+        preload: args
+            .preload
+            .into_iter()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty())
+            .collect(),
     };
     let result = runtime.block_on(serve(
         orchestrator,

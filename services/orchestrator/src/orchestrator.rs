@@ -208,18 +208,18 @@ impl Orchestrator {
         }
     }
 
-    /// `Generate`, on the calling (blocking) thread.
-    pub fn generate(
+    /// Resolves `model` for `task` (diffusers' AutoPipeline), opens it with the files that
+    /// pipeline reads (fetching them for a hub reference) and names the components it leases.
+    fn prepare(
         &self,
-        req: &v1::GenerateRequest,
-        request_id: &str,
-        observer: &dyn StepObserver,
-    ) -> Result<v1::GenerateResponse, Status> {
-        let started = Instant::now();
-        let valid = validate::generate_request(req)?;
-        let index = self.open(&valid.model, &valid.revision, &[], None)?;
-        let resolution = autopipe_auto::resolve(&index.index().class_name, valid.task, false)
-            .map_err(auto_status)?;
+        model: &str,
+        revision: &str,
+        task: Task,
+        variant: Option<&str>,
+    ) -> Result<(autopipe_auto::Resolution, Checkpoint, Vec<ComponentSpec>), Status> {
+        let index = self.open(model, revision, &[], None)?;
+        let resolution =
+            autopipe_auto::resolve(&index.index().class_name, task, false).map_err(auto_status)?;
         if resolution.family != Family::StableDiffusion
             || !IMPLEMENTED.contains(&resolution.pipeline)
         {
@@ -232,15 +232,7 @@ impl Orchestrator {
         // Everything the Stable Diffusion pipelines read: leased components plus tokenizer and scheduler.
         let mut needed: Vec<&str> = autopipe_pipelines::stable_diffusion::COMPONENTS.to_vec();
         needed.extend(["tokenizer", "scheduler"]);
-        let ckpt = self.open(
-            &valid.model,
-            &valid.revision,
-            &needed,
-            valid.variant.as_deref(),
-        )?;
-        self.metrics.known_model(&valid.model);
-        preflight(&ckpt, &valid)?;
-        let tokenizer = self.tokenizer(&ckpt)?;
+        let ckpt = self.open(model, revision, &needed, variant)?;
         let specs = autopipe_pipelines::stable_diffusion::COMPONENTS
             .iter()
             .map(|name| {
@@ -251,10 +243,54 @@ impl Orchestrator {
                     name: name.to_string(),
                     class_name: class_name.to_string(),
                     path: ckpt.component_dir(name).map_err(repo_status)?,
-                    variant: valid.variant.clone(),
+                    variant: variant.map(str::to_string),
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        Ok((resolution, ckpt, specs))
+    }
+
+    /// Warm-up (`--preload`): makes `model`'s text2img components resident in the store at the
+    /// default dtype (acquired and released: resident, evictable like any other) and reads its
+    /// tokenizer, so the first request pays no load. Returns the components' names.
+    pub fn warm_up(&self, model: &str) -> Result<Vec<String>, Status> {
+        let (_, ckpt, specs) = self.prepare(model, "", Task::Text2Img, None)?;
+        self.tokenizer(&ckpt)?;
+        let names = specs.iter().map(|s| s.name.clone()).collect();
+        let lease = self
+            .store
+            .acquire(&AcquireRequest {
+                components: specs,
+                kind: self.config.default_kind,
+                request_id: "warm-up".to_string(),
+            })
+            .map_err(|e| e.to_status())?;
+        drop(LeaseGuard {
+            store: self.store.as_ref(),
+            lease,
+        });
+        self.metrics.known_model(model);
+        Ok(names)
+    }
+
+    /// `Generate`, on the calling (blocking) thread.
+    pub fn generate(
+        &self,
+        req: &v1::GenerateRequest,
+        request_id: &str,
+        observer: &dyn StepObserver,
+    ) -> Result<v1::GenerateResponse, Status> {
+        let started = Instant::now();
+        let valid = validate::generate_request(req)?;
+        let (resolution, ckpt, specs) = self.prepare(
+            &valid.model,
+            &valid.revision,
+            valid.task,
+            valid.variant.as_deref(),
+        )?;
+        self.metrics.known_model(&valid.model);
+        preflight(&ckpt, &valid)?;
+        let tokenizer = self.tokenizer(&ckpt)?;
         if let Some(stop) = observer.should_stop() {
             return Err(pipeline_status(&stop));
         }

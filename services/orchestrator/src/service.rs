@@ -27,6 +27,9 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Where to serve Prometheus metrics (`host:port`, `GET /metrics`); `None` = nowhere.
     pub metrics_listen: Option<String>,
+    /// Models to warm up ([`Orchestrator::warm_up`]) before the Orchestrator service reports
+    /// SERVING (readiness); the server as a whole ("" , liveness) serves from the start.
+    pub preload: Vec<String>,
 }
 
 /// Bounded concurrency plus a bounded queue (TGI-style admission).
@@ -250,6 +253,11 @@ impl OrchestratorService {
             stopping: Arc::new(AtomicBool::new(false)),
             active: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Whether a drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Refuses new work from now on (in-flight requests finish).
@@ -487,12 +495,21 @@ pub async fn serve(
             .await
             .map_err(|e| anyhow::anyhow!("--metrics-listen {listen}: {e}"))?;
     }
-    let service =
-        OrchestratorService::new(orchestrator, options.max_concurrency, options.max_queue);
+    let service = OrchestratorService::new(
+        orchestrator.clone(),
+        options.max_concurrency,
+        options.max_queue,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<OrchestratorServer<OrchestratorService>>()
-        .await;
+    if options.preload.is_empty() {
+        health
+            .set_serving::<OrchestratorServer<OrchestratorService>>()
+            .await;
+    } else {
+        health
+            .set_not_serving::<OrchestratorServer<OrchestratorService>>()
+            .await;
+    }
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -507,6 +524,16 @@ pub async fn serve(
         let _ = tx.send(local);
     }
     let drain_service = service.clone();
+    let (warm_up_failed, warm_up_failure) = tokio::sync::oneshot::channel();
+    if !options.preload.is_empty() {
+        tokio::spawn(warm_up(
+            orchestrator,
+            options.preload.clone(),
+            health.clone(),
+            service.clone(),
+            warm_up_failed,
+        ));
+    }
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -535,7 +562,56 @@ pub async fn serve(
         drain_service.drain(drain_timeout).await;
     };
     // What is left after the drain is sending the last responses.
-    transport::serve_with_drain(router, incoming, drained, async {}, Duration::from_secs(5))
-        .await?;
+    let served =
+        transport::serve_with_drain(router, incoming, drained, async {}, Duration::from_secs(5));
+    tokio::select! {
+        r = served => r?,
+        Ok(e) = warm_up_failure => return Err(e),
+    }
     Ok(())
+}
+
+/// Warms up `models` one after the other, then reports the Orchestrator service SERVING (unless a
+/// drain began meanwhile). A store that is not up yet (UNAVAILABLE) is retried every 2 s; any other
+/// error (a model that does not exist, cannot be resolved, does not fit) is sent to `failed`,
+/// which stops the server: a misconfigured replica fails visibly instead of never becoming ready.
+async fn warm_up(
+    orchestrator: Arc<Orchestrator>,
+    models: Vec<String>,
+    health: tonic_health::server::HealthReporter,
+    service: OrchestratorService,
+    failed: tokio::sync::oneshot::Sender<anyhow::Error>,
+) {
+    for model in models {
+        let started = std::time::Instant::now();
+        loop {
+            let (o, m) = (orchestrator.clone(), model.clone());
+            let result = tokio::task::spawn_blocking(move || o.warm_up(&m))
+                .await
+                .unwrap_or_else(|e| Err(Status::internal(format!("warm-up task failed: {e}"))));
+            match result {
+                Ok(components) => {
+                    tracing::info!(%model, ?components, took_s = started.elapsed().as_secs_f64(), "warmed up");
+                    break;
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable && !service.is_draining() => {
+                    tracing::warn!(%model, error = %s.message(), "warm-up: store unavailable, retrying in 2 s");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(s) => {
+                    let _ = failed.send(anyhow::anyhow!(
+                        "--preload {model}: {:?}: {}",
+                        s.code(),
+                        s.message()
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+    if !service.is_draining() {
+        health
+            .set_serving::<OrchestratorServer<OrchestratorService>>()
+            .await;
+    }
 }
