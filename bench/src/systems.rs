@@ -209,12 +209,11 @@ impl SplitProcs {
             child: store,
             address: store_addr.clone(),
         };
-        // The orchestrator runs the scheduler and image processing: same intra-op threads.
+        // The orchestrator as deployed: its own `--threads` default (1; the store computes).
         let orchestrator = Command::new(launch.bin_dir.join("autopipe-orchestrator"))
             .args(["--listen", &orch_addr.to_string(), "--store", &store_url])
             .args(["--dtype", &launch.dtype])
             .env("RUST_LOG", "warn")
-            .env("OMP_NUM_THREADS", &threads)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file(launch, "split-orchestrator")?))
             .spawn()

@@ -33,11 +33,21 @@ fn resize_rgb(img: &DynamicImage, width: u32, height: u32) -> RgbImage {
 }
 
 /// `VaeImageProcessor.preprocess` for one image: [1, 3, H, W] float32 in [-1, 1].
+///
+/// Pre- and post-processing run in plain Rust (the same float32 operations in the same order as
+/// diffusers' torch/numpy code, so the same values): libtorch would run them as OpenMP parallel
+/// regions on the request's thread, leaving a worker team there that slows the store's compute
+/// thread (see `autopipe_store`'s executor).
 pub fn preprocess(img: &DynamicImage, width: u32, height: u32) -> Tensor {
     let rgb = resize_rgb(img, width, height);
-    let t = Tensor::from_slice(rgb.as_raw()).reshape([height as i64, width as i64, 3]);
-    let t = t.to_kind(Kind::Float) / 255.0;
-    (t.permute([2, 0, 1]).unsqueeze(0) * 2.0 - 1.0).contiguous()
+    let (w, h) = (width as usize, height as usize);
+    let mut chw = vec![0f32; 3 * h * w];
+    for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+        for (c, &v) in px.iter().enumerate() {
+            chw[c * h * w + i] = (v as f32 / 255.0) * 2.0 - 1.0;
+        }
+    }
+    Tensor::from_slice(&chw).reshape([1, 3, height as i64, width as i64])
 }
 
 /// PIL's `convert("L")`: ITU-R 601-2 luma with its fixed-point rounding.
@@ -62,36 +72,63 @@ pub fn preprocess_mask(img: &DynamicImage, width: u32, height: u32) -> Tensor {
     if gray.width() != width || gray.height() != height {
         gray = image::imageops::resize(&gray, width, height, FilterType::Lanczos3);
     }
-    let t = Tensor::from_slice(gray.as_raw())
-        .reshape([1, 1, height as i64, width as i64])
-        .to_kind(Kind::Float)
-        / 255.0;
-    t.ge(0.5).to_kind(Kind::Float)
+    let binary: Vec<f32> = gray
+        .as_raw()
+        .iter()
+        .map(|&v| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 })
+        .collect();
+    Tensor::from_slice(&binary).reshape([1, 1, height as i64, width as i64])
 }
 
 /// `postprocess(output_type="np")` then `numpy_to_pil`: float NHWC in [0, 1] and PNG bytes per image.
 pub fn postprocess(decoded: &Tensor) -> Result<(Tensor, Vec<crate::GeneratedImage>)> {
-    let images = (decoded.to_device(Device::Cpu).to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0);
-    let nhwc = images.permute([0, 2, 3, 1]).contiguous();
-    let quantized = (&nhwc * 255.0).round().to_kind(Kind::Uint8);
-    let (n, h, w) = (nhwc.size()[0], nhwc.size()[1] as u32, nhwc.size()[2] as u32);
-    let mut out = Vec::with_capacity(n as usize);
+    let decoded = decoded
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
+    let size = decoded.size();
+    let [n, c, h, w] = size[..] else {
+        return Err(PipelineError::Internal(format!(
+            "decoded images have shape {size:?}, not [N, 3, H, W]"
+        )));
+    };
+    if c != 3 {
+        return Err(PipelineError::Internal(format!(
+            "decoded images have {c} channels, not 3"
+        )));
+    }
+    let (n, h, w) = (n as usize, h as usize, w as usize);
+    let mut nchw = vec![0f32; n * 3 * h * w];
+    let len = nchw.len();
+    decoded.f_copy_data(&mut nchw, len)?;
+    // images / 2 + 0.5, clamped to [0, 1], as NHWC; then numpy's (x * 255).round().astype(uint8).
+    let mut nhwc = vec![0f32; nchw.len()];
     for i in 0..n {
-        let one = quantized.get(i).contiguous();
-        let len = (h * w * 3) as usize;
-        let mut raw = vec![0u8; len];
-        one.f_copy_data_u8(&mut raw, len)?;
-        let img = RgbImage::from_raw(w, h, raw)
+        for ch in 0..3 {
+            for p in 0..h * w {
+                let v = (nchw[(i * 3 + ch) * h * w + p] / 2.0 + 0.5).clamp(0.0, 1.0);
+                nhwc[(i * h * w + p) * 3 + ch] = v;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for one in nhwc.chunks_exact(h * w * 3) {
+        let raw: Vec<u8> = one
+            .iter()
+            .map(|&v| (v * 255.0).round_ties_even() as u8)
+            .collect();
+        let img = RgbImage::from_raw(w as u32, h as u32, raw)
             .ok_or_else(|| PipelineError::Internal("image buffer size".into()))?;
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .map_err(|e| PipelineError::Internal(format!("png encode: {e}")))?;
         out.push(crate::GeneratedImage {
             png,
-            width: w,
-            height: h,
+            width: w as u32,
+            height: h as u32,
         });
     }
+    let nhwc = Tensor::from_slice(&nhwc).reshape([n as i64, h as i64, w as i64, 3]);
     Ok((nhwc, out))
 }
 

@@ -8,6 +8,7 @@
 mod component;
 mod digest;
 mod error;
+mod executor;
 mod store;
 
 pub use component::{load_component, Component, Tensors, SUPPORTED_CLASSES};

@@ -6,6 +6,7 @@
 
 use crate::component::{load_component, Component, Tensors};
 use crate::digest::DigestCache;
+use crate::executor::Executor;
 use crate::{AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -254,6 +255,7 @@ pub struct Store {
     state: Mutex<State>,
     digests: DigestCache,
     observer: Arc<dyn StoreObserver>,
+    compute: Executor,
 }
 
 impl Store {
@@ -264,6 +266,7 @@ impl Store {
             state: Mutex::new(State::default()),
             digests: DigestCache::default(),
             observer: Arc::new(NoObserver),
+            compute: Executor::new(),
         }
     }
 
@@ -537,13 +540,18 @@ impl Store {
         }
         let spec = k.spec;
         let started = Instant::now();
-        let loaded = load_component(
-            &spec.class_name,
-            &spec.path,
-            spec.variant.as_deref(),
-            k.key.kind,
-            k.key.device,
+        // On the compute thread, like every call, so no other thread holds an OpenMP team (see
+        // `executor`). Calls of other requests wait meanwhile, as they would for the same cores.
+        let (class_name, path, variant) = (
+            spec.class_name.clone(),
+            spec.path.clone(),
+            spec.variant.clone(),
         );
+        let (kind, device) = (k.key.kind, k.key.device);
+        let loaded = self
+            .compute
+            .run(move || load_component(&class_name, &path, variant.as_deref(), kind, device))
+            .and_then(|r| r);
         let took = started.elapsed();
         self.observer
             .loaded(&spec.class_name, k.bytes, took, loaded.is_ok());
@@ -866,11 +874,13 @@ impl ComponentStore for Store {
         request_id: &str,
     ) -> Result<Tensors, StoreError> {
         let resident = self.resolve_handle(lease_id, handle_id)?;
-        let _span =
-            tracing::debug_span!("invoke", class = %resident.class_name, method, request_id)
-                .entered();
+        let span = tracing::debug_span!("invoke", class = %resident.class_name, method, request_id);
         let started = Instant::now();
-        let result = invoke_guarded(&resident, method, &inputs);
+        let (component, name) = (resident.clone(), method.to_string());
+        let result = self
+            .compute
+            .run(move || span.in_scope(|| invoke_guarded(&component, &name, &inputs)))
+            .and_then(|r| r);
         self.observer.invoked(
             &resident.class_name,
             method,

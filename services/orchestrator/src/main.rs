@@ -36,6 +36,11 @@ struct Args {
     /// Serve Prometheus metrics on this host:port (GET /metrics); off when unset.
     #[arg(long, env = "AUTOPIPE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// libtorch intra-op threads for the orchestrator's own tensor work (scheduler steps, CFG,
+    /// image processing: small tensors). The store does the model compute; more threads here only
+    /// spin against it for the same cores.
+    #[arg(long, env = "AUTOPIPE_THREADS", default_value_t = 1)]
+    threads: i32,
     /// Models to warm up at start (local folders or hub repo ids, comma-separated): their
     /// components are loaded into the store before the Orchestrator service reports SERVING.
     #[arg(long, env = "AUTOPIPE_PRELOAD", value_delimiter = ',')]
@@ -49,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    tch::set_num_threads(args.threads);
     let default_kind = autopipe_orchestrator::parse_dtype(args.dtype.as_deref().unwrap_or(""))
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
