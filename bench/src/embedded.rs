@@ -42,6 +42,7 @@ fn run_one(orchestrator: &Orchestrator, store: &Store, spec: &Spec, n: usize) ->
 
 /// Serves specs from stdin until it closes.
 pub fn worker(dtype: &str, threads: i32) -> Result<()> {
+    autopipe_store::allocator::tune_for_libtorch();
     tch::set_num_threads(threads);
     let kind = autopipe_store::parse_kind(dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let store = Arc::new(Store::new(StoreConfig {
@@ -58,7 +59,7 @@ pub fn worker(dtype: &str, threads: i32) -> Result<()> {
         },
     );
     let mut stdout = std::io::stdout().lock();
-    let ready = serde_json::json!({ "ready": true, "threads": tch::get_num_threads() });
+    let ready = serde_json::json!({ "ready": true, "threads": threads });
     writeln!(stdout, "{ready}")?;
     stdout.flush()?;
     for (n, line) in std::io::stdin().lock().lines().enumerate() {

@@ -5,6 +5,7 @@
 //! [`ComponentStore`] is the one interface pipelines use; [`Store`] implements it in-process and the
 //! orchestrator's gRPC client implements it for a remote `autopipe-store`.
 
+pub mod allocator;
 mod component;
 mod digest;
 mod error;

@@ -385,6 +385,7 @@ fn init_tracing() {
 }
 
 fn main() -> anyhow::Result<()> {
+    autopipe_store::allocator::tune_for_libtorch();
     let cli = Cli::parse();
     init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -46,6 +46,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    autopipe_store::allocator::tune_for_libtorch();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
