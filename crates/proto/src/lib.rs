@@ -9,6 +9,7 @@ pub mod v1 {
 /// Encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("autopipe_descriptor");
 
+pub mod metrics;
 mod tensor;
 pub mod transport;
 pub use tensor::{dtype_from_kind, kind_from_dtype, tensor_from_wire, tensor_to_wire, TensorError};

@@ -3,12 +3,13 @@
 //! denoising-step and end-to-end latency histograms, acquire latency and lease renewals.
 //! Written by hand (a few atomics and maps) to keep the service free of a metrics runtime.
 
+use autopipe_proto::metrics::escape;
+pub use autopipe_proto::metrics::Histogram;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Latency buckets in seconds, from a fast GPU step to a slow CPU request.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -18,83 +19,6 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Distinct `model` label values kept; later models are counted as `other` (bounded cardinality).
 const MAX_MODEL_LABELS: usize = 64;
-
-/// A cumulative histogram with fixed buckets.
-#[derive(Debug)]
-pub struct Histogram {
-    buckets: &'static [f64],
-    counts: Vec<AtomicU64>,
-    count: AtomicU64,
-    // Sum in nanoseconds-of-a-second units (f64 bits would need a CAS loop).
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    /// An empty histogram with these upper bounds (seconds).
-    pub fn new(buckets: &'static [f64]) -> Self {
-        Self {
-            buckets,
-            counts: buckets.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = self.buckets.iter().position(|&b| secs <= b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Appends the `_bucket`, `_sum` and `_count` samples of metric `name` with extra `labels`
-    /// (`key="value",…` or empty).
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (b, c) in self.buckets.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(
-            out,
-            "{name}_sum{braces} {}",
-            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
-        );
-        let _ = writeln!(out, "{name}_count{braces} {count}");
-    }
-}
-
-/// Escapes a label value as the exposition format requires.
-fn escape(v: &str) -> String {
-    v.chars()
-        .take(256)
-        .fold(String::with_capacity(v.len()), |mut s, c| {
-            match c {
-                '\\' => s.push_str("\\\\"),
-                '"' => s.push_str("\\\""),
-                '\n' => s.push_str("\\n"),
-                c => s.push(c),
-            }
-            s
-        })
-}
 
 /// Appends extra samples to a scrape.
 type Collector = Box<dyn Fn(&mut String) + Send + Sync>;
@@ -303,61 +227,18 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (anything else: 404) on `listener` until the process ends.
-pub async fn serve_metrics(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) {
-    loop {
-        let Ok((mut socket, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            // A scrape request is one short GET; cap what we read and how long we wait.
-            let mut buf = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                    match socket.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/metrics") => ("200 OK", metrics.render()),
-                _ => ("404 Not Found", "not found: try GET /metrics\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
-        });
-    }
-}
-
-/// Binds `listen` (host:port) and serves metrics there in the background; returns the bound address.
+/// Binds `listen` (host:port) and serves `metrics` there in the background; returns the bound address.
 pub async fn spawn_metrics_server(
     metrics: Arc<Metrics>,
     listen: &str,
 ) -> std::io::Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let local = listener.local_addr()?;
-    tracing::info!(listen = %local, "metrics serving on /metrics");
-    tokio::spawn(serve_metrics(metrics, listener));
-    Ok(local)
+    autopipe_proto::metrics::serve(listen, move || metrics.render()).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn renders_counters_gauges_and_cumulative_histograms() {

@@ -3,13 +3,13 @@
 //! evictions, invoke latency by class and method, RPCs by status code.
 //! Written by hand (a few maps under a mutex) to keep the daemon free of a metrics runtime.
 
+use autopipe_proto::metrics::{escape, Histogram};
 use autopipe_store::{Code, Store, StoreObserver};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Load buckets in seconds: a tiny CPU checkpoint to a multi-GB UNet from a cold disk.
 const LOAD_BUCKETS: &[f64] = &[
@@ -19,46 +19,6 @@ const LOAD_BUCKETS: &[f64] = &[
 const INVOKE_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-/// A cumulative histogram with fixed buckets.
-#[derive(Debug, Clone)]
-struct Histogram {
-    buckets: &'static [f64],
-    counts: Vec<u64>,
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn new(buckets: &'static [f64]) -> Self {
-        Self {
-            buckets,
-            counts: vec![0; buckets.len()],
-            count: 0,
-            sum: 0.0,
-        }
-    }
-
-    fn observe(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = self.buckets.iter().position(|&b| secs <= b) {
-            self.counts[i] += 1;
-        }
-        self.count += 1;
-        self.sum += secs;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (b, c) in self.buckets.iter().zip(&self.counts) {
-            cumulative += c;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
-    }
-}
 
 #[derive(Default)]
 struct Inner {
@@ -265,88 +225,21 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Escapes a label value as the exposition format requires.
-fn escape(v: &str) -> String {
-    v.chars()
-        .take(128)
-        .fold(String::with_capacity(v.len()), |mut s, c| {
-            match c {
-                '\\' => s.push_str("\\\\"),
-                '"' => s.push_str("\\\""),
-                '\n' => s.push_str("\\n"),
-                c => s.push(c),
-            }
-            s
-        })
-}
-
 /// Binds `listen` (host:port) and answers `GET /metrics` until the process ends.
 pub async fn serve(
     listen: &str,
     metrics: Arc<Metrics>,
     store: Arc<Store>,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen)
+    autopipe_proto::metrics::serve(listen, move || metrics.render(&store))
         .await
-        .map_err(|e| anyhow::anyhow!("--metrics-listen {listen}: {e}"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let (metrics, store) = (metrics.clone(), store.clone());
-            tokio::spawn(async move {
-                let Ok(Some(path)) =
-                    tokio::time::timeout(Duration::from_secs(5), read_request_path(&mut socket))
-                        .await
-                else {
-                    return;
-                };
-                let (status, body) = match path.as_str() {
-                    "/metrics" => {
-                        let body = tokio::task::spawn_blocking(move || metrics.render(&store))
-                            .await
-                            .unwrap_or_default();
-                        ("200 OK", body)
-                    }
-                    _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let _ = socket.write_all(body.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    Ok(local)
-}
-
-/// Reads an HTTP/1.1 request head (at most 8 KiB) and returns the path of a GET.
-async fn read_request_path(socket: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = socket.read(&mut chunk).await.ok()?;
-        if n == 0 || buf.len() + n > 8192 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = std::str::from_utf8(&buf).ok()?;
-    let mut parts = head.lines().next()?.split_whitespace();
-    match (parts.next()?, parts.next()?) {
-        ("GET", target) => Some(target.split('?').next().unwrap_or(target).to_string()),
-        _ => None,
-    }
+        .map_err(|e| anyhow::anyhow!("--metrics-listen {listen}: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn renders_counters_histograms_and_gauges() {
