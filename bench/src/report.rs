@@ -563,7 +563,7 @@ pub fn psnr_files(a: &str, b: &str) -> Result<f64> {
     })
 }
 
-/// Bytes of the pipeline components' tensors (text encoder, UNet, VAE), floating-point tensors
+/// Bytes of a Stable Diffusion checkpoint's leased components' tensors (text encoder, UNet, VAE), floating-point tensors
 /// counted at `dtype`, read from the safetensors headers.
 pub fn checkpoint_tensor_bytes(model: &Path, variant: Option<&str>, dtype: &str) -> Result<u64> {
     let float_size = match dtype {
@@ -571,7 +571,7 @@ pub fn checkpoint_tensor_bytes(model: &Path, variant: Option<&str>, dtype: &str)
         _ => 2,
     };
     let mut total = 0u64;
-    for component in autopipe_pipelines::stable_diffusion::COMPONENTS {
+    for component in ["text_encoder", "unet", "vae"] {
         let files = autopipe_models::weights::weight_files(&model.join(component), variant)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         for file in files {

@@ -186,10 +186,14 @@ pub async fn store_client(
 
 /// The `GenerateRequest` for a diffusers reference case in tests/fixtures/reference/cases.json.
 pub fn reference_request(name: &str) -> v1::GenerateRequest {
-    let cases: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("reference/cases.json")).expect("cases.json"),
-    )
-    .expect("cases.json parses");
+    let cases: Vec<serde_json::Value> = ["cases.json", "sdxl_cases.json"]
+        .iter()
+        .flat_map(|file| {
+            let text = std::fs::read_to_string(fixtures().join("reference").join(file))
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            serde_json::from_str::<Vec<serde_json::Value>>(&text).expect("cases parse")
+        })
+        .collect();
     let c = cases
         .iter()
         .find(|c| c["name"] == name)
@@ -232,8 +236,56 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
             .filter(|m| !m.is_empty())
             .map(|m| serde_json::Value::Object(m.clone()).to_string())
             .unwrap_or_default(),
+        prompt_2: c["prompt_2"].as_str().unwrap_or_default().into(),
+        negative_prompt_2: c["negative_prompt_2"].as_str().unwrap_or_default().into(),
+        original_size: size(&c["original_size"]),
+        crops_coords_top_left: coords(&c["crops_coords_top_left"]),
+        target_size: size(&c["target_size"]),
+        negative_original_size: size(&c["negative_original_size"]),
+        negative_crops_coords_top_left: coords(&c["negative_crops_coords_top_left"]),
+        negative_target_size: size(&c["negative_target_size"]),
+        aesthetic_score: c["aesthetic_score"].as_f64().map(|v| v as f32),
+        negative_aesthetic_score: c["negative_aesthetic_score"].as_f64().map(|v| v as f32),
+        denoising_start: c["denoising_start"].as_f64().map(|v| v as f32),
+        denoising_end: c["denoising_end"].as_f64().map(|v| v as f32),
+        output_type: if c["output_type"] == "latent" {
+            v1::OutputType::Latent as i32
+        } else {
+            v1::OutputType::Unspecified as i32
+        },
+        image_latents: c["image_latents"].as_str().map(|file| {
+            let tensors =
+                tch::Tensor::read_safetensors(fixtures().join("reference").join(file)).unwrap();
+            let latents = &tensors.iter().find(|(n, _)| n == "latents").unwrap().1;
+            autopipe_proto::tensor_to_wire(latents).unwrap()
+        }),
         ..Default::default()
     }
+}
+
+fn pair(v: &serde_json::Value) -> Option<(u32, u32)> {
+    let a = v.as_array()?;
+    Some((a.first()?.as_u64()? as u32, a.get(1)?.as_u64()? as u32))
+}
+
+fn size(v: &serde_json::Value) -> Option<v1::Size> {
+    pair(v).map(|(height, width)| v1::Size { height, width })
+}
+
+fn coords(v: &serde_json::Value) -> Option<v1::Coords> {
+    pair(v).map(|(top, left)| v1::Coords { top, left })
+}
+
+/// A case's reference tensor `name` (e.g. the latents of an `output_type="latent"` case).
+pub fn reference_tensor(case: &str, name: &str) -> tch::Tensor {
+    let tensors =
+        tch::Tensor::read_safetensors(fixtures().join("reference").join(format!("{case}.safetensors")))
+            .expect("reference tensors");
+    tensors
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{case}: no tensor {name}"))
+        .1
 }
 
 /// The reference PNG of a case's image `i`, decoded to RGB.

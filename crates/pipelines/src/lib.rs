@@ -2,37 +2,152 @@
 //! denoising loop, decode) written against [`autopipe_store::ComponentStore`], so the same code runs
 //! with an in-process store or a remote one. Per-request state (scheduler, generator) lives here and
 //! is never shared; weights live in the store.
+//!
+//! # Shape
+//! - [`Pipeline`]: one implementation per family (`families/`), found through [`registry`] by the
+//!   [`Family`] that `autopipe_auto` resolves. A pipeline names the optional components it borrows,
+//!   validates a request before anything is leased, and runs.
+//! - `steps/`: what families share, as plain functions and small traits: typed component clients
+//!   over the store ([`steps::components`]), prompt encoders ([`steps::prompt`]), scheduler setup and
+//!   timestep selection ([`steps::schedule`]), latent preparation per task ([`steps::latents`]), the
+//!   one denoising loop that owns classifier-free guidance and the inpainting blend
+//!   ([`steps::denoise`]), image pre/post-processing ([`steps::image`]).
+//!
+//! A new family is a file in `families/` composing those steps, plus one line in [`registry`].
 
-pub mod image_processor;
-pub mod stable_diffusion;
+pub mod families;
+pub mod steps;
 
-use autopipe_store::{Code, StoreError};
-
-pub use stable_diffusion::StableDiffusion;
+use autopipe_auto::{Family, Resolution};
+use autopipe_repo::Checkpoint;
+use autopipe_store::{Code, ComponentStore, Lease, StoreError};
 
 pub use autopipe_auto::Task;
+pub use steps::components::Components;
+pub use steps::tokenizers::TokenizerCache;
+
+/// How a request wants its result (diffusers' `output_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutputType {
+    /// Decoded images (PNG).
+    #[default]
+    Image,
+    /// The denoised latents, not decoded (for a hand-off to another pipeline, e.g. SDXL refiner).
+    Latent,
+}
+
+/// The `image` argument: pixels, or latents from an earlier `output_type="latent"` run
+/// (diffusers passes a 4-channel tensor through its image processor untouched).
+#[derive(Debug)]
+pub enum InitImage {
+    Pixels(image::DynamicImage),
+    Latents(tch::Tensor),
+}
+
+impl Clone for InitImage {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Pixels(img) => Self::Pixels(img.clone()),
+            Self::Latents(t) => Self::Latents(t.shallow_clone()),
+        }
+    }
+}
+
+/// A `(height, width)` or `(top, left)` pair as diffusers' micro-conditioning tuples.
+pub type Pair = (u32, u32);
+
+/// SDXL's micro-conditioning (`original_size`, `crops_coords_top_left`, `target_size`, their
+/// `negative_*` forms, and the refiner's aesthetic scores); `None` takes diffusers' default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MicroConditioning {
+    pub original_size: Option<Pair>,
+    pub crops_coords_top_left: Option<Pair>,
+    pub target_size: Option<Pair>,
+    pub negative_original_size: Option<Pair>,
+    pub negative_crops_coords_top_left: Option<Pair>,
+    pub negative_target_size: Option<Pair>,
+    pub aesthetic_score: Option<f32>,
+    pub negative_aesthetic_score: Option<f32>,
+}
+
+impl MicroConditioning {
+    /// The first field that is set, as the request names it.
+    pub fn first_set(&self) -> Option<&'static str> {
+        [
+            ("original_size", self.original_size.is_some()),
+            ("crops_coords_top_left", self.crops_coords_top_left.is_some()),
+            ("target_size", self.target_size.is_some()),
+            ("negative_original_size", self.negative_original_size.is_some()),
+            (
+                "negative_crops_coords_top_left",
+                self.negative_crops_coords_top_left.is_some(),
+            ),
+            ("negative_target_size", self.negative_target_size.is_some()),
+            ("aesthetic_score", self.aesthetic_score.is_some()),
+            ("negative_aesthetic_score", self.negative_aesthetic_score.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(name, set)| set.then_some(name))
+    }
+}
 
 /// A generation request after validation, in diffusers' call-argument terms. `None` takes the
-/// pipeline's default.
+/// pipeline's default. Images arrive decoded (validation decodes each once).
 #[derive(Debug, Clone, Default)]
 pub struct GenerateParams {
     pub prompt: String,
+    /// SDXL's second prompt (for `tokenizer_2` / `text_encoder_2`); `None` = `prompt`.
+    pub prompt_2: Option<String>,
+    /// `None` = not given (SDXL then zeroes the negative embeddings when the checkpoint says
+    /// `force_zeros_for_empty_prompt`); Stable Diffusion treats it as "".
     pub negative_prompt: Option<String>,
+    pub negative_prompt_2: Option<String>,
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub num_inference_steps: Option<u32>,
     pub guidance_scale: Option<f32>,
     pub strength: Option<f32>,
     pub seed: u64,
-    /// Encoded PNG/JPEG bytes of the init image.
-    pub image: Option<Vec<u8>>,
-    /// Encoded PNG/JPEG bytes of the inpainting mask (white = repaint).
-    pub mask_image: Option<Vec<u8>>,
+    /// The init image (img2img, inpaint).
+    pub image: Option<InitImage>,
+    /// The inpainting mask (white = repaint).
+    pub mask_image: Option<image::DynamicImage>,
     /// Scheduler class override; `None` = the checkpoint's own.
     pub scheduler: Option<String>,
     /// Keys merged over the checkpoint's scheduler config (diffusers' `from_config(config, **kwargs)`).
     pub scheduler_options: serde_json::Map<String, serde_json::Value>,
     pub num_images_per_prompt: Option<u32>,
+    pub micro: MicroConditioning,
+    /// Skip the first part of the schedule (SDXL refiner hand-off), a fraction in (0, 1).
+    pub denoising_start: Option<f32>,
+    /// Stop before the end of the schedule (SDXL base hand-off), a fraction in (0, 1).
+    pub denoising_end: Option<f32>,
+    pub output_type: OutputType,
+}
+
+impl GenerateParams {
+    /// The first SDXL-only field that is set (for families that take none of them).
+    pub fn first_sdxl_field(&self) -> Option<&'static str> {
+        if self.prompt_2.is_some() {
+            return Some("prompt_2");
+        }
+        if self.negative_prompt_2.is_some() {
+            return Some("negative_prompt_2");
+        }
+        if let Some(field) = self.micro.first_set() {
+            return Some(field);
+        }
+        if self.denoising_start.is_some() {
+            return Some("denoising_start");
+        }
+        self.denoising_end.is_some().then_some("denoising_end")
+    }
+}
+
+/// A float request argument as Python would have it: the f32 from the wire read back as the decimal
+/// a user typed (0.7f32 → 0.7, not 0.699999988), so `int(steps * strength)` rounds as in diffusers.
+pub fn as_python_float(v: f32) -> f64 {
+    format!("{v}").parse().unwrap_or(v as f64)
 }
 
 /// One generated image.
@@ -43,21 +158,49 @@ pub struct GeneratedImage {
     pub height: u32,
 }
 
-/// Time spent in each stage, in milliseconds.
+/// Time spent in each named stage, in order (a Combined pipeline has two loops).
 #[derive(Debug, Clone, Default)]
 pub struct StageTimings {
-    pub encode_prompt_ms: f64,
-    pub denoise_ms: f64,
-    pub decode_ms: f64,
+    pub stages: Vec<(&'static str, f64)>,
+    /// Denoising steps run (all loops).
     pub steps: u32,
+}
+
+impl StageTimings {
+    /// Adds `ms` to stage `name` (appended the first time).
+    pub fn add(&mut self, name: &'static str, ms: f64) {
+        match self.stages.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, total)) => *total += ms,
+            None => self.stages.push((name, ms)),
+        }
+    }
+
+    /// Milliseconds spent in `name` (0 if it did not run).
+    pub fn get(&self, name: &str) -> f64 {
+        self.stages
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0.0, |(_, ms)| *ms)
+    }
+
+    /// Runs `f` as stage `name`.
+    pub fn time<T>(&mut self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let out = f();
+        self.add(name, t.elapsed().as_secs_f64() * 1e3);
+        out
+    }
 }
 
 /// What a pipeline run returns.
 #[derive(Debug)]
 pub struct Output {
+    /// Decoded images (empty for [`OutputType::Latent`]).
     pub images: Vec<GeneratedImage>,
-    /// Float images in [0, 1], NHWC, before quantization (for parity checks).
-    pub images_f32: tch::Tensor,
+    /// Float images in [0, 1], NHWC, before quantization (for parity checks); `None` for latents.
+    pub images_f32: Option<tch::Tensor>,
+    /// The denoised latents, for [`OutputType::Latent`].
+    pub latents: Option<tch::Tensor>,
     pub timings: StageTimings,
     pub warnings: Vec<String>,
 }
@@ -86,6 +229,95 @@ impl StepObserver for NoObserver {
     fn should_stop(&self) -> Option<PipelineError> {
         None
     }
+}
+
+/// What a pipeline reads besides leased weights: the request's task and resolution, the checkpoint
+/// on disk, and shared immutable helpers (tokenizers).
+pub struct Context<'a> {
+    pub task: Task,
+    pub resolution: &'a Resolution,
+    pub checkpoint: &'a Checkpoint,
+    pub tokenizers: &'a TokenizerCache,
+}
+
+/// A family's pipelines (diffusers' T2I / I2I / inpaint classes of one model family).
+pub trait Pipeline: Send + Sync {
+    /// The family this implements.
+    fn family(&self) -> Family;
+
+    /// Optional component slots (`_optional_components`) this family borrows when the checkpoint
+    /// has them; required slots are always borrowed.
+    fn optional_components(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Everything that can be checked before leasing: the checkpoint fits the task, the request's
+    /// fields are ones this family takes, the scheduler builds, the sizes and step counts work.
+    fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()>;
+
+    /// Runs the pipeline on leased components.
+    fn run(
+        &self,
+        ctx: &Context,
+        components: &Components,
+        params: &GenerateParams,
+        observer: &dyn StepObserver,
+    ) -> Result<Output>;
+}
+
+/// The pipeline for a family, if autopipe implements it.
+pub fn registry(family: Family) -> Option<&'static dyn Pipeline> {
+    static PIPELINES: &[&dyn Pipeline] = &[
+        &families::stable_diffusion::StableDiffusion,
+        &families::sdxl::StableDiffusionXL,
+    ];
+    PIPELINES.iter().copied().find(|p| p.family() == family)
+}
+
+/// Whether autopipe runs a resolved pipeline class.
+pub fn implemented(resolution: &Resolution) -> bool {
+    registry(resolution.family).is_some()
+}
+
+/// What a resolved pipeline reads from a checkpoint: the components it leases from the store
+/// (weights) and every folder it needs on disk (those plus tokenizers and the scheduler).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// `model_index.json` keys to lease, in the pipeline's `__init__` order.
+    pub leased: Vec<&'static str>,
+    /// Every component folder the run reads (leased ones, tokenizers, scheduler).
+    pub folders: Vec<&'static str>,
+}
+
+/// The plan for `resolution` over a checkpoint whose `model_index.json` is `index`: every required
+/// weight slot, and the optional ones `pipeline` uses where the checkpoint has them.
+pub fn plan(
+    pipeline: &dyn Pipeline,
+    resolution: &Resolution,
+    index: &autopipe_repo::ModelIndex,
+) -> Result<Plan> {
+    let mut leased = Vec::new();
+    let mut folders = Vec::new();
+    for slot in resolution.components {
+        let present = index.component_class(slot.name).is_some();
+        if slot.optional && !(present && pipeline.optional_components().contains(&slot.name)) {
+            continue;
+        }
+        if !present {
+            return Err(PipelineError::invalid(
+                "model",
+                format!(
+                    "{} needs the component {:?}, which model_index.json does not provide",
+                    resolution.pipeline, slot.name
+                ),
+            ));
+        }
+        folders.push(slot.name);
+        if steps::components::holds_weights(slot) {
+            leased.push(slot.name);
+        }
+    }
+    Ok(Plan { leased, folders })
 }
 
 /// Why a pipeline run failed.
@@ -152,3 +384,44 @@ impl From<tch::TchError> for PipelineError {
 
 /// Result with [`PipelineError`].
 pub type Result<T> = std::result::Result<T, PipelineError>;
+
+/// Runs `params` for a resolved pipeline on `store`: plans, leases the components (released on
+/// every path), runs. What the orchestrator does per request, minus the wire; tests and the bench
+/// use it directly.
+pub fn generate(
+    store: &dyn ComponentStore,
+    ctx: &Context,
+    kind: Option<tch::Kind>,
+    variant: Option<&str>,
+    params: &GenerateParams,
+    request_id: &str,
+    observer: &dyn StepObserver,
+) -> Result<Output> {
+    let pipeline = registry(ctx.resolution.family).ok_or_else(|| {
+        PipelineError::Internal(format!("{} is not implemented", ctx.resolution.pipeline))
+    })?;
+    let plan = plan(pipeline, ctx.resolution, ctx.checkpoint.index())?;
+    pipeline.validate(ctx, params)?;
+    let lease = store.acquire(&autopipe_store::AcquireRequest {
+        components: steps::components::specs(ctx.checkpoint, &plan, variant)?,
+        kind,
+        request_id: request_id.to_string(),
+    })?;
+    let lease = LeaseGuard { store, lease };
+    let components = Components::new(store, &lease.lease, request_id);
+    pipeline.run(ctx, &components, params, observer)
+}
+
+/// A lease that is released when dropped, so no path leaks one.
+pub struct LeaseGuard<'a> {
+    pub store: &'a dyn ComponentStore,
+    pub lease: Lease,
+}
+
+impl Drop for LeaseGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.release(&self.lease.id) {
+            tracing::warn!(lease = %self.lease.id, error = %e, "release failed (the lease will expire)");
+        }
+    }
+}

@@ -1,11 +1,14 @@
-//! Parity with diffusers: every case in tests/fixtures/reference/cases.json (made by
-//! scripts/fixtures/pipelines.py with diffusers 0.42.1 on the same checkpoints and seeds) is run
-//! through the Rust pipeline with an in-process store, and the images are compared pixel for pixel.
+//! Parity with diffusers: every case in tests/fixtures/reference/*cases.json (made by
+//! scripts/fixtures/ with diffusers 0.42.1 on the same checkpoints and seeds) is resolved as
+//! AutoPipeline resolves it, run through the registry's pipeline with an in-process store, and
+//! compared pixel for pixel (or, for latent outputs, value for value).
 
-use autopipe_pipelines::{GenerateParams, NoObserver, StableDiffusion, Task};
+use autopipe_pipelines::{
+    Context, GenerateParams, InitImage, MicroConditioning, NoObserver, OutputType, Task,
+    TokenizerCache,
+};
 use autopipe_repo::Checkpoint;
-use autopipe_store::{AcquireRequest, ComponentSpec, ComponentStore, Store, StoreConfig};
-use autopipe_tokenizer::ClipTokenizer;
+use autopipe_store::{Store, StoreConfig};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -16,21 +19,53 @@ struct Case {
     model: String,
     variant: Option<String>,
     task: String,
+    pipeline: String,
     scheduler: Option<String>,
     #[serde(default)]
     scheduler_kwargs: serde_json::Map<String, serde_json::Value>,
     prompt: String,
-    negative_prompt: String,
-    width: u32,
-    height: u32,
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    prompt_2: Option<String>,
+    #[serde(default)]
+    negative_prompt_2: Option<String>,
+    width: Option<u32>,
+    height: Option<u32>,
     num_inference_steps: u32,
     guidance_scale: f32,
     strength: Option<f32>,
     seed: u64,
     num_images_per_prompt: u32,
     image: Option<String>,
+    #[serde(default)]
+    image_latents: Option<String>,
     mask_image: Option<String>,
+    #[serde(default)]
+    original_size: Option<(u32, u32)>,
+    #[serde(default)]
+    crops_coords_top_left: Option<(u32, u32)>,
+    #[serde(default)]
+    target_size: Option<(u32, u32)>,
+    #[serde(default)]
+    negative_original_size: Option<(u32, u32)>,
+    #[serde(default)]
+    negative_crops_coords_top_left: Option<(u32, u32)>,
+    #[serde(default)]
+    negative_target_size: Option<(u32, u32)>,
+    #[serde(default)]
+    aesthetic_score: Option<f32>,
+    #[serde(default)]
+    negative_aesthetic_score: Option<f32>,
+    #[serde(default)]
+    denoising_start: Option<f32>,
+    #[serde(default)]
+    denoising_end: Option<f32>,
+    #[serde(default)]
+    output_type: Option<String>,
     outputs: Vec<String>,
+    outputs_f32: Option<String>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
 }
 
 fn fixtures() -> PathBuf {
@@ -53,64 +88,101 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
     }
 }
 
-fn run_case(store: &Store, case: &Case) -> Vec<(String, f64, f64)> {
-    let reference = fixtures().join("reference");
-    let ckpt = Checkpoint::open(fixtures().join("checkpoints").join(&case.model)).unwrap();
-    let tokenizer = ClipTokenizer::from_folder(&ckpt.component_dir("tokenizer").unwrap()).unwrap();
-    let specs = autopipe_pipelines::stable_diffusion::COMPONENTS
-        .iter()
-        .map(|name| ComponentSpec {
-            name: name.to_string(),
-            class_name: ckpt.index().component_class(name).unwrap().to_string(),
-            path: ckpt.component_dir(name).unwrap(),
-            variant: case.variant.clone(),
-        })
-        .collect();
-    let lease = store
-        .acquire(&AcquireRequest {
-            components: specs,
-            kind: Some(Kind::Float),
-            request_id: case.name.clone(),
-        })
-        .unwrap();
-    let task: Task = case.task.parse().unwrap();
-    let read = |p: &Option<String>| {
-        p.as_ref()
-            .map(|p| std::fs::read(reference.join(p)).unwrap())
+fn read_tensor(file: &Path, name: &str) -> Tensor {
+    Tensor::read_safetensors(file)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{}: no tensor {name}", file.display()))
+        .1
+}
+
+fn params(case: &Case, reference: &Path) -> GenerateParams {
+    let image = match (&case.image, &case.image_latents) {
+        (Some(p), _) => Some(InitImage::Pixels(image::open(reference.join(p)).unwrap())),
+        (None, Some(p)) => Some(InitImage::Latents(read_tensor(&reference.join(p), "latents"))),
+        (None, None) => None,
     };
-    let params = GenerateParams {
+    GenerateParams {
         prompt: case.prompt.clone(),
-        negative_prompt: Some(case.negative_prompt.clone()),
-        width: Some(case.width),
-        height: Some(case.height),
+        prompt_2: case.prompt_2.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        negative_prompt_2: case.negative_prompt_2.clone(),
+        width: case.width,
+        height: case.height,
         num_inference_steps: Some(case.num_inference_steps),
         guidance_scale: Some(case.guidance_scale),
         strength: case.strength,
         seed: case.seed,
-        image: read(&case.image),
-        mask_image: read(&case.mask_image),
+        image,
+        mask_image: case
+            .mask_image
+            .as_ref()
+            .map(|p| image::open(reference.join(p)).unwrap()),
         scheduler: case.scheduler.clone(),
         scheduler_options: case.scheduler_kwargs.clone(),
         num_images_per_prompt: Some(case.num_images_per_prompt),
+        micro: MicroConditioning {
+            original_size: case.original_size,
+            crops_coords_top_left: case.crops_coords_top_left,
+            target_size: case.target_size,
+            negative_original_size: case.negative_original_size,
+            negative_crops_coords_top_left: case.negative_crops_coords_top_left,
+            negative_target_size: case.negative_target_size,
+            aesthetic_score: case.aesthetic_score,
+            negative_aesthetic_score: case.negative_aesthetic_score,
+        },
+        denoising_start: case.denoising_start,
+        denoising_end: case.denoising_end,
+        output_type: match case.output_type.as_deref() {
+            Some("latent") => OutputType::Latent,
+            _ => OutputType::Image,
+        },
+    }
+}
+
+/// Runs one case; returns (output name, PSNR, max |Δ|) per output, or the error message.
+fn run_case(
+    store: &Store,
+    tokenizers: &TokenizerCache,
+    case: &Case,
+) -> Result<Vec<(String, f64, f64)>, String> {
+    let reference = fixtures().join("reference");
+    let ckpt = Checkpoint::open(fixtures().join("checkpoints").join(&case.model)).unwrap();
+    let task: Task = case.task.parse().unwrap();
+    let resolution = autopipe_auto::resolve(&ckpt.index().class_name, task, false).unwrap();
+    assert_eq!(resolution.pipeline, case.pipeline, "{}: resolution", case.name);
+    let ctx = Context {
+        task,
+        resolution: &resolution,
+        checkpoint: &ckpt,
+        tokenizers,
     };
-    let out = StableDiffusion::new(store, &lease, &ckpt, &tokenizer, &case.name)
-        .run(task, &params, &NoObserver)
-        .unwrap();
-    store.release(&lease.id).unwrap();
-    assert_eq!(
-        out.images.len(),
-        case.outputs.len(),
-        "{}: image count",
-        case.name
-    );
-    let expected_f32 =
-        Tensor::read_safetensors(reference.join(format!("{}.safetensors", case.name))).unwrap();
-    let expected_f32 = &expected_f32.iter().find(|(n, _)| n == "images").unwrap().1;
-    let max_diff = (&out.images_f32 - expected_f32.to_device(Device::Cpu))
+    let out = autopipe_pipelines::generate(
+        store,
+        &ctx,
+        Some(Kind::Float),
+        case.variant.as_deref(),
+        &params(case, &reference),
+        &case.name,
+        &NoObserver,
+    )
+    .map_err(|e| e.to_string())?;
+    let expected_file = reference.join(case.outputs_f32.as_ref().expect("outputs_f32"));
+    if let Some(latents) = &out.latents {
+        let expected = read_tensor(&expected_file, "latents");
+        let diff = (latents.to_device(Device::Cpu) - expected).abs().max().double_value(&[]);
+        // Latents have no PNG: report PSNR over the latent range (peak = max |expected|).
+        return Ok(vec![(format!("{} (latents)", case.name), -20.0 * diff.max(1e-30).log10(), diff)]);
+    }
+    assert_eq!(out.images.len(), case.outputs.len(), "{}: image count", case.name);
+    let expected_f32 = read_tensor(&expected_file, "images");
+    let max_diff = (out.images_f32.as_ref().unwrap() - expected_f32.to_device(Device::Cpu))
         .abs()
         .max()
         .double_value(&[]);
-    out.images
+    Ok(out
+        .images
         .iter()
         .zip(&case.outputs)
         .map(|(got, name)| {
@@ -119,34 +191,67 @@ fn run_case(store: &Store, case: &Case) -> Vec<(String, f64, f64)> {
             assert_eq!(got.dimensions(), want.dimensions(), "{}: size", case.name);
             (name.clone(), psnr(got.as_raw(), want.as_raw()), max_diff)
         })
-        .collect()
+        .collect())
 }
 
-#[test]
-fn every_reference_case_matches_diffusers() {
+fn run_cases_file(file: &str) {
     tch::set_num_threads(1);
-    let cases: Vec<Case> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("reference/cases.json")).unwrap(),
-    )
-    .unwrap();
+    let path = fixtures().join("reference").join(file);
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let filter = std::env::var("PARITY_CASE").ok();
     let store = Store::new(StoreConfig::default());
+    let tokenizers = TokenizerCache::default();
     let mut failures = Vec::new();
-    println!("{:<34} {:>10} {:>12}", "case", "PSNR (dB)", "max |Δ| f32");
+    println!("{:<40} {:>10} {:>12}", "case", "PSNR (dB)", "max |Δ| f32");
     for case in cases
         .iter()
         .filter(|c| filter.as_deref().is_none_or(|f| c.name.contains(f)))
     {
-        for (image, psnr, max_diff) in run_case(&store, case) {
-            println!("{image:<34} {psnr:>10.2} {max_diff:>12.2e}");
-            if psnr < 40.0 {
-                failures.push(format!("{image}: PSNR {psnr:.2} dB < 40"));
+        match (run_case(&store, &tokenizers, case), &case.error) {
+            (Ok(results), None) => {
+                for (image, psnr, max_diff) in results {
+                    println!("{image:<40} {psnr:>10.2} {max_diff:>12.2e}");
+                    let latent = image.ends_with("(latents)");
+                    if (!latent && psnr < 40.0) || (latent && max_diff > 1e-3) {
+                        failures.push(format!("{image}: PSNR {psnr:.2} dB, max |Δ| {max_diff:.2e}"));
+                    }
+                }
             }
+            (Err(message), Some(expected)) => {
+                let want = expected["message"].as_str().unwrap_or_default();
+                println!("{:<40} error as diffusers: {}", case.name, message.contains(want));
+                if !message.contains(want) {
+                    failures.push(format!("{}: error {message:?}, diffusers says {want:?}", case.name));
+                }
+            }
+            (Ok(_), Some(expected)) => failures.push(format!(
+                "{}: ran, but diffusers fails with {expected}",
+                case.name
+            )),
+            (Err(message), None) => failures.push(format!("{}: {message}", case.name)),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "parity failures:\n{}",
-        failures.join("\n")
-    );
+    assert_eq!(store.stats().active_leases, 0, "leases left after the cases");
+    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn stable_diffusion_matches_diffusers() {
+    run_cases_file("cases.json");
+}
+
+#[test]
+fn sdxl_matches_diffusers() {
+    run_cases_file("sdxl_cases.json");
+}
+
+#[test]
+fn every_family_autopipe_resolves_to_is_registered_or_unimplemented() {
+    use autopipe_auto::Family;
+    for family in [Family::StableDiffusion, Family::StableDiffusionXL] {
+        let p = autopipe_pipelines::registry(family).expect("registered");
+        assert_eq!(p.family(), family);
+    }
+    assert!(autopipe_pipelines::registry(Family::Other).is_none());
 }

@@ -159,9 +159,81 @@ struct GenerateArgs {
     /// Weight-file variant, e.g. fp16.
     #[arg(long, default_value = "")]
     variant: String,
-    /// Output PNG; several images get -0, -1, … suffixes.
+    /// SDXL: prompt for the second text encoder (default: --prompt).
+    #[arg(long, default_value = "")]
+    prompt_2: String,
+    /// SDXL: negative prompt for the second text encoder (default: --negative-prompt).
+    #[arg(long, default_value = "")]
+    negative_prompt_2: String,
+    /// SDXL micro-conditioning, HEIGHTxWIDTH (default: the output size).
+    #[arg(long, value_parser = parse_size)]
+    original_size: Option<v1::Size>,
+    /// SDXL micro-conditioning, TOP,LEFT (default: 0,0).
+    #[arg(long, value_parser = parse_coords)]
+    crops_coords_top_left: Option<v1::Coords>,
+    /// SDXL micro-conditioning, HEIGHTxWIDTH (default: the output size).
+    #[arg(long, value_parser = parse_size)]
+    target_size: Option<v1::Size>,
+    #[arg(long, value_parser = parse_size)]
+    negative_original_size: Option<v1::Size>,
+    #[arg(long, value_parser = parse_coords)]
+    negative_crops_coords_top_left: Option<v1::Coords>,
+    #[arg(long, value_parser = parse_size)]
+    negative_target_size: Option<v1::Size>,
+    /// SDXL refiner img2img/inpaint (default 6.0).
+    #[arg(long)]
+    aesthetic_score: Option<f32>,
+    /// SDXL refiner img2img/inpaint (default 2.5).
+    #[arg(long)]
+    negative_aesthetic_score: Option<f32>,
+    /// SDXL hand-off: skip this fraction of the schedule (the refiner's side).
+    #[arg(long)]
+    denoising_start: Option<f32>,
+    /// SDXL hand-off: stop after this fraction of the schedule (the base's side; use with
+    /// --output-type latent).
+    #[arg(long)]
+    denoising_end: Option<f32>,
+    /// image (PNG) or latent (a .safetensors file with tensor "latents", for --image-latents).
+    #[arg(long, default_value = "image")]
+    output_type: String,
+    /// Latents from an earlier --output-type latent run, as the img2img image.
+    #[arg(long, conflicts_with = "image")]
+    image_latents: Option<PathBuf>,
+    /// Output PNG (or .safetensors for --output-type latent); several images get -0, -1, … suffixes.
     #[arg(long, default_value = "out.png")]
     output: PathBuf,
+}
+
+fn parse_size(s: &str) -> Result<v1::Size, String> {
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("expected HEIGHTxWIDTH, got {s:?}"))?;
+    Ok(v1::Size {
+        height: h.trim().parse().map_err(|e| format!("height: {e}"))?,
+        width: w.trim().parse().map_err(|e| format!("width: {e}"))?,
+    })
+}
+
+fn parse_coords(s: &str) -> Result<v1::Coords, String> {
+    let (t, l) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected TOP,LEFT, got {s:?}"))?;
+    Ok(v1::Coords {
+        top: t.trim().parse().map_err(|e| format!("top: {e}"))?,
+        left: l.trim().parse().map_err(|e| format!("left: {e}"))?,
+    })
+}
+
+/// Reads the tensor "latents" of a safetensors file, for the wire.
+fn read_latents(path: &Option<PathBuf>) -> anyhow::Result<Option<v1::Tensor>> {
+    let Some(path) = path else { return Ok(None) };
+    let tensors = tch::Tensor::read_safetensors(path)
+        .with_context(|| format!("--image-latents {}", path.display()))?;
+    let (_, latents) = tensors
+        .into_iter()
+        .find(|(n, _)| n == "latents")
+        .with_context(|| format!("--image-latents {}: no tensor \"latents\"", path.display()))?;
+    Ok(Some(autopipe_proto::tensor_to_wire(&latents)?))
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +304,24 @@ fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
         dtype: String::new(),
         variant: a.variant.clone(),
         scheduler_options: String::new(),
+        prompt_2: a.prompt_2.clone(),
+        negative_prompt_2: a.negative_prompt_2.clone(),
+        original_size: a.original_size,
+        crops_coords_top_left: a.crops_coords_top_left,
+        target_size: a.target_size,
+        negative_original_size: a.negative_original_size,
+        negative_crops_coords_top_left: a.negative_crops_coords_top_left,
+        negative_target_size: a.negative_target_size,
+        aesthetic_score: a.aesthetic_score,
+        negative_aesthetic_score: a.negative_aesthetic_score,
+        denoising_start: a.denoising_start,
+        denoising_end: a.denoising_end,
+        output_type: match a.output_type.as_str() {
+            "image" | "pil" => v1::OutputType::Image,
+            "latent" => v1::OutputType::Latent,
+            other => bail!("--output-type: expected image or latent, got {other:?}"),
+        } as i32,
+        image_latents: read_latents(&a.image_latents)?,
     })
 }
 
@@ -251,6 +341,12 @@ fn progress_bar() -> ProgressBar {
 }
 
 fn write_images(resp: &v1::GenerateResponse, output: &Path) -> anyhow::Result<()> {
+    if let Some(latents) = &resp.latents {
+        let t = autopipe_proto::tensor_from_wire(latents, tch::Device::Cpu)?;
+        tch::Tensor::write_safetensors(&[("latents", &t)], output)
+            .with_context(|| format!("writing {}", output.display()))?;
+        println!("{} (latents {:?})", output.display(), t.size());
+    }
     for (i, img) in resp.images.iter().enumerate() {
         let path = if resp.images.len() == 1 {
             output.to_path_buf()
@@ -272,8 +368,15 @@ fn write_images(resp: &v1::GenerateResponse, output: &Path) -> anyhow::Result<()
     }
     if let Some(t) = &resp.timings {
         eprintln!(
-            "{}: {:.0} ms total ({:.1} ms/step, acquire {:.0} ms, prompt {:.0} ms, decode {:.0} ms)",
-            resp.pipeline, t.total_ms, t.step_ms_mean, t.acquire_ms, t.encode_prompt_ms, t.decode_ms
+            "{}: {:.0} ms total ({:.1} ms/step, acquire {:.0} ms{})",
+            resp.pipeline,
+            t.total_ms,
+            t.step_ms_mean,
+            t.acquire_ms,
+            t.stages
+                .iter()
+                .map(|s| format!(", {} {:.0} ms", s.name.replace('_', " "), s.ms))
+                .collect::<String>()
         );
     }
     Ok(())

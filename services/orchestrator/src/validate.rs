@@ -1,6 +1,6 @@
 //! Every `GenerateRequest` field checked before any work, each error naming its field.
 
-use autopipe_pipelines::{GenerateParams, Task};
+use autopipe_pipelines::{GenerateParams, InitImage, MicroConditioning, OutputType, Pair, Task};
 use autopipe_proto::v1;
 use tch::Kind;
 use tonic::Status;
@@ -78,7 +78,8 @@ fn reference(v: &str, field: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn check_image(bytes: &[u8], field: &str) -> Result<(u32, u32), Status> {
+/// Decodes an image field (once: the pipeline takes the decoded image).
+fn check_image(bytes: &[u8], field: &str) -> Result<image::DynamicImage, Status> {
     if bytes.is_empty() {
         return Err(invalid(field, "is required for this task"));
     }
@@ -91,7 +92,47 @@ fn check_image(bytes: &[u8], field: &str) -> Result<(u32, u32), Status> {
             format!("size {w}x{h} is outside 1..={MAX_SIDE}"),
         ));
     }
-    Ok((w, h))
+    Ok(img)
+}
+
+/// A micro-conditioning size: both sides set and bounded.
+fn size_pair(v: &Option<v1::Size>, field: &str) -> Result<Option<Pair>, Status> {
+    match v {
+        None => Ok(None),
+        Some(s) if s.height == 0 || s.width == 0 || s.height > MAX_SIDE * 4 || s.width > MAX_SIDE * 4 => Err(invalid(
+            field,
+            format!("height and width must be in 1..={}, got {}x{}", MAX_SIDE * 4, s.height, s.width),
+        )),
+        Some(s) => Ok(Some((s.height, s.width))),
+    }
+}
+
+/// A crop offset, bounded.
+fn coords_pair(v: &Option<v1::Coords>, field: &str) -> Result<Option<Pair>, Status> {
+    match v {
+        None => Ok(None),
+        Some(c) if c.top > MAX_SIDE * 4 || c.left > MAX_SIDE * 4 => Err(invalid(
+            field,
+            format!("top and left must be at most {}, got ({}, {})", MAX_SIDE * 4, c.top, c.left),
+        )),
+        Some(c) => Ok(Some((c.top, c.left))),
+    }
+}
+
+/// An optional finite float.
+fn finite(v: Option<f32>, field: &str) -> Result<Option<f32>, Status> {
+    match v {
+        Some(x) if !x.is_finite() => Err(invalid(field, format!("must be a finite number, got {x}"))),
+        v => Ok(v),
+    }
+}
+
+/// An optional prompt: bounded; empty = not given.
+fn optional_prompt(v: &str, field: &str) -> Result<Option<String>, Status> {
+    if v.len() > MAX_PROMPT_BYTES {
+        return Err(invalid(field, format!("longer than {MAX_PROMPT_BYTES} bytes")));
+    }
+    Ok((!v.is_empty()).then(|| v.to_string()))
 }
 
 /// Checks every field; draws a random seed when none is given.
@@ -188,6 +229,24 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
         },
     };
     let kind = dtype(&req.dtype, "dtype")?;
+    let image_latents = match &req.image_latents {
+        None => None,
+        Some(t) => {
+            if !req.image.is_empty() {
+                return Err(invalid("image_latents", "give either image or image_latents, not both"));
+            }
+            if task != Task::Img2Img {
+                return Err(invalid("image_latents", "is only used by img2img"));
+            }
+            let latents = autopipe_proto::tensor_from_wire(t, tch::Device::Cpu)
+                .map_err(|e| invalid("image_latents", e))?;
+            if latents.dim() != 4 || latents.kind() == Kind::Int64 || latents.numel() > (MAX_SIDE as usize / 8).pow(2) * 16 * MAX_IMAGES as usize {
+                return Err(invalid("image_latents", format!("must be a float tensor [batch, channels, h, w] of latents, got {:?} {:?}", latents.kind(), latents.size())));
+            }
+            Some(latents.to_kind(Kind::Float))
+        }
+    };
+    let (mut image, mut mask_image) = (None, None);
     match task {
         Task::Text2Img => {
             if !req.image.is_empty() || !req.mask_image.is_empty() {
@@ -205,23 +264,31 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
             }
         }
         Task::Img2Img => {
-            check_image(&req.image, "image")?;
+            image = match image_latents {
+                Some(latents) => Some(InitImage::Latents(latents)),
+                None => Some(InitImage::Pixels(check_image(&req.image, "image")?)),
+            };
             if !req.mask_image.is_empty() {
                 return Err(invalid("mask_image", "is not used by img2img"));
             }
         }
         Task::Inpaint => {
-            let image = check_image(&req.image, "image")?;
+            let img = check_image(&req.image, "image")?;
             let mask = check_image(&req.mask_image, "mask_image")?;
-            if image != mask {
+            if (img.width(), img.height()) != (mask.width(), mask.height()) {
                 return Err(invalid(
                     "mask_image",
                     format!(
                         "size {}x{} does not match image size {}x{}",
-                        mask.0, mask.1, image.0, image.1
+                        mask.width(),
+                        mask.height(),
+                        img.width(),
+                        img.height()
                     ),
                 ));
             }
+            image = Some(InitImage::Pixels(img));
+            mask_image = Some(mask);
         }
     }
     let variant = match req.variant.trim() {
@@ -246,18 +313,40 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
         variant,
         params: GenerateParams {
             prompt: req.prompt.clone(),
-            negative_prompt: Some(req.negative_prompt.clone()),
+            prompt_2: optional_prompt(&req.prompt_2, "prompt_2")?,
+            negative_prompt: (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone()),
+            negative_prompt_2: optional_prompt(&req.negative_prompt_2, "negative_prompt_2")?,
             width,
             height,
             num_inference_steps,
             guidance_scale: req.guidance_scale,
             strength: req.strength,
             seed,
-            image: (!req.image.is_empty()).then(|| req.image.clone()),
-            mask_image: (!req.mask_image.is_empty()).then(|| req.mask_image.clone()),
+            image,
+            mask_image,
             scheduler,
             scheduler_options,
             num_images_per_prompt,
+            micro: MicroConditioning {
+                original_size: size_pair(&req.original_size, "original_size")?,
+                crops_coords_top_left: coords_pair(&req.crops_coords_top_left, "crops_coords_top_left")?,
+                target_size: size_pair(&req.target_size, "target_size")?,
+                negative_original_size: size_pair(&req.negative_original_size, "negative_original_size")?,
+                negative_crops_coords_top_left: coords_pair(
+                    &req.negative_crops_coords_top_left,
+                    "negative_crops_coords_top_left",
+                )?,
+                negative_target_size: size_pair(&req.negative_target_size, "negative_target_size")?,
+                aesthetic_score: finite(req.aesthetic_score, "aesthetic_score")?,
+                negative_aesthetic_score: finite(req.negative_aesthetic_score, "negative_aesthetic_score")?,
+            },
+            denoising_start: finite(req.denoising_start, "denoising_start")?,
+            denoising_end: finite(req.denoising_end, "denoising_end")?,
+            output_type: match v1::OutputType::try_from(req.output_type) {
+                Ok(v1::OutputType::Unspecified | v1::OutputType::Image) => OutputType::Image,
+                Ok(v1::OutputType::Latent) => OutputType::Latent,
+                Err(_) => return Err(invalid("output_type", format!("unknown output type {}", req.output_type))),
+            },
         },
     })
 }

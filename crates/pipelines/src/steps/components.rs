@@ -1,0 +1,206 @@
+//! Typed clients for leased components: what a pipeline calls instead of raw `Invoke`s. Each client
+//! names the store method and its inputs and outputs once (the store's component registry is the
+//! other side of the same contract).
+
+use crate::{PipelineError, Plan, Result};
+use autopipe_auto::ComponentSlot;
+use autopipe_repo::Checkpoint;
+use autopipe_store::{ComponentSpec, ComponentStore, Lease, Tensors};
+use tch::Tensor;
+
+/// Whether a component slot holds weights the store loads (as opposed to a tokenizer, a scheduler
+/// or an image processor, which the pipeline reads from disk itself).
+pub fn holds_weights(slot: &ComponentSlot) -> bool {
+    !(slot.name == "scheduler"
+        || slot.class.ends_with("Tokenizer")
+        || slot.class.ends_with("TokenizerFast")
+        || slot.class.ends_with("Processor")
+        || slot.class.ends_with("FeatureExtractor"))
+}
+
+/// The store's view of `plan.leased`: each component's class, folder and weight variant.
+pub fn specs(checkpoint: &Checkpoint, plan: &Plan, variant: Option<&str>) -> Result<Vec<ComponentSpec>> {
+    plan.leased
+        .iter()
+        .map(|name| {
+            let class_name = checkpoint.index().component_class(name).ok_or_else(|| {
+                PipelineError::invalid("model", format!("model_index.json has no {name}"))
+            })?;
+            Ok(ComponentSpec {
+                name: name.to_string(),
+                class_name: class_name.to_string(),
+                path: checkpoint.component_dir(name)?,
+                variant: variant.map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+/// The leased components of one request.
+pub struct Components<'a> {
+    store: &'a dyn ComponentStore,
+    lease: &'a Lease,
+    request_id: &'a str,
+}
+
+impl<'a> Components<'a> {
+    pub fn new(store: &'a dyn ComponentStore, lease: &'a Lease, request_id: &'a str) -> Self {
+        Self {
+            store,
+            lease,
+            request_id,
+        }
+    }
+
+    /// Whether the lease holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.lease.handles.iter().any(|h| h.name == name)
+    }
+
+    fn invoke(&self, component: &str, method: &str, inputs: Tensors) -> Result<Outputs> {
+        let handle = self.lease.handle(component)?;
+        let tensors = self
+            .store
+            .invoke(&self.lease.id, &handle.id, method, inputs, self.request_id)?;
+        Ok(Outputs {
+            component: handle.class_name.clone(),
+            tensors,
+        })
+    }
+
+    /// The CLIP text encoder leased as `name`.
+    pub fn text_encoder(&'a self, name: &'a str) -> TextEncoder<'a> {
+        TextEncoder { components: self, name }
+    }
+
+    /// The UNet leased as `name`.
+    pub fn unet(&'a self, name: &'a str) -> Unet<'a> {
+        Unet { components: self, name }
+    }
+
+    /// The VAE leased as `name`.
+    pub fn vae(&'a self, name: &'a str) -> Vae<'a> {
+        Vae { components: self, name }
+    }
+}
+
+/// A method's named outputs.
+struct Outputs {
+    component: String,
+    tensors: Tensors,
+}
+
+impl Outputs {
+    fn take(&mut self, name: &str) -> Result<Tensor> {
+        let i = self
+            .tensors
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| {
+                PipelineError::Internal(format!("{} returned no {name:?}", self.component))
+            })?;
+        Ok(self.tensors.swap_remove(i).1)
+    }
+}
+
+/// What a CLIP text encoder returns.
+pub struct TextEncoding {
+    pub last_hidden_state: Tensor,
+    /// `hidden_states[-2]`.
+    pub penultimate_hidden_state: Tensor,
+    /// `text_embeds` of a CLIPTextModelWithProjection (2-D: what SDXL pools); `None` for a plain
+    /// CLIPTextModel.
+    pub text_embeds: Option<Tensor>,
+}
+
+/// `CLIPTextModel` / `CLIPTextModelWithProjection`.
+pub struct TextEncoder<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl TextEncoder<'_> {
+    /// Encodes `input_ids` ([B, T] int64).
+    pub fn encode(&self, input_ids: Tensor) -> Result<TextEncoding> {
+        let mut out =
+            self.components
+                .invoke(self.name, "encode", vec![("input_ids".into(), input_ids)])?;
+        let text_embeds = out.take("text_embeds").ok();
+        Ok(TextEncoding {
+            last_hidden_state: out.take("last_hidden_state")?,
+            penultimate_hidden_state: out.take("penultimate_hidden_state")?,
+            text_embeds,
+        })
+    }
+}
+
+/// SDXL's added conditioning (`added_cond_kwargs`): pooled text embeddings and time ids.
+pub struct AddedConditioning {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+/// `UNet2DConditionModel`.
+pub struct Unet<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl Unet<'_> {
+    /// One forward pass: the noise (or v) prediction.
+    pub fn forward(
+        &self,
+        sample: Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
+        let mut inputs = vec![
+            ("sample".into(), sample),
+            ("timestep".into(), Tensor::from(timestep as f32)),
+            (
+                "encoder_hidden_states".into(),
+                encoder_hidden_states.shallow_clone(),
+            ),
+        ];
+        if let Some(added) = added {
+            inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));
+            inputs.push(("time_ids".into(), added.time_ids.shallow_clone()));
+        }
+        self.components
+            .invoke(self.name, "forward", inputs)?
+            .take("sample")
+    }
+}
+
+/// The VAE's posterior `DiagonalGaussianDistribution`.
+pub struct Posterior {
+    pub mean: Tensor,
+    pub logvar: Tensor,
+}
+
+/// `AutoencoderKL`.
+pub struct Vae<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl Vae<'_> {
+    /// Encodes images in [-1, 1] to the latent posterior.
+    pub fn encode(&self, images: Tensor) -> Result<Posterior> {
+        let mut out = self
+            .components
+            .invoke(self.name, "encode", vec![("sample".into(), images)])?;
+        Ok(Posterior {
+            mean: out.take("mean")?,
+            logvar: out.take("logvar")?,
+        })
+    }
+
+    /// Decodes latents (already unscaled) to images in about [-1, 1].
+    pub fn decode(&self, latents: Tensor) -> Result<Tensor> {
+        self.components
+            .invoke(self.name, "decode", vec![("latents".into(), latents)])?
+            .take("sample")
+    }
+}
