@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod controlnet;
 pub mod embeddings;
 pub mod error;
 pub mod resnet;

@@ -318,29 +318,40 @@ pub struct UNetExtraInputs<'a> {
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
-    conv_in: nn::Conv2D,
-    time_proj: Timesteps,
-    time_embedding: TimestepEmbedding,
+    down: DownPath,
     encoder_hid_proj: Option<nn::Linear>,
-    add_time_proj: Option<Timesteps>,
-    add_embedding: Option<TimestepEmbedding>,
     time_embed_act: Option<Activation>,
-    down_blocks: Vec<DownBlock>,
-    mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
     conv_act: Activation,
     conv_out: nn::Conv2D,
+    var_store: Option<nn::VarStore>,
+}
+
+/// The half of a UNet that a ControlNet copies, at the same parameter paths: the time (and SDXL
+/// added) embeddings, `conv_in`, the down blocks and the mid block.
+#[derive(Debug)]
+pub(crate) struct DownPath {
+    in_channels: i64,
+    conv_in: nn::Conv2D,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    add_time_proj: Option<Timesteps>,
+    add_embedding: Option<TimestepEmbedding>,
+    /// `projection_class_embeddings_input_dim` when `add_embedding` exists.
+    add_embedding_dim: Option<i64>,
+    time_cond_proj_dim: Option<i64>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
     /// Feature width `encoder_hidden_states` must have.
     context_dim: Option<i64>,
     kind: Kind,
     device: Device,
-    var_store: Option<nn::VarStore>,
 }
 
 /// The per-block values of a validated config, as diffusers' `__init__` derives them.
 #[derive(Debug)]
-struct BlockPlan {
+pub(crate) struct BlockPlan {
     act: Activation,
     post_act: Option<Activation>,
     time_embed_act: Option<Activation>,
@@ -366,7 +377,7 @@ struct BlockPlan {
 impl UNet2DConditionConfig {
     /// Checks the config and expands its per-block values, rejecting (by field name) whatever
     /// this implementation does not build.
-    fn plan(&self) -> Result<BlockPlan> {
+    pub(crate) fn plan(&self) -> Result<BlockPlan> {
         let cfg = self;
         let n = cfg.down_block_types.len();
         let cerr = |m: String| Err(Error::Config(m));
@@ -606,55 +617,32 @@ impl UNet2DConditionConfig {
     }
 }
 
-impl UNet2DConditionModel {
-    /// Declares the model's parameters under `vs` (at the checkpoint's key paths), rejecting
-    /// config values this implementation does not support.
-    pub fn new(vs: &nn::Path, config: UNet2DConditionConfig) -> Result<Self> {
-        let cfg = &config;
-        let BlockPlan {
-            act,
-            post_act,
-            time_embed_act,
-            encoder_hid_proj,
-            add_embedding,
-            groups,
-            down_cross,
-            up_cross,
-            mid_cross,
-            only_cross,
-            heads,
-            cross_dims,
-            layers,
-            down_tl,
-            up_tl,
-            mid_tl,
-        } = cfg.plan()?;
+impl DownPath {
+    /// Declares the shared parameters under `vs` from a config already checked by `plan`.
+    pub(crate) fn new(vs: &nn::Path, cfg: &UNet2DConditionConfig, plan: &BlockPlan) -> Self {
         let n = cfg.down_block_types.len();
         let b0 = cfg.block_out_channels[0];
-        // Time embedding.
         let time_embed_dim = cfg.time_embedding_dim.unwrap_or(b0 * 4);
         let time_proj = Timesteps::new(b0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(
             &(vs / "time_embedding"),
             b0,
             time_embed_dim,
-            act,
+            plan.act,
             None,
-            post_act,
+            plan.post_act,
             cfg.time_cond_proj_dim,
         );
-
-        let encoder_hid_proj =
-            encoder_hid_proj.map(|(d, ca)| weights::linear(vs / "encoder_hid_proj", d, ca, true));
         let context_dim = match (cfg.encoder_hid_dim, &cfg.cross_attention_dim) {
             (Some(d), _) => Some(d),
             (None, PerBlock::One(d)) => Some(*d),
             (None, PerBlock::Many(v)) => v.first().copied().filter(|f| v.iter().all(|x| x == f)),
         };
         // SDXL: pooled text embeddings + `time_ids` projections, added to the time embedding.
-        let add_time_proj =
-            add_embedding.map(|(dim, _)| Timesteps::new(dim, cfg.flip_sin_to_cos, cfg.freq_shift));
-        let add_embedding = add_embedding.map(|(_, input_dim)| {
+        let add_time_proj = plan
+            .add_embedding
+            .map(|(dim, _)| Timesteps::new(dim, cfg.flip_sin_to_cos, cfg.freq_shift));
+        let add_embedding = plan.add_embedding.map(|(_, input_dim)| {
             TimestepEmbedding::new(
                 &(vs / "add_embedding"),
                 input_dim,
@@ -665,7 +653,6 @@ impl UNet2DConditionModel {
                 None,
             )
         });
-
         let conv_in = weights::conv2d(
             vs / "conv_in",
             cfg.in_channels,
@@ -674,34 +661,20 @@ impl UNet2DConditionModel {
             1,
             (cfg.conv_in_kernel - 1) / 2,
         );
-
-        let resnet = ResnetSettings {
-            temb_channels: time_embed_dim,
-            groups,
-            eps: cfg.norm_eps,
-        };
-        let cross = |i: usize, tl: Vec<i64>, only: bool| CrossAttnSettings {
-            transformer_layers: tl,
-            num_attention_heads: heads[i],
-            cross_attention_dim: cross_dims[i],
-            use_linear_projection: cfg.use_linear_projection,
-            only_cross_attention: only,
-            upcast_attention: cfg.upcast_attention,
-        };
-
-        // Down path.
+        let resnet = plan.resnet_settings(cfg);
         let mut down_blocks = Vec::with_capacity(n);
         let mut output_channel = b0;
         for i in 0..n {
             let input_channel = output_channel;
             output_channel = cfg.block_out_channels[i];
-            let settings = down_cross[i].then(|| cross(i, down_tl[i].clone(), only_cross[i]));
+            let settings = plan.down_cross[i]
+                .then(|| plan.cross(cfg, i, plan.down_tl[i].clone(), plan.only_cross[i]));
             down_blocks.push(DownBlock::new(
                 &(vs / "down_blocks" / i),
                 &DownBlockConfig {
                     in_channels: input_channel,
                     out_channels: output_channel,
-                    num_layers: layers[i],
+                    num_layers: plan.layers[i],
                     add_downsample: i + 1 < n,
                     downsample_padding: cfg.downsample_padding,
                 },
@@ -709,11 +682,10 @@ impl UNet2DConditionModel {
                 settings.as_ref(),
             ));
         }
-
         // Mid block. diffusers builds the mid transformer without `only_cross_attention`.
         let last = n - 1;
-        let mid_block = mid_cross.map(|has_cross| {
-            let settings = has_cross.then(|| cross(last, mid_tl.clone(), false));
+        let mid_block = plan.mid_cross.map(|has_cross| {
+            let settings = has_cross.then(|| plan.cross(cfg, last, plan.mid_tl.clone(), false));
             MidBlock::new(
                 &(vs / "mid_block"),
                 cfg.block_out_channels[last],
@@ -722,6 +694,238 @@ impl UNet2DConditionModel {
                 settings.as_ref(),
             )
         });
+        Self {
+            in_channels: cfg.in_channels,
+            conv_in,
+            time_proj,
+            time_embedding,
+            add_time_proj,
+            add_embedding_dim: plan.add_embedding.map(|(_, d)| d),
+            add_embedding,
+            time_cond_proj_dim: cfg.time_cond_proj_dim,
+            down_blocks,
+            mid_block,
+            context_dim,
+            kind: vs.kind(),
+            device: vs.device(),
+        }
+    }
+
+    /// How many skip connections the down path produces (`conv_in` output first).
+    pub(crate) fn num_residuals(&self) -> usize {
+        1 + self
+            .down_blocks
+            .iter()
+            .map(DownBlock::num_outputs)
+            .sum::<usize>()
+    }
+
+    /// The dtype of the parameters.
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The device of the parameters.
+    pub(crate) fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Moves a float input to the model's device and dtype.
+    pub(crate) fn to_model(&self, t: &Tensor) -> Tensor {
+        t.to_device_(self.device, self.kind, false, false)
+    }
+
+    /// Checks the inputs both models take (sample, timestep, text and SDXL conditioning).
+    pub(crate) fn check_inputs(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&SdxlConditioning>,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<()> {
+        let ierr = |m: String| Err(Error::Input(m));
+        let s = sample.size();
+        if s.len() != 4 || s[1] != self.in_channels {
+            return ierr(format!(
+                "sample: shape {s:?}, expected [batch, {}, height, width]",
+                self.in_channels
+            ));
+        }
+        let batch = s[0];
+        if !sample.is_floating_point() {
+            return ierr(format!(
+                "sample: dtype {:?} is not a float type",
+                sample.kind()
+            ));
+        }
+        let t = timestep.size();
+        let t_ok = match t[..] {
+            [] => true,
+            [len] => len == 1 || len == batch,
+            _ => false,
+        };
+        if !t_ok {
+            return ierr(format!(
+                "timestep: shape {t:?}, expected a scalar, [1] or [{batch}]"
+            ));
+        }
+        let e = encoder_hidden_states.size();
+        let e_ok = e.len() == 3 && e[0] == batch && self.context_dim.is_none_or(|d| e[2] == d);
+        if !e_ok {
+            let dim = self
+                .context_dim
+                .map_or_else(|| "dim".to_string(), |d| d.to_string());
+            return ierr(format!(
+                "encoder_hidden_states: shape {e:?}, expected [{batch}, tokens, {dim}]"
+            ));
+        }
+        if let (Some(add_proj), Some(add_emb_dim)) = (&self.add_time_proj, self.add_embedding_dim) {
+            let Some(added) = added else {
+                return ierr(
+                    "added: this model (addition_embed_type \"text_time\") needs text_embeds and time_ids"
+                        .into(),
+                );
+            };
+            let te = added.text_embeds.size();
+            let ti = added.time_ids.size();
+            let per_id = add_proj.num_channels();
+            let ok = te.len() == 2
+                && ti.len() == 2
+                && te[0] == batch
+                && ti[0] == batch
+                && te[1] + ti[1] * per_id == add_emb_dim;
+            if !ok {
+                return ierr(format!(
+                    "added: text_embeds {te:?} and time_ids {ti:?} do not fit batch {batch} and \
+                     projection_class_embeddings_input_dim {add_emb_dim} ({per_id} features per time id)"
+                ));
+            }
+        }
+        if let (Some(tc), Some(dim)) = (timestep_cond, self.time_cond_proj_dim) {
+            let ts = tc.size();
+            if ts.len() != 2 || ts[1] != dim || (ts[0] != batch && ts[0] != 1) {
+                return ierr(format!(
+                    "timestep_cond: shape {ts:?}, expected [{batch}, {dim}]"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The time embedding plus, for SDXL, the added `text_time` embedding.
+    pub(crate) fn embed(
+        &self,
+        timestep: &Tensor,
+        batch: i64,
+        added: Option<&SdxlConditioning>,
+        timestep_cond: Option<&Tensor>,
+    ) -> Tensor {
+        let (kind, device) = (self.kind, self.device);
+        let timesteps = timestep
+            .to_device(device)
+            .reshape([-1])
+            .expand([batch], false);
+        let t_emb = self.time_proj.forward(&timesteps).to_kind(kind);
+        let timestep_cond = timestep_cond.map(|t| self.to_model(t));
+        let mut emb = self.time_embedding.forward(&t_emb, timestep_cond.as_ref());
+        if let (Some(add_proj), Some(add_emb), Some(added)) =
+            (&self.add_time_proj, &self.add_embedding, added)
+        {
+            let time_ids = added.time_ids.to_device(device);
+            let time_embeds = add_proj
+                .forward(&time_ids.flatten(0, -1))
+                .reshape([batch, -1])
+                .to_kind(kind);
+            let add_embeds = Tensor::cat(&[self.to_model(&added.text_embeds), time_embeds], -1);
+            emb += add_emb.forward(&add_embeds, None);
+        }
+        emb
+    }
+
+    /// The sample in the model's layout (channels-last on CPU, matching the weights).
+    pub(crate) fn input(&self, sample: &Tensor) -> Tensor {
+        if weights::use_channels_last(self.device) {
+            weights::channels_last(&self.to_model(sample))
+        } else {
+            self.to_model(sample)
+        }
+    }
+
+    /// `conv_in`.
+    pub(crate) fn conv_in(&self, sample: &Tensor) -> Tensor {
+        self.conv_in.forward(sample)
+    }
+
+    /// The down blocks from `conv_in`'s output `xs`: the last output and every skip connection
+    /// (`xs` itself first).
+    pub(crate) fn down(
+        &self,
+        xs: Tensor,
+        emb: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> (Tensor, Vec<Tensor>) {
+        let mut res_samples = Vec::with_capacity(self.num_residuals());
+        res_samples.push(xs.shallow_clone());
+        let mut xs = xs;
+        for block in &self.down_blocks {
+            let (out, res) = block.forward(&xs, emb, encoder_hidden_states);
+            xs = out;
+            res_samples.extend(res);
+        }
+        (xs, res_samples)
+    }
+
+    /// The mid block (the identity when the config has none).
+    pub(crate) fn mid(&self, xs: Tensor, emb: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+        match &self.mid_block {
+            Some(mid) => mid.forward(&xs, emb, encoder_hidden_states),
+            None => xs,
+        }
+    }
+}
+
+impl BlockPlan {
+    fn resnet_settings(&self, cfg: &UNet2DConditionConfig) -> ResnetSettings {
+        let b0 = cfg.block_out_channels[0];
+        ResnetSettings {
+            temb_channels: cfg.time_embedding_dim.unwrap_or(b0 * 4),
+            groups: self.groups,
+            eps: cfg.norm_eps,
+        }
+    }
+
+    fn cross(
+        &self,
+        cfg: &UNet2DConditionConfig,
+        i: usize,
+        transformer_layers: Vec<i64>,
+        only_cross_attention: bool,
+    ) -> CrossAttnSettings {
+        CrossAttnSettings {
+            transformer_layers,
+            num_attention_heads: self.heads[i],
+            cross_attention_dim: self.cross_dims[i],
+            use_linear_projection: cfg.use_linear_projection,
+            only_cross_attention,
+            upcast_attention: cfg.upcast_attention,
+        }
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Declares the model's parameters under `vs` (at the checkpoint's key paths), rejecting
+    /// config values this implementation does not support.
+    pub fn new(vs: &nn::Path, config: UNet2DConditionConfig) -> Result<Self> {
+        let cfg = &config;
+        let plan = cfg.plan()?;
+        let down = DownPath::new(vs, cfg, &plan);
+        let n = cfg.down_block_types.len();
+        let b0 = cfg.block_out_channels[0];
+        let encoder_hid_proj = plan
+            .encoder_hid_proj
+            .map(|(d, ca)| weights::linear(vs / "encoder_hid_proj", d, ca, true));
+        let resnet = plan.resnet_settings(cfg);
 
         // Up path: per-block lists reversed.
         let rev_channels: Vec<i64> = cfg.block_out_channels.iter().rev().copied().collect();
@@ -732,14 +936,15 @@ impl UNet2DConditionModel {
             output_channel = rev_channels[i];
             let input_channel = rev_channels[(i + 1).min(n - 1)];
             let j = n - 1 - i;
-            let settings = up_cross[i].then(|| cross(j, up_tl[i].clone(), only_cross[j]));
+            let settings = plan.up_cross[i]
+                .then(|| plan.cross(cfg, j, plan.up_tl[i].clone(), plan.only_cross[j]));
             up_blocks.push(UpBlock::new(
                 &(vs / "up_blocks" / i),
                 &UpBlockConfig {
                     in_channels: input_channel,
                     prev_output_channel,
                     out_channels: output_channel,
-                    num_layers: layers[j] + 1,
+                    num_layers: plan.layers[j] + 1,
                     add_upsample: i + 1 < n,
                 },
                 &resnet,
@@ -747,7 +952,7 @@ impl UNet2DConditionModel {
             ));
         }
 
-        let conv_norm_out = weights::group_norm(vs / "conv_norm_out", groups, b0, cfg.norm_eps);
+        let conv_norm_out = weights::group_norm(vs / "conv_norm_out", plan.groups, b0, cfg.norm_eps);
         let conv_out = weights::conv2d(
             vs / "conv_out",
             b0,
@@ -758,22 +963,13 @@ impl UNet2DConditionModel {
         );
 
         Ok(Self {
-            conv_in,
-            time_proj,
-            time_embedding,
+            down,
             encoder_hid_proj,
-            add_time_proj,
-            add_embedding,
-            time_embed_act,
-            down_blocks,
-            mid_block,
+            time_embed_act: plan.time_embed_act,
             up_blocks,
             conv_norm_out,
-            conv_act: act,
+            conv_act: plan.act,
             conv_out,
-            context_dim,
-            kind: vs.kind(),
-            device: vs.device(),
             var_store: None,
             config,
         })
@@ -805,12 +1001,12 @@ impl UNet2DConditionModel {
 
     /// The dtype of the model's parameters (and of its output).
     pub fn kind(&self) -> Kind {
-        self.kind
+        self.down.kind()
     }
 
     /// The device the model's parameters live on.
     pub fn device(&self) -> Device {
-        self.device
+        self.down.device()
     }
 
     /// The var store holding the parameters, when the model was built by [`Self::load`].
@@ -820,11 +1016,7 @@ impl UNet2DConditionModel {
 
     /// How many skip connections the down path produces (the length ControlNet residuals need).
     pub fn num_down_block_residuals(&self) -> usize {
-        1 + self
-            .down_blocks
-            .iter()
-            .map(DownBlock::num_outputs)
-            .sum::<usize>()
+        self.down.num_residuals()
     }
 
     /// Predicts the model output for `sample` (`[batch, in_channels, h, w]`) at `timestep`
@@ -899,74 +1091,13 @@ impl UNet2DConditionModel {
         extra: &UNetExtraInputs,
     ) -> Result<()> {
         let ierr = |m: String| Err(Error::Input(m));
-        let s = sample.size();
-        if s.len() != 4 || s[1] != self.config.in_channels {
-            return ierr(format!(
-                "sample: shape {s:?}, expected [batch, {}, height, width]",
-                self.config.in_channels
-            ));
-        }
-        let batch = s[0];
-        if !sample.is_floating_point() {
-            return ierr(format!(
-                "sample: dtype {:?} is not a float type",
-                sample.kind()
-            ));
-        }
-        let t = timestep.size();
-        let t_ok = match t[..] {
-            [] => true,
-            [len] => len == 1 || len == batch,
-            _ => false,
-        };
-        if !t_ok {
-            return ierr(format!(
-                "timestep: shape {t:?}, expected a scalar, [1] or [{batch}]"
-            ));
-        }
-        let e = encoder_hidden_states.size();
-        let e_ok = e.len() == 3 && e[0] == batch && self.context_dim.is_none_or(|d| e[2] == d);
-        if !e_ok {
-            let dim = self
-                .context_dim
-                .map_or_else(|| "dim".to_string(), |d| d.to_string());
-            return ierr(format!(
-                "encoder_hidden_states: shape {e:?}, expected [{batch}, tokens, {dim}]"
-            ));
-        }
-        if let (Some(add_proj), Some(add_emb_dim)) = (
-            &self.add_time_proj,
-            self.config.projection_class_embeddings_input_dim,
-        ) {
-            let Some(added) = extra.added else {
-                return ierr(
-                    "added: this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids"
-                        .into(),
-                );
-            };
-            let te = added.text_embeds.size();
-            let ti = added.time_ids.size();
-            let per_id = add_proj.num_channels();
-            let ok = te.len() == 2
-                && ti.len() == 2
-                && te[0] == batch
-                && ti[0] == batch
-                && te[1] + ti[1] * per_id == add_emb_dim;
-            if !ok {
-                return ierr(format!(
-                    "added: text_embeds {te:?} and time_ids {ti:?} do not fit batch {batch} and \
-                     projection_class_embeddings_input_dim {add_emb_dim} ({per_id} features per time id)"
-                ));
-            }
-        }
-        if let (Some(tc), Some(dim)) = (extra.timestep_cond, self.config.time_cond_proj_dim) {
-            let ts = tc.size();
-            if ts.len() != 2 || ts[1] != dim || (ts[0] != batch && ts[0] != 1) {
-                return ierr(format!(
-                    "timestep_cond: shape {ts:?}, expected [{batch}, {dim}]"
-                ));
-            }
-        }
+        self.down.check_inputs(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            extra.added,
+            extra.timestep_cond,
+        )?;
         match (
             extra.down_block_additional_residuals,
             extra.mid_block_additional_residual,
@@ -998,17 +1129,10 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         extra: &UNetExtraInputs,
     ) -> Result<Tensor> {
-        let (kind, device) = (self.kind, self.device);
-        let to_model = |t: &Tensor| t.to_device_(device, kind, false, false);
-        // Channels-last activations on CPU, matching the weights (see `weights::to_channels_last`).
-        let mut sample = if weights::use_channels_last(device) {
-            weights::channels_last(&to_model(sample))
-        } else {
-            to_model(sample)
-        };
+        let mut sample = self.down.input(sample);
         let size = sample.size();
         let (batch, height, width) = (size[0], size[2], size[3]);
-        let encoder_hidden_states = to_model(encoder_hidden_states);
+        let encoder_hidden_states = self.down.to_model(encoder_hidden_states);
 
         // Upsampling sizes must be forced when the sample is not a multiple of the overall factor.
         let up_factor = 1i64 << self.up_blocks.len().saturating_sub(1);
@@ -1019,24 +1143,9 @@ impl UNet2DConditionModel {
         }
 
         // 1. time
-        let timesteps = timestep
-            .to_device(device)
-            .reshape([-1])
-            .expand([batch], false);
-        let t_emb = self.time_proj.forward(&timesteps).to_kind(kind);
-        let timestep_cond = extra.timestep_cond.map(to_model);
-        let mut emb = self.time_embedding.forward(&t_emb, timestep_cond.as_ref());
-        if let (Some(add_proj), Some(add_emb), Some(added)) =
-            (&self.add_time_proj, &self.add_embedding, extra.added)
-        {
-            let time_ids = added.time_ids.to_device(device);
-            let time_embeds = add_proj
-                .forward(&time_ids.flatten(0, -1))
-                .reshape([batch, -1])
-                .to_kind(kind);
-            let add_embeds = Tensor::cat(&[to_model(&added.text_embeds), time_embeds], -1);
-            emb += add_emb.forward(&add_embeds, None);
-        }
+        let mut emb = self
+            .down
+            .embed(timestep, batch, extra.added, extra.timestep_cond);
         if let Some(act) = self.time_embed_act {
             emb = act.forward(&emb);
         }
@@ -1046,35 +1155,27 @@ impl UNet2DConditionModel {
         };
 
         // 2. pre-process
-        let mut xs = self.conv_in.forward(&sample);
+        let xs = self.down.conv_in(&sample);
 
         // 3. down
-        let mut res_samples = Vec::with_capacity(self.num_down_block_residuals());
-        res_samples.push(xs.shallow_clone());
-        for block in &self.down_blocks {
-            let (out, res) = block.forward(&xs, &emb, &encoder_hidden_states);
-            xs = out;
-            res_samples.extend(res);
-        }
+        let (xs, mut res_samples) = self.down.down(xs, &emb, &encoder_hidden_states);
         if let Some(down_residuals) = extra.down_block_additional_residuals {
             for (i, (res, add)) in res_samples.iter_mut().zip(down_residuals).enumerate() {
-                if res.size() != add.size() {
+                if !residual_fits(add, res) {
                     return Err(Error::Input(format!(
                         "down_block_additional_residuals[{i}]: shape {:?}, expected {:?}",
                         add.size(),
                         res.size()
                     )));
                 }
-                *res = &*res + to_model(add);
+                *res = &*res + self.down.to_model(add);
             }
         }
 
         // 4. mid
-        if let Some(mid) = &self.mid_block {
-            xs = mid.forward(&xs, &emb, &encoder_hidden_states);
-        }
+        let mut xs = self.down.mid(xs, &emb, &encoder_hidden_states);
         if let Some(add) = extra.mid_block_additional_residual {
-            if xs.size() != add.size() {
+            if !residual_fits(add, &xs) {
                 return Err(Error::Input(format!(
                     "mid_block_additional_residual: shape {:?}, expected {:?}",
                     add.size(),
@@ -1082,7 +1183,7 @@ impl UNet2DConditionModel {
                 )));
             }
             // Not in place: without a mid block `xs` is also the last skip connection.
-            xs = &xs + to_model(add);
+            xs = &xs + self.down.to_model(add);
         }
 
         // 5. up
@@ -1104,6 +1205,15 @@ impl UNet2DConditionModel {
         let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs));
         Ok(self.conv_out.forward(&xs).contiguous())
     }
+}
+
+/// Whether a ControlNet residual adds to `target`: the same shape, or pooled to 1x1
+/// (`global_pool_conditions`), which broadcasts over the spatial dimensions.
+fn residual_fits(residual: &Tensor, target: &Tensor) -> bool {
+    let (r, t) = (residual.size(), target.size());
+    r.len() == 4
+        && r[..2] == t[..2]
+        && ((r[2] == t[2] && r[3] == t[3]) || (r[2] == 1 && r[3] == 1))
 }
 
 #[cfg(test)]
