@@ -58,7 +58,9 @@ impl ControlNetConfig {
     fn down_path_config(&self) -> Result<UNet2DConditionConfig> {
         let mut unet = self.unet.clone();
         let unsupported = |field: &str, value: &dyn std::fmt::Debug| {
-            Err(Error::Config(format!("{field}: {value:?} is not supported")))
+            Err(Error::Config(format!(
+                "{field}: {value:?} is not supported"
+            )))
         };
         if unet.encoder_hid_dim.is_some() || unet.encoder_hid_dim_type.is_some() {
             // ControlNetModel.forward never applies encoder_hid_proj.
@@ -118,13 +120,32 @@ struct ConditioningEmbedding {
 }
 
 impl ConditioningEmbedding {
-    fn new(vs: &nn::Path, embedding_channels: i64, conditioning_channels: i64, channels: &[i64]) -> Self {
+    fn new(
+        vs: &nn::Path,
+        embedding_channels: i64,
+        conditioning_channels: i64,
+        channels: &[i64],
+    ) -> Self {
         let conv_in = weights::conv2d(vs / "conv_in", conditioning_channels, channels[0], 3, 1, 1);
         let mut blocks = Vec::new();
         for (i, pair) in channels.windows(2).enumerate() {
             let (c_in, c_out) = (pair[0], pair[1]);
-            blocks.push(weights::conv2d(vs / "blocks" / (2 * i), c_in, c_in, 3, 1, 1));
-            blocks.push(weights::conv2d(vs / "blocks" / (2 * i + 1), c_in, c_out, 3, 2, 1));
+            blocks.push(weights::conv2d(
+                vs / "blocks" / (2 * i),
+                c_in,
+                c_in,
+                3,
+                1,
+                1,
+            ));
+            blocks.push(weights::conv2d(
+                vs / "blocks" / (2 * i + 1),
+                c_in,
+                c_out,
+                3,
+                2,
+                1,
+            ));
         }
         let last = channels[channels.len() - 1];
         let conv_out = weights::conv2d(vs / "conv_out", last, embedding_channels, 3, 1, 1);

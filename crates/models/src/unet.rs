@@ -952,7 +952,8 @@ impl UNet2DConditionModel {
             ));
         }
 
-        let conv_norm_out = weights::group_norm(vs / "conv_norm_out", plan.groups, b0, cfg.norm_eps);
+        let conv_norm_out =
+            weights::group_norm(vs / "conv_norm_out", plan.groups, b0, cfg.norm_eps);
         let conv_out = weights::conv2d(
             vs / "conv_out",
             b0,
@@ -1211,9 +1212,7 @@ impl UNet2DConditionModel {
 /// (`global_pool_conditions`), which broadcasts over the spatial dimensions.
 fn residual_fits(residual: &Tensor, target: &Tensor) -> bool {
     let (r, t) = (residual.size(), target.size());
-    r.len() == 4
-        && r[..2] == t[..2]
-        && ((r[2] == t[2] && r[3] == t[3]) || (r[2] == 1 && r[3] == 1))
+    r.len() == 4 && r[..2] == t[..2] && ((r[2] == t[2] && r[3] == t[3]) || (r[2] == 1 && r[3] == 1))
 }
 
 #[cfg(test)]

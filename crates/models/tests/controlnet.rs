@@ -36,7 +36,12 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-fn run(model: &ControlNetModel, g: &HashMap<String, Tensor>, scale: f64, guess: bool) -> ControlNetOutput {
+fn run(
+    model: &ControlNetModel,
+    g: &HashMap<String, Tensor>,
+    scale: f64,
+    guess: bool,
+) -> ControlNetOutput {
     let added = g.get("text_embeds").map(|t| SdxlConditioning {
         text_embeds: t.shallow_clone(),
         time_ids: g["time_ids"].shallow_clone(),

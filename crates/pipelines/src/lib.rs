@@ -53,6 +53,23 @@ impl Clone for InitImage {
     }
 }
 
+/// One ControlNet of a request: diffusers' `controlnet=` model (loaded from its own folder, not
+/// the checkpoint) with its entries of `control_image`, `controlnet_conditioning_scale`,
+/// `control_guidance_start` and `control_guidance_end`.
+#[derive(Debug, Clone)]
+pub struct ControlNetInput {
+    /// The ControlNet's folder (`config.json` and weights).
+    pub path: std::path::PathBuf,
+    /// The control image, decoded.
+    pub image: image::DynamicImage,
+    /// `None` = the pipeline's default.
+    pub conditioning_scale: Option<f32>,
+    /// Fraction of the steps at which it starts applying; `None` = 0.
+    pub guidance_start: Option<f32>,
+    /// Fraction of the steps at which it stops applying; `None` = 1.
+    pub guidance_end: Option<f32>,
+}
+
 /// A `(height, width)` or `(top, left)` pair as diffusers' micro-conditioning tuples.
 pub type Pair = (u32, u32);
 
@@ -123,9 +140,38 @@ pub struct GenerateParams {
     /// Stop before the end of the schedule (SDXL base hand-off), a fraction in (0, 1).
     pub denoising_end: Option<f32>,
     pub output_type: OutputType,
+    /// ControlNets, in order (several = MultiControlNet, residuals summed).
+    pub controlnets: Vec<ControlNetInput>,
+    /// The ControlNets see only the conditional half of the CFG batch, their residuals scaled
+    /// from 0.1 (first skip connection) to 1 (mid block).
+    pub guess_mode: bool,
 }
 
 impl GenerateParams {
+    /// The request's ControlNets as lease components: one per distinct folder, named
+    /// `controlnet`, `controlnet_1`, … in order of first use.
+    pub fn controlnet_components(&self) -> Vec<(String, &std::path::Path)> {
+        let mut out: Vec<(String, &std::path::Path)> = Vec::new();
+        for net in &self.controlnets {
+            if !out.iter().any(|(_, p)| *p == net.path.as_path()) {
+                let name = match out.len() {
+                    0 => "controlnet".to_string(),
+                    n => format!("controlnet_{n}"),
+                };
+                out.push((name, net.path.as_path()));
+            }
+        }
+        out
+    }
+
+    /// The first ControlNet field that is set (for pipelines that take no ControlNet).
+    pub fn first_controlnet_field(&self) -> Option<&'static str> {
+        if !self.controlnets.is_empty() {
+            return Some("controlnet");
+        }
+        self.guess_mode.then_some("guess_mode")
+    }
+
     /// The first SDXL-only field that is set (for families that take none of them).
     pub fn first_sdxl_field(&self) -> Option<&'static str> {
         if self.prompt_2.is_some() {
@@ -268,8 +314,10 @@ pub trait Pipeline: Send + Sync {
 /// The pipeline for a family, if autopipe implements it.
 pub fn registry(family: Family) -> Option<&'static dyn Pipeline> {
     static PIPELINES: &[&dyn Pipeline] = &[
-        &families::stable_diffusion::StableDiffusion,
-        &families::sdxl::StableDiffusionXL,
+        &families::stable_diffusion::StableDiffusion { controlnet: false },
+        &families::stable_diffusion::StableDiffusion { controlnet: true },
+        &families::sdxl::StableDiffusionXL { controlnet: false },
+        &families::sdxl::StableDiffusionXL { controlnet: true },
     ];
     PIPELINES.iter().copied().find(|p| p.family() == family)
 }
@@ -299,6 +347,10 @@ pub fn plan(
     let mut leased = Vec::new();
     let mut folders = Vec::new();
     for slot in resolution.components {
+        // The ControlNet comes with the request (its own folder), never from the checkpoint.
+        if slot.class == steps::components::CONTROLNET_CLASS {
+            continue;
+        }
         let present = index.component_class(slot.name).is_some();
         if slot.optional && !(present && pipeline.optional_components().contains(&slot.name)) {
             continue;
@@ -403,7 +455,7 @@ pub fn generate(
     let plan = plan(pipeline, ctx.resolution, ctx.checkpoint.index())?;
     pipeline.validate(ctx, params)?;
     let lease = store.acquire(&autopipe_store::AcquireRequest {
-        components: steps::components::specs(ctx.checkpoint, &plan, variant)?,
+        components: steps::components::specs(ctx.checkpoint, &plan, variant, params)?,
         kind,
         request_id: request_id.to_string(),
     })?;

@@ -4,7 +4,7 @@
 //! compared pixel for pixel (or, for latent outputs, value for value).
 
 use autopipe_pipelines::{
-    Context, GenerateParams, InitImage, MicroConditioning, NoObserver, OutputType, Task,
+    Context, ControlNetInput, GenerateParams, InitImage, MicroConditioning, NoObserver, OutputType, Task,
     TokenizerCache,
 };
 use autopipe_repo::Checkpoint;
@@ -32,7 +32,7 @@ struct Case {
     width: Option<u32>,
     height: Option<u32>,
     num_inference_steps: u32,
-    guidance_scale: f32,
+    guidance_scale: Option<f32>,
     strength: Option<f32>,
     seed: u64,
     num_images_per_prompt: u32,
@@ -62,6 +62,19 @@ struct Case {
     denoising_end: Option<f32>,
     #[serde(default)]
     output_type: Option<String>,
+    /// ControlNet folders under checkpoints/ (controlnet_cases.json).
+    #[serde(default)]
+    controlnet: Vec<String>,
+    #[serde(default)]
+    control_image: Vec<String>,
+    #[serde(default)]
+    controlnet_conditioning_scale: Option<Vec<f32>>,
+    #[serde(default)]
+    control_guidance_start: Option<Vec<f32>>,
+    #[serde(default)]
+    control_guidance_end: Option<Vec<f32>>,
+    #[serde(default)]
+    guess_mode: Option<bool>,
     outputs: Vec<String>,
     outputs_f32: Option<String>,
     #[serde(default)]
@@ -111,7 +124,7 @@ fn params(case: &Case, reference: &Path) -> GenerateParams {
         width: case.width,
         height: case.height,
         num_inference_steps: Some(case.num_inference_steps),
-        guidance_scale: Some(case.guidance_scale),
+        guidance_scale: case.guidance_scale,
         strength: case.strength,
         seed: case.seed,
         image,
@@ -138,6 +151,23 @@ fn params(case: &Case, reference: &Path) -> GenerateParams {
             Some("latent") => OutputType::Latent,
             _ => OutputType::Image,
         },
+        controlnets: case
+            .controlnet
+            .iter()
+            .zip(&case.control_image)
+            .enumerate()
+            .map(|(i, (net, img))| {
+                let at = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[i]);
+                ControlNetInput {
+                    path: fixtures().join("checkpoints").join(net),
+                    image: image::open(reference.join(img)).unwrap(),
+                    conditioning_scale: at(&case.controlnet_conditioning_scale),
+                    guidance_start: at(&case.control_guidance_start),
+                    guidance_end: at(&case.control_guidance_end),
+                }
+            })
+            .collect(),
+        guess_mode: case.guess_mode.unwrap_or(false),
     }
 }
 
@@ -150,7 +180,8 @@ fn run_case(
     let reference = fixtures().join("reference");
     let ckpt = Checkpoint::open(fixtures().join("checkpoints").join(&case.model)).unwrap();
     let task: Task = case.task.parse().unwrap();
-    let resolution = autopipe_auto::resolve(&ckpt.index().class_name, task, false).unwrap();
+    let controlnet = !case.controlnet.is_empty();
+    let resolution = autopipe_auto::resolve(&ckpt.index().class_name, task, controlnet).unwrap();
     assert_eq!(resolution.pipeline, case.pipeline, "{}: resolution", case.name);
     let ctx = Context {
         task,
@@ -247,9 +278,19 @@ fn sdxl_matches_diffusers() {
 }
 
 #[test]
+fn controlnet_matches_diffusers() {
+    run_cases_file("controlnet_cases.json");
+}
+
+#[test]
 fn every_family_autopipe_resolves_to_is_registered_or_unimplemented() {
     use autopipe_auto::Family;
-    for family in [Family::StableDiffusion, Family::StableDiffusionXL] {
+    for family in [
+        Family::StableDiffusion,
+        Family::StableDiffusionXL,
+        Family::StableDiffusionControlNet,
+        Family::StableDiffusionXLControlNet,
+    ] {
         let p = autopipe_pipelines::registry(family).expect("registered");
         assert_eq!(p.family(), family);
     }

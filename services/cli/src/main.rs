@@ -199,6 +199,25 @@ struct GenerateArgs {
     /// Latents from an earlier --output-type latent run, as the img2img image.
     #[arg(long, conflicts_with = "image")]
     image_latents: Option<PathBuf>,
+    /// A ControlNet folder (repeatable: several = MultiControlNet), paired in order with
+    /// --control-image.
+    #[arg(long)]
+    controlnet: Vec<String>,
+    /// The control image (PNG/JPEG) of the --controlnet at the same position.
+    #[arg(long)]
+    control_image: Vec<PathBuf>,
+    /// ControlNet conditioning scale: once for every ControlNet, or once per ControlNet.
+    #[arg(long)]
+    controlnet_conditioning_scale: Vec<f32>,
+    /// Fraction of the steps at which the ControlNet starts applying (once, or per ControlNet).
+    #[arg(long)]
+    control_guidance_start: Vec<f32>,
+    /// Fraction of the steps at which the ControlNet stops applying (once, or per ControlNet).
+    #[arg(long)]
+    control_guidance_end: Vec<f32>,
+    /// ControlNets see only the conditional half of the guidance batch.
+    #[arg(long)]
+    guess_mode: bool,
     /// Output PNG (or .safetensors for --output-type latent); several images get -0, -1, … suffixes.
     #[arg(long, default_value = "out.png")]
     output: PathBuf,
@@ -322,6 +341,23 @@ fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
             other => bail!("--output-type: expected image or latent, got {other:?}"),
         } as i32,
         image_latents: read_latents(&a.image_latents)?,
+        controlnet: a
+            .controlnet
+            .iter()
+            .map(|c| match Path::new(c).is_dir() {
+                true => std::fs::canonicalize(c).map(|p| p.display().to_string()),
+                false => Ok(c.clone()),
+            })
+            .collect::<Result<_, _>>()?,
+        control_image: a
+            .control_image
+            .iter()
+            .map(|p| read(&Some(p.clone()), "--control-image"))
+            .collect::<anyhow::Result<_>>()?,
+        controlnet_conditioning_scale: a.controlnet_conditioning_scale.clone(),
+        control_guidance_start: a.control_guidance_start.clone(),
+        control_guidance_end: a.control_guidance_end.clone(),
+        guess_mode: a.guess_mode,
     })
 }
 

@@ -164,18 +164,20 @@ impl Orchestrator {
         }
     }
 
-    /// Resolves `model` for `task` (diffusers' AutoPipeline), finds the family's pipeline, and
-    /// opens the checkpoint with the files that pipeline reads (fetching them for a hub reference).
+    /// Resolves `model` for `task` (diffusers' AutoPipeline, with `controlnet=` when the request
+    /// has ControlNets), finds the family's pipeline, and opens the checkpoint with the files that
+    /// pipeline reads (fetching them for a hub reference).
     fn prepare(
         &self,
         model: &str,
         revision: &str,
         task: Task,
         variant: Option<&str>,
+        controlnet: bool,
     ) -> Result<Prepared, Status> {
         let index = self.open(model, revision, &[], None)?;
-        let resolution =
-            autopipe_auto::resolve(&index.index().class_name, task, false).map_err(auto_status)?;
+        let resolution = autopipe_auto::resolve(&index.index().class_name, task, controlnet)
+            .map_err(auto_status)?;
         let pipeline = autopipe_pipelines::registry(resolution.family).ok_or_else(|| {
             Status::unimplemented(format!(
                 "model: {} resolves to {}, which this server does not implement yet",
@@ -198,13 +200,13 @@ impl Orchestrator {
     /// default dtype (acquired and released: resident, evictable like any other) and reads its
     /// tokenizer, so the first request pays no load. Returns the components' names.
     pub fn warm_up(&self, model: &str) -> Result<Vec<String>, Status> {
-        let prepared = self.prepare(model, "", Task::Text2Img, None)?;
+        let prepared = self.prepare(model, "", Task::Text2Img, None, false)?;
         let ctx = prepared.context(Task::Text2Img, &self.tokenizers);
         prepared
             .pipeline
             .validate(&ctx, &autopipe_pipelines::GenerateParams::default())
             .map_err(|e| pipeline_status(&e))?;
-        let specs = prepared.specs(None)?;
+        let specs = prepared.specs(None, &autopipe_pipelines::GenerateParams::default())?;
         let names = specs.iter().map(|s| s.name.clone()).collect();
         let lease = self
             .store
@@ -230,12 +232,14 @@ impl Orchestrator {
         observer: &dyn StepObserver,
     ) -> Result<v1::GenerateResponse, Status> {
         let started = Instant::now();
-        let valid = validate::generate_request(req)?;
+        let mut valid = validate::generate_request(req)?;
+        resolve_controlnets(&mut valid.params)?;
         let prepared = self.prepare(
             &valid.model,
             &valid.revision,
             valid.task,
             valid.variant.as_deref(),
+            !valid.params.controlnets.is_empty(),
         )?;
         self.metrics.known_model(&valid.model);
         let ctx = prepared.context(valid.task, &self.tokenizers);
@@ -243,7 +247,7 @@ impl Orchestrator {
             .pipeline
             .validate(&ctx, &valid.params)
             .map_err(|e| pipeline_status(&e))?;
-        let specs = prepared.specs(valid.variant.as_deref())?;
+        let specs = prepared.specs(valid.variant.as_deref(), &valid.params)?;
         if let Some(stop) = observer.should_stop() {
             return Err(pipeline_status(&stop));
         }
@@ -340,8 +344,47 @@ impl Prepared {
         }
     }
 
-    fn specs(&self, variant: Option<&str>) -> Result<Vec<autopipe_store::ComponentSpec>, Status> {
-        autopipe_pipelines::steps::components::specs(&self.checkpoint, &self.plan, variant)
+    fn specs(
+        &self,
+        variant: Option<&str>,
+        params: &autopipe_pipelines::GenerateParams,
+    ) -> Result<Vec<autopipe_store::ComponentSpec>, Status> {
+        autopipe_pipelines::steps::components::specs(&self.checkpoint, &self.plan, variant, params)
             .map_err(|e| pipeline_status(&e))
     }
+}
+
+/// Resolves each ControlNet reference to its local folder, which must hold a `ControlNetModel`
+/// (`config.json` `_class_name`). ControlNets are not fetched from the hub yet.
+fn resolve_controlnets(params: &mut autopipe_pipelines::GenerateParams) -> Result<(), Status> {
+    let field = |s: Status| Status::new(s.code(), format!("controlnet: {}", s.message()));
+    for net in &mut params.controlnets {
+        let given = net.path.to_string_lossy().into_owned();
+        let path = match ModelRef::parse(&given, "").map_err(|e| field(repo_status(e)))? {
+            ModelRef::Local(path) => path,
+            ModelRef::Hub { repo_id, .. } => {
+                return Err(Status::unimplemented(format!(
+                    "controlnet: {repo_id}: ControlNets are not fetched from the hub yet; give a local folder"
+                )))
+            }
+        };
+        let class = std::fs::read_to_string(path.join("config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|config| config["_class_name"].as_str().map(str::to_string));
+        match class.as_deref() {
+            Some(autopipe_pipelines::steps::components::CONTROLNET_CLASS) => net.path = path,
+            Some(other) => {
+                return Err(Status::invalid_argument(format!(
+                    "controlnet: {given} holds a {other}, not a ControlNetModel"
+                )))
+            }
+            None => {
+                return Err(Status::invalid_argument(format!(
+                    "controlnet: {given} has no readable config.json naming its _class_name"
+                )))
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! Every `GenerateRequest` field checked before any work, each error naming its field.
 
-use autopipe_pipelines::{GenerateParams, InitImage, MicroConditioning, OutputType, Pair, Task};
+use autopipe_pipelines::{
+    ControlNetInput, GenerateParams, InitImage, MicroConditioning, OutputType, Pair, Task,
+};
 use autopipe_proto::v1;
 use tch::Kind;
 use tonic::Status;
@@ -9,6 +11,8 @@ use tonic::Status;
 pub const MAX_SIDE: u32 = 4096;
 /// Most denoising steps accepted.
 pub const MAX_STEPS: u32 = 1000;
+/// Most ControlNets per request.
+pub const MAX_CONTROLNETS: usize = 8;
 /// Most images per request.
 pub const MAX_IMAGES: u32 = 16;
 /// Longest prompt accepted, in bytes (longer ones are truncated to 77 tokens anyway).
@@ -93,6 +97,84 @@ fn check_image(bytes: &[u8], field: &str) -> Result<image::DynamicImage, Status>
         ));
     }
     Ok(img)
+}
+
+/// The ControlNet fields: `controlnet` and `control_image` paired in order; the per-net floats
+/// empty (the pipeline's default), one value (for every net, as diffusers takes a float) or one
+/// per net. `path` holds the reference as given; the orchestrator resolves it to a folder.
+fn controlnets(req: &v1::GenerateRequest) -> Result<Vec<ControlNetInput>, Status> {
+    let n = req.controlnet.len();
+    if n == 0 {
+        for (field, set) in [
+            ("control_image", !req.control_image.is_empty()),
+            (
+                "controlnet_conditioning_scale",
+                !req.controlnet_conditioning_scale.is_empty(),
+            ),
+            ("control_guidance_start", !req.control_guidance_start.is_empty()),
+            ("control_guidance_end", !req.control_guidance_end.is_empty()),
+            ("guess_mode", req.guess_mode),
+        ] {
+            if set {
+                return Err(invalid(field, "is only used with a controlnet"));
+            }
+        }
+        return Ok(Vec::new());
+    }
+    if n > MAX_CONTROLNETS {
+        return Err(invalid(
+            "controlnet",
+            format!("{n} ControlNets; at most {MAX_CONTROLNETS}"),
+        ));
+    }
+    if req.control_image.len() != n {
+        return Err(invalid(
+            "control_image",
+            format!(
+                "{} images for {n} ControlNets: give one control image per controlnet, in order",
+                req.control_image.len()
+            ),
+        ));
+    }
+    let per_net = |values: &[f32], field: &str| -> Result<Vec<Option<f32>>, Status> {
+        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+            return Err(invalid(field, format!("must be finite, got {v}")));
+        }
+        match values.len() {
+            0 => Ok(vec![None; n]),
+            1 => Ok(vec![Some(values[0]); n]),
+            len if len == n => Ok(values.iter().copied().map(Some).collect()),
+            len => Err(invalid(
+                field,
+                format!("{len} values for {n} ControlNets: give one, or one per controlnet"),
+            )),
+        }
+    };
+    let scales = per_net(
+        &req.controlnet_conditioning_scale,
+        "controlnet_conditioning_scale",
+    )?;
+    let starts = per_net(&req.control_guidance_start, "control_guidance_start")?;
+    let ends = per_net(&req.control_guidance_end, "control_guidance_end")?;
+    req.controlnet
+        .iter()
+        .zip(&req.control_image)
+        .enumerate()
+        .map(|(i, (reference_, image))| {
+            let r = reference_.trim();
+            if r.is_empty() {
+                return Err(invalid("controlnet", format!("entry {i} is empty")));
+            }
+            reference(r, "controlnet")?;
+            Ok(ControlNetInput {
+                path: r.into(),
+                image: check_image(image, "control_image")?,
+                conditioning_scale: scales[i],
+                guidance_start: starts[i],
+                guidance_end: ends[i],
+            })
+        })
+        .collect()
 }
 
 /// A micro-conditioning size: both sides set and bounded.
@@ -347,6 +429,8 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
                 Ok(v1::OutputType::Latent) => OutputType::Latent,
                 Err(_) => return Err(invalid("output_type", format!("unknown output type {}", req.output_type))),
             },
+            controlnets: controlnets(req)?,
+            guess_mode: req.guess_mode,
         },
     })
 }
@@ -391,6 +475,38 @@ mod tests {
         let mut r = good(v1::Task::Text2img);
         r.seed = Some(u64::MAX);
         assert_eq!(generate_request(&r).unwrap().params.seed, u64::MAX);
+    }
+
+    #[test]
+    fn controlnet_fields_pair_in_order_and_broadcast_one_value() {
+        let mut r = good(v1::Task::Text2img);
+        r.controlnet = vec!["/cn/a".into(), " /cn/b ".into()];
+        r.control_image = vec![png(64, 64), png(32, 48)];
+        r.controlnet_conditioning_scale = vec![0.7];
+        r.control_guidance_end = vec![0.5, 0.9];
+        r.guess_mode = true;
+        let p = generate_request(&r).unwrap().params;
+        let nets: Vec<_> = p
+            .controlnets
+            .iter()
+            .map(|n| {
+                (
+                    n.path.display().to_string(),
+                    n.image.width(),
+                    n.conditioning_scale,
+                    n.guidance_start,
+                    n.guidance_end,
+                )
+            })
+            .collect();
+        assert_eq!(
+            nets,
+            vec![
+                ("/cn/a".to_string(), 64, Some(0.7), None, Some(0.5)),
+                ("/cn/b".to_string(), 32, Some(0.7), None, Some(0.9)),
+            ]
+        );
+        assert!(p.guess_mode);
     }
 
     #[test]
@@ -451,6 +567,47 @@ mod tests {
                 t2i,
                 "guidance_scale",
                 Box::new(|r| r.guidance_scale = Some(f32::INFINITY)),
+            ),
+            (t2i, "control_image", Box::new(|r| r.control_image = vec![png(64, 64)])),
+            (t2i, "guess_mode", Box::new(|r| r.guess_mode = true)),
+            (
+                t2i,
+                "control_image",
+                Box::new(|r| r.controlnet = vec!["/cn/a".into(), "/cn/b".into()]),
+            ),
+            (
+                t2i,
+                "control_image",
+                Box::new(|r| {
+                    r.controlnet = vec!["/cn/a".into()];
+                    r.control_image = vec![b"not an image".to_vec()];
+                }),
+            ),
+            (
+                t2i,
+                "controlnet",
+                Box::new(|r| {
+                    r.controlnet = vec![" ".into()];
+                    r.control_image = vec![png(64, 64)];
+                }),
+            ),
+            (
+                t2i,
+                "controlnet_conditioning_scale",
+                Box::new(|r| {
+                    r.controlnet = vec!["/cn/a".into(), "/cn/b".into()];
+                    r.control_image = vec![png(64, 64), png(64, 64)];
+                    r.controlnet_conditioning_scale = vec![0.5, 0.5, 0.5];
+                }),
+            ),
+            (
+                t2i,
+                "control_guidance_end",
+                Box::new(|r| {
+                    r.controlnet = vec!["/cn/a".into()];
+                    r.control_image = vec![png(64, 64)];
+                    r.control_guidance_end = vec![f32::NAN];
+                }),
             ),
             (i2i, "strength", Box::new(|r| r.strength = Some(1.5))),
             (i2i, "strength", Box::new(|r| r.strength = Some(-0.1))),

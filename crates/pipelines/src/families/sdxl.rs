@@ -7,8 +7,14 @@
 //! concatenated, pooled `text_embeds` of the second), the UNet's `text_time` added conditioning
 //! (pooled embeddings + micro-conditioning time ids), `denoising_start` / `denoising_end` for the
 //! base → refiner hand-off, and its own defaults.
+//!
+//! With ControlNet conditioning ([`crate::steps::controlnet`]): `StableDiffusionXLControlNetPipeline`,
+//! `…ControlNetImg2ImgPipeline` and `…ControlNetInpaintPipeline`
+//! (diffusers/pipelines/controlnet/pipeline_controlnet{_sd_xl,_sd_xl_img2img,_inpaint_sd_xl}.py),
+//! which differ in defaults and in which SDXL arguments they take.
 
 use crate::steps::components::{AddedConditioning, Components};
+use crate::steps::controlnet::{self, ControlNets};
 use crate::steps::denoise::{denoise, Conditioning};
 use crate::steps::latent_diffusion::{self, Defaults, Setup};
 use crate::steps::prompt::{DualClipPrompt, PromptEncoder, Prompts};
@@ -23,15 +29,51 @@ use autopipe_schedulers::Scheduler;
 use serde_json::{Map, Value};
 use tch::Tensor;
 
-/// The SDXL family.
-pub struct StableDiffusionXL;
+/// The SDXL family; `controlnet`: its ControlNet pipelines.
+pub struct StableDiffusionXL {
+    pub controlnet: bool,
+}
 
-fn defaults(task: Task) -> Defaults {
+fn defaults(task: Task, controlnet: bool) -> Defaults {
     Defaults {
         guidance_scale: 5.0,
-        img2img_strength: 0.3,
+        img2img_strength: if controlnet { 0.8 } else { 0.3 },
         // StableDiffusionXLInpaintPipeline's default is 0.9999, not 1.0: the image still counts.
         inpaint_strength: if task == Task::Inpaint { 0.9999 } else { 1.0 },
+    }
+}
+
+/// The ControlNet pipelines' `controlnet_conditioning_scale` default.
+fn controlnet_scale(task: Task) -> f64 {
+    if task == Task::Img2Img {
+        0.8
+    } else {
+        1.0
+    }
+}
+
+/// Request fields the SDXL pipeline for `task` does not take.
+fn not_arguments(task: Task, controlnet: bool, params: &GenerateParams) -> Vec<(&'static str, bool)> {
+    let micro = &params.micro;
+    match (task, controlnet) {
+        (Task::Text2Img, _) => vec![
+            ("denoising_start", params.denoising_start.is_some()),
+            ("aesthetic_score", micro.aesthetic_score.is_some()),
+            ("negative_aesthetic_score", micro.negative_aesthetic_score.is_some()),
+        ],
+        (Task::Img2Img, true) => vec![
+            ("denoising_start", params.denoising_start.is_some()),
+            ("denoising_end", params.denoising_end.is_some()),
+        ],
+        (Task::Inpaint, true) => vec![
+            ("negative_original_size", micro.negative_original_size.is_some()),
+            (
+                "negative_crops_coords_top_left",
+                micro.negative_crops_coords_top_left.is_some(),
+            ),
+            ("negative_target_size", micro.negative_target_size.is_some()),
+        ],
+        _ => Vec::new(),
     }
 }
 
@@ -70,26 +112,28 @@ fn option_bool(ctx: &Context, key: &str, default: bool) -> bool {
 impl StableDiffusionXL {
     fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<Configured> {
         let text2img = ctx.task == Task::Text2Img;
-        if text2img {
-            for (field, set) in [
-                ("denoising_start", params.denoising_start.is_some()),
-                ("aesthetic_score", params.micro.aesthetic_score.is_some()),
-                (
-                    "negative_aesthetic_score",
-                    params.micro.negative_aesthetic_score.is_some(),
-                ),
-            ] {
-                if set {
-                    return Err(PipelineError::invalid(
-                        field,
-                        format!("is not an argument of {}", ctx.resolution.pipeline),
-                    ));
-                }
-            }
+        let mut unknown = not_arguments(ctx.task, self.controlnet, params);
+        if !self.controlnet {
+            unknown.push(("controlnet", !params.controlnets.is_empty()));
+            unknown.push(("guess_mode", params.guess_mode));
+        }
+        if let Some((field, _)) = unknown.into_iter().find(|(_, set)| *set) {
+            return Err(PipelineError::invalid(
+                field,
+                format!("is not an argument of {}", ctx.resolution.pipeline),
+            ));
         }
         let denoising_start = schedule::fraction(params.denoising_start, "denoising_start")?;
         let denoising_end = schedule::fraction(params.denoising_end, "denoising_end")?;
-        let setup = latent_diffusion::setup(ctx, params, defaults(ctx.task), denoising_start)?;
+        let setup = latent_diffusion::setup(
+            ctx,
+            params,
+            defaults(ctx.task, self.controlnet),
+            denoising_start,
+        )?;
+        if self.controlnet {
+            controlnet::validate(params, setup.size, setup.space.scale_factor)?;
+        }
         let mut scheduler = schedule::build(ctx.checkpoint, params, keep_scheduler)?;
         let timesteps = schedule::select(scheduler.as_mut(), params, setup.start, denoising_end)?;
 
@@ -200,7 +244,11 @@ fn time_ids(
 
 impl Pipeline for StableDiffusionXL {
     fn family(&self) -> Family {
-        Family::StableDiffusionXL
+        if self.controlnet {
+            Family::StableDiffusionXLControlNet
+        } else {
+            Family::StableDiffusionXL
+        }
     }
 
     fn optional_components(&self) -> &'static [&'static str] {
@@ -282,14 +330,30 @@ impl Pipeline for StableDiffusionXL {
             text_embeds: embeds.pooled.expect("the SDXL prompt encoder pools"),
             time_ids,
         };
+        let controlnets = self
+            .controlnet
+            .then(|| {
+                ControlNets::prepare(
+                    params,
+                    setup.size,
+                    setup.space.scale_factor,
+                    setup.num_images,
+                    setup.guide(),
+                    controlnet_scale(ctx.task),
+                    at.1,
+                )
+            })
+            .transpose()?;
         let cond = Conditioning {
             encoder_hidden_states: &embeds.embeds,
             added: Some(&added),
             guidance_scale: setup.guidance_scale,
+            controlnets: controlnets.as_ref(),
         };
         let latents = timings.time("denoise", || {
             denoise(
-                &components.unet("unet"),
+                components,
+                "unet",
                 &cond,
                 &prepared,
                 &timesteps,

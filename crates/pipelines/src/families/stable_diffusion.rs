@@ -1,7 +1,11 @@
 //! Stable Diffusion 1.x/2.x: diffusers' `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`
-//! and `StableDiffusionInpaintPipeline` (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion*.py).
+//! and `StableDiffusionInpaintPipeline` (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion*.py),
+//! and with ControlNet conditioning ([`crate::steps::controlnet`]) `StableDiffusionControlNetPipeline`,
+//! `…ControlNetImg2ImgPipeline` and `…ControlNetInpaintPipeline`
+//! (diffusers/pipelines/controlnet/pipeline_controlnet{,_img2img,_inpaint}.py).
 
 use crate::steps::components::Components;
+use crate::steps::controlnet::{self, ControlNets};
 use crate::steps::denoise::{denoise, Conditioning};
 use crate::steps::latent_diffusion::{self, Defaults};
 use crate::steps::prompt::{ClipPrompt, PromptEncoder, Prompts};
@@ -14,14 +18,28 @@ use autopipe_rng::Generator;
 use autopipe_schedulers::Scheduler;
 use serde_json::{Map, Value};
 
-/// The Stable Diffusion family.
-pub struct StableDiffusion;
+/// The Stable Diffusion family; `controlnet`: its ControlNet pipelines.
+pub struct StableDiffusion {
+    pub controlnet: bool,
+}
+
+/// The ControlNet pipelines' `controlnet_conditioning_scale` default.
+fn controlnet_scale(task: crate::Task) -> f64 {
+    match task {
+        crate::Task::Text2Img => 1.0,
+        crate::Task::Img2Img => 0.8,
+        crate::Task::Inpaint => 0.5,
+    }
+}
 
 const DEFAULTS: Defaults = Defaults {
     guidance_scale: 7.5,
     img2img_strength: 0.8,
     inpaint_strength: 1.0,
 };
+
+/// The ControlNet pipelines take the saved scheduler config as it is.
+fn keep_scheduler(_: &mut Map<String, Value>) {}
 
 /// `StableDiffusionPipeline.__init__` rewrites outdated scheduler configs: `steps_offset != 1`
 /// becomes 1 and `clip_sample: true` becomes false (with a deprecation warning).
@@ -45,7 +63,19 @@ impl StableDiffusion {
             ));
         }
         let setup = latent_diffusion::setup(ctx, params, DEFAULTS, None)?;
-        let mut scheduler = schedule::build(ctx.checkpoint, params, rewrite_scheduler)?;
+        let rewrite: fn(&mut Map<String, Value>) = if self.controlnet {
+            controlnet::validate(params, setup.size, setup.space.scale_factor)?;
+            keep_scheduler
+        } else {
+            if let Some(field) = params.first_controlnet_field() {
+                return Err(PipelineError::invalid(
+                    field,
+                    format!("is not an argument of {}", ctx.resolution.pipeline),
+                ));
+            }
+            rewrite_scheduler
+        };
+        let mut scheduler = schedule::build(ctx.checkpoint, params, rewrite)?;
         let timesteps = schedule::select(scheduler.as_mut(), params, setup.start, None)?;
         Ok((setup, scheduler, timesteps))
     }
@@ -53,7 +83,11 @@ impl StableDiffusion {
 
 impl Pipeline for StableDiffusion {
     fn family(&self) -> Family {
-        Family::StableDiffusion
+        if self.controlnet {
+            Family::StableDiffusionControlNet
+        } else {
+            Family::StableDiffusion
+        }
     }
 
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
@@ -101,14 +135,30 @@ impl Pipeline for StableDiffusion {
             &mut generator,
             at,
         )?;
+        let controlnets = self
+            .controlnet
+            .then(|| {
+                ControlNets::prepare(
+                    params,
+                    setup.size,
+                    setup.space.scale_factor,
+                    setup.num_images,
+                    setup.guide(),
+                    controlnet_scale(ctx.task),
+                    at.1,
+                )
+            })
+            .transpose()?;
         let cond = Conditioning {
             encoder_hidden_states: &embeds.embeds,
             added: None,
             guidance_scale: setup.guidance_scale,
+            controlnets: controlnets.as_ref(),
         };
         let latents = timings.time("denoise", || {
             denoise(
-                &components.unet("unet"),
+                components,
+                "unet",
                 &cond,
                 &prepared,
                 &timesteps,

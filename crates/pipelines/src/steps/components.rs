@@ -2,7 +2,7 @@
 //! names the store method and its inputs and outputs once (the store's component registry is the
 //! other side of the same contract).
 
-use crate::{PipelineError, Plan, Result};
+use crate::{GenerateParams, PipelineError, Plan, Result};
 use autopipe_auto::ComponentSlot;
 use autopipe_repo::Checkpoint;
 use autopipe_store::{ComponentSpec, ComponentStore, Lease, Tensors};
@@ -18,9 +18,26 @@ pub fn holds_weights(slot: &ComponentSlot) -> bool {
         || slot.class.ends_with("FeatureExtractor"))
 }
 
-/// The store's view of `plan.leased`: each component's class, folder and weight variant.
-pub fn specs(checkpoint: &Checkpoint, plan: &Plan, variant: Option<&str>) -> Result<Vec<ComponentSpec>> {
-    plan.leased
+/// The store's view of `plan.leased` (each component's class, folder and weight variant), then the
+/// request's ControlNets (from their own folders, each leased once as
+/// [`GenerateParams::controlnet_components`] names it).
+pub fn specs(
+    checkpoint: &Checkpoint,
+    plan: &Plan,
+    variant: Option<&str>,
+    params: &GenerateParams,
+) -> Result<Vec<ComponentSpec>> {
+    let controlnets = params
+        .controlnet_components()
+        .into_iter()
+        .map(|(name, path)| ComponentSpec {
+            name,
+            class_name: CONTROLNET_CLASS.to_string(),
+            path: path.to_path_buf(),
+            variant: None,
+        });
+    let mut specs = plan
+        .leased
         .iter()
         .map(|name| {
             let class_name = checkpoint.index().component_class(name).ok_or_else(|| {
@@ -33,8 +50,13 @@ pub fn specs(checkpoint: &Checkpoint, plan: &Plan, variant: Option<&str>) -> Res
                 variant: variant.map(str::to_string),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    specs.extend(controlnets);
+    Ok(specs)
 }
+
+/// The store class of a ControlNet.
+pub const CONTROLNET_CLASS: &str = "ControlNetModel";
 
 /// The leased components of one request.
 pub struct Components<'a> {
@@ -76,6 +98,11 @@ impl<'a> Components<'a> {
     /// The UNet leased as `name`.
     pub fn unet(&'a self, name: &'a str) -> Unet<'a> {
         Unet { components: self, name }
+    }
+
+    /// The ControlNet leased as `name`.
+    pub fn controlnet(&'a self, name: &'a str) -> ControlNet<'a> {
+        ControlNet { components: self, name }
     }
 
     /// The VAE leased as `name`.
@@ -146,14 +173,43 @@ pub struct Unet<'a> {
     name: &'a str,
 }
 
+/// ControlNet residuals for the UNet's skip connections and mid block.
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl Residuals {
+    /// Named inputs (`down_block_additional_residuals.{i}`, `mid_block_additional_residual`).
+    fn inputs(&self) -> Tensors {
+        let mut inputs: Tensors = self
+            .down
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("down_block_additional_residuals.{i}"), t.shallow_clone()))
+            .collect();
+        inputs.push(("mid_block_additional_residual".into(), self.mid.shallow_clone()));
+        inputs
+    }
+
+    /// Element-wise sum (MultiControlNet adds its nets' residuals).
+    pub fn add(self, other: Residuals) -> Residuals {
+        Residuals {
+            down: self.down.iter().zip(&other.down).map(|(a, b)| a + b).collect(),
+            mid: self.mid + other.mid,
+        }
+    }
+}
+
 impl Unet<'_> {
-    /// One forward pass: the noise (or v) prediction.
+    /// One forward pass: the noise (or v) prediction, with ControlNet `residuals` when given.
     pub fn forward(
         &self,
         sample: Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditioning>,
+        residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
         let mut inputs = vec![
             ("sample".into(), sample),
@@ -167,9 +223,61 @@ impl Unet<'_> {
             inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));
             inputs.push(("time_ids".into(), added.time_ids.shallow_clone()));
         }
+        if let Some(residuals) = residuals {
+            inputs.extend(residuals.inputs());
+        }
         self.components
             .invoke(self.name, "forward", inputs)?
             .take("sample")
+    }
+}
+
+/// `ControlNetModel`.
+pub struct ControlNet<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+/// The inputs of one ControlNet call besides the control image.
+pub struct ControlNetCall<'a> {
+    pub sample: Tensor,
+    pub timestep: f64,
+    pub encoder_hidden_states: &'a Tensor,
+    pub added: Option<&'a AddedConditioning>,
+    pub conditioning_scale: f64,
+    pub guess_mode: bool,
+}
+
+impl ControlNet<'_> {
+    /// The residuals for `controlnet_cond` (the preprocessed control image, in [0, 1]).
+    pub fn forward(&self, call: &ControlNetCall, controlnet_cond: &Tensor) -> Result<Residuals> {
+        let mut inputs = vec![
+            ("sample".into(), call.sample.shallow_clone()),
+            ("timestep".into(), Tensor::from(call.timestep as f32)),
+            (
+                "encoder_hidden_states".into(),
+                call.encoder_hidden_states.shallow_clone(),
+            ),
+            ("controlnet_cond".into(), controlnet_cond.shallow_clone()),
+            (
+                "conditioning_scale".into(),
+                Tensor::from(call.conditioning_scale),
+            ),
+            ("guess_mode".into(), Tensor::from(call.guess_mode)),
+        ];
+        if let Some(added) = call.added {
+            inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));
+            inputs.push(("time_ids".into(), added.time_ids.shallow_clone()));
+        }
+        let mut out = self.components.invoke(self.name, "forward", inputs)?;
+        let mut down = Vec::new();
+        while let Ok(t) = out.take(&format!("down_block_res_samples.{}", down.len())) {
+            down.push(t);
+        }
+        Ok(Residuals {
+            down,
+            mid: out.take("mid_block_res_sample")?,
+        })
     }
 }
 

@@ -1,8 +1,9 @@
 //! The denoising loop every UNet family runs: classifier-free guidance (one batched UNet call for
-//! the negative and positive halves), the 9-channel inpainting input, the 4-channel inpainting blend
-//! after each step, progress and cancellation between steps.
+//! the negative and positive halves), ControlNet residuals, the 9-channel inpainting input, the
+//! 4-channel inpainting blend after each step, progress and cancellation between steps.
 
-use crate::steps::components::{AddedConditioning, Unet};
+use crate::steps::components::{AddedConditioning, Components};
+use crate::steps::controlnet::ControlNets;
 use crate::steps::latents::Prepared;
 use crate::{Progress, Result, StepObserver};
 use autopipe_rng::Generator;
@@ -15,6 +16,8 @@ pub struct Conditioning<'a> {
     pub added: Option<&'a AddedConditioning>,
     /// `guidance_scale`; guidance runs when it is above 1.
     pub guidance_scale: f64,
+    /// ControlNets whose residuals the UNet adds (ControlNet pipelines).
+    pub controlnets: Option<&'a ControlNets>,
 }
 
 impl Conditioning<'_> {
@@ -24,9 +27,10 @@ impl Conditioning<'_> {
     }
 }
 
-/// Runs `timesteps` from `prepared`; returns the denoised latents.
+/// Runs `timesteps` from `prepared` with the UNet leased as `unet`; returns the denoised latents.
 pub fn denoise(
-    unet: &Unet,
+    components: &Components,
+    unet: &str,
     cond: &Conditioning,
     prepared: &Prepared,
     timesteps: &[f64],
@@ -35,6 +39,7 @@ pub fn denoise(
     observer: &dyn StepObserver,
 ) -> Result<Tensor> {
     let guide = cond.guide();
+    let unet = components.unet(unet);
     let mut latents = prepared.latents.shallow_clone();
     let total = timesteps.len() as u32;
     for (i, &t) in timesteps.iter().enumerate() {
@@ -47,11 +52,31 @@ pub fn denoise(
             latents.shallow_clone()
         };
         let model_input = scheduler.scale_model_input(&model_input, t);
+        // ControlNets see the 4-channel latents, before the inpainting channels are added.
+        let residuals = match cond.controlnets {
+            Some(nets) => nets.residuals(
+                components,
+                i,
+                timesteps.len(),
+                &model_input,
+                t,
+                cond.encoder_hidden_states,
+                cond.added,
+                guide,
+            )?,
+            None => None,
+        };
         let model_input = match &prepared.unet_extra {
             Some(extra) => Tensor::cat(&[&model_input, extra], 1),
             None => model_input,
         };
-        let mut noise_pred = unet.forward(model_input, t, cond.encoder_hidden_states, cond.added)?;
+        let mut noise_pred = unet.forward(
+            model_input,
+            t,
+            cond.encoder_hidden_states,
+            cond.added,
+            residuals.as_ref(),
+        )?;
         if guide {
             let chunks = noise_pred.chunk(2, 0);
             noise_pred = &chunks[0] + (&chunks[1] - &chunks[0]) * cond.guidance_scale;

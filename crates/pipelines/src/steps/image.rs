@@ -39,12 +39,23 @@ fn resize_rgb(img: &DynamicImage, width: u32, height: u32) -> RgbImage {
 /// regions on the request's thread, leaving a worker team there that slows the store's compute
 /// thread (see `autopipe_store`'s executor).
 pub fn preprocess(img: &DynamicImage, width: u32, height: u32) -> Tensor {
+    to_tensor(img, width, height, |v| v * 2.0 - 1.0)
+}
+
+/// The ControlNet pipelines' `control_image_processor.preprocess` (`do_normalize=False`) for one
+/// image: [1, 3, H, W] float32 in [0, 1].
+pub fn preprocess_control(img: &DynamicImage, width: u32, height: u32) -> Tensor {
+    to_tensor(img, width, height, |v| v)
+}
+
+/// Resized RGB as [1, 3, H, W] float32: `v / 255`, then `normalize`.
+fn to_tensor(img: &DynamicImage, width: u32, height: u32, normalize: fn(f32) -> f32) -> Tensor {
     let rgb = resize_rgb(img, width, height);
     let (w, h) = (width as usize, height as usize);
     let mut chw = vec![0f32; 3 * h * w];
     for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
         for (c, &v) in px.iter().enumerate() {
-            chw[c * h * w + i] = (v as f32 / 255.0) * 2.0 - 1.0;
+            chw[c * h * w + i] = normalize(v as f32 / 255.0);
         }
     }
     Tensor::from_slice(&chw).reshape([1, 3, height as i64, width as i64])

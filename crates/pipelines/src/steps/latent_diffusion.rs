@@ -3,6 +3,7 @@
 //! (decode, or the latents themselves for `output_type="latent"`).
 
 use crate::steps::components::Components;
+use crate::steps::controlnet;
 use crate::steps::image;
 use crate::steps::latents::{self, InpaintInputs, LatentSpace, Prepared};
 use crate::steps::schedule::Start;
@@ -99,7 +100,17 @@ pub fn setup(
         ));
     }
     let default_side = int("sample_size", 64) as u32 * space.scale_factor;
+    let given = |(w, h): (u32, u32)| (params.width.unwrap_or(w), params.height.unwrap_or(h));
+    let controlnet = !params.controlnets.is_empty();
     let size = match (ctx.task, &params.image) {
+        // ControlNet pipelines take `width` / `height`, defaulting to the first control image's
+        // size (text-to-image) or the init image's.
+        (Task::Text2Img, _) if controlnet => {
+            given(controlnet::default_size(params, space.scale_factor).unwrap_or_default())
+        }
+        (Task::Img2Img | Task::Inpaint, Some(InitImage::Pixels(img))) if controlnet => {
+            given(image::default_size(img, space.scale_factor))
+        }
         // Image-to-image takes its size from the image (diffusers' `get_default_height_width`).
         (Task::Img2Img, Some(InitImage::Pixels(img))) => image::default_size(img, space.scale_factor),
         (Task::Img2Img, Some(InitImage::Latents(l))) => {

@@ -1,6 +1,7 @@
 //! The building blocks families compose: no step knows which family it serves.
 
 pub mod components;
+pub mod controlnet;
 pub mod denoise;
 pub mod image;
 pub mod latent_diffusion;
