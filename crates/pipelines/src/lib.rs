@@ -251,6 +251,11 @@ pub trait Pipeline: Send + Sync {
         &[]
     }
 
+    /// Reads what a first request would otherwise read from disk (tokenizers), for `--preload`.
+    fn warm_up(&self, _ctx: &Context) -> Result<()> {
+        Ok(())
+    }
+
     /// Everything that can be checked before leasing: the checkpoint fits the task, the request's
     /// fields are ones this family takes, the scheduler builds, the sizes and step counts work.
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()>;
@@ -329,12 +334,13 @@ pub enum PipelineError {
         field: &'static str,
         message: String,
     },
-    /// The checkpoint is missing something this pipeline needs.
-    #[error("{0}")]
+    /// The checkpoint is missing something this pipeline needs, or ships it malformed.
+    #[error("model: {0}")]
     Checkpoint(#[from] autopipe_repo::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] autopipe_tokenizer::Error),
-    #[error("scheduler: {0}")]
+    /// The checkpoint's own scheduler config does not build.
+    #[error("model: scheduler: {0}")]
     Scheduler(#[from] autopipe_schedulers::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),

@@ -202,7 +202,7 @@ impl Orchestrator {
         let ctx = prepared.context(Task::Text2Img, &self.tokenizers);
         prepared
             .pipeline
-            .validate(&ctx, &autopipe_pipelines::GenerateParams::default())
+            .warm_up(&ctx)
             .map_err(|e| pipeline_status(&e))?;
         let specs = prepared.specs(None)?;
         let names = specs.iter().map(|s| s.name.clone()).collect();

@@ -35,6 +35,9 @@ fn defaults(task: Task) -> Defaults {
     }
 }
 
+/// (tokenizer, text encoder) pairs, in `encode_prompt`'s order; a refiner has only the second.
+const ENCODERS: [(&str, &str); 2] = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")];
+
 /// SDXL pipelines take the saved scheduler config as it is.
 fn keep_scheduler(_: &mut Map<String, Value>) {}
 
@@ -94,11 +97,8 @@ impl StableDiffusionXL {
         let timesteps = schedule::select(scheduler.as_mut(), params, setup.start, denoising_end)?;
 
         let index = ctx.checkpoint.index();
-        let encoders: Vec<(&'static str, &'static str)> = [
-            ("tokenizer", "text_encoder"),
-            ("tokenizer_2", "text_encoder_2"),
-        ]
-        .into_iter()
+        let encoders: Vec<(&'static str, &'static str)> = ENCODERS
+            .into_iter()
         .filter(|(_, encoder)| index.component_class(encoder).is_some())
         .collect();
         if index.component_class("text_encoder_2").is_none() {
@@ -207,12 +207,18 @@ impl Pipeline for StableDiffusionXL {
         &["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
     }
 
-    fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
-        let configured = self.configure(ctx, params)?;
-        for (tokenizer, _) in &configured.encoders {
-            ctx.tokenizers.clip(ctx.checkpoint, tokenizer)?;
+    fn warm_up(&self, ctx: &Context) -> Result<()> {
+        for (tokenizer, encoder) in ENCODERS {
+            if ctx.checkpoint.index().component_class(encoder).is_some() {
+                ctx.tokenizers.clip(ctx.checkpoint, tokenizer)?;
+            }
         }
         Ok(())
+    }
+
+    fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
+        self.configure(ctx, params)?;
+        self.warm_up(ctx)
     }
 
     fn run(

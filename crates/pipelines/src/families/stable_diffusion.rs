@@ -56,10 +56,13 @@ impl Pipeline for StableDiffusion {
         Family::StableDiffusion
     }
 
+    fn warm_up(&self, ctx: &Context) -> Result<()> {
+        ctx.tokenizers.clip(ctx.checkpoint, "tokenizer").map(drop)
+    }
+
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
         self.configure(ctx, params)?;
-        ctx.tokenizers.clip(ctx.checkpoint, "tokenizer")?;
-        Ok(())
+        self.warm_up(ctx)
     }
 
     fn run(
