@@ -50,21 +50,6 @@ impl From<autopipe_models::Error> for StoreError {
 }
 
 impl Code {
-    /// The gRPC canonical name, e.g. `INVALID_ARGUMENT` (metrics labels, logs).
-    pub fn name(self) -> &'static str {
-        match self {
-            Code::InvalidArgument => "INVALID_ARGUMENT",
-            Code::NotFound => "NOT_FOUND",
-            Code::FailedPrecondition => "FAILED_PRECONDITION",
-            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::Unimplemented => "UNIMPLEMENTED",
-            Code::Cancelled => "CANCELLED",
-            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Code::Internal => "INTERNAL",
-        }
-    }
-
     /// The gRPC code: the one mapping both services use.
     pub fn to_tonic(self) -> tonic::Code {
         match self {
