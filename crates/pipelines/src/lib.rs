@@ -1,12 +1,12 @@
 //! Pipelines: diffusers' pipeline control flow (tokenize, encode the prompt, the scheduler's
-//! denoising loop, decode) written against [`autopipe_store::ComponentStore`], so the same code runs
-//! with an in-process store or a remote one. Per-request state (scheduler, generator) lives here and
-//! is never shared; weights live in the store.
+//! denoising loop, decode) written against [`autopipe_store_api::ComponentStore`], so the same code
+//! runs with an in-process store or a remote one. Per-request state (scheduler, generator) lives
+//! here and is never shared; weights live in the store.
 
 pub mod image_processor;
 pub mod stable_diffusion;
 
-use autopipe_store::{Code, StoreError};
+use autopipe_store_api::{Code, StoreError};
 
 pub use stable_diffusion::StableDiffusion;
 

@@ -11,7 +11,7 @@ use crate::{
 use autopipe_repo::Checkpoint;
 use autopipe_rng::Generator;
 use autopipe_schedulers::Scheduler;
-use autopipe_store::{ComponentStore, Lease, Tensors};
+use autopipe_store_api::{ComponentStore, Lease, Tensors};
 use autopipe_tokenizer::ClipTokenizer;
 use serde_json::Value;
 use std::time::Instant;

@@ -10,13 +10,10 @@
 //!
 //! Floating-point inputs are moved to the component's device and dtype; outputs stay there.
 
-use crate::{Code, StoreError};
+use crate::{Code, StoreError, Tensors};
 use autopipe_models::{clip, unet, vae};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-/// Named tensors in and out of a component method.
-pub type Tensors = Vec<(String, Tensor)>;
 
 /// The component classes this store can load.
 pub const SUPPORTED_CLASSES: &[&str] = &[
@@ -41,16 +38,19 @@ pub fn load_component(
     device: Device,
 ) -> Result<Box<dyn Component>, StoreError> {
     Ok(match class_name {
-        "CLIPTextModel" => Box::new(TextEncoder::Plain(clip::CLIPTextModel::load(
-            dir, variant, kind, device,
-        )?)),
-        "CLIPTextModelWithProjection" => Box::new(TextEncoder::WithProjection(
-            clip::CLIPTextModelWithProjection::load(dir, variant, kind, device)?,
+        "CLIPTextModel" => Box::new(TextEncoder::Plain(
+            clip::CLIPTextModel::load(dir, variant, kind, device).map_err(model_error)?,
         )),
-        "UNet2DConditionModel" => Box::new(Unet(unet::UNet2DConditionModel::load(
-            dir, variant, kind, device,
-        )?)),
-        "AutoencoderKL" => Box::new(Vae(vae::AutoencoderKL::load(dir, variant, kind, device)?)),
+        "CLIPTextModelWithProjection" => Box::new(TextEncoder::WithProjection(
+            clip::CLIPTextModelWithProjection::load(dir, variant, kind, device)
+                .map_err(model_error)?,
+        )),
+        "UNet2DConditionModel" => Box::new(Unet(
+            unet::UNet2DConditionModel::load(dir, variant, kind, device).map_err(model_error)?,
+        )),
+        "AutoencoderKL" => Box::new(Vae(
+            vae::AutoencoderKL::load(dir, variant, kind, device).map_err(model_error)?
+        )),
         other => {
             return Err(StoreError::new(
                 Code::Unimplemented,
@@ -61,6 +61,23 @@ pub fn load_component(
             ))
         }
     })
+}
+
+/// A store error for a model failure: a bad config or weights is the checkpoint's fault, a bad
+/// input the caller's.
+fn model_error(e: autopipe_models::Error) -> StoreError {
+    use autopipe_models::Error as E;
+    let code = match &e {
+        E::Config(_) | E::Weights(_) => Code::FailedPrecondition,
+        E::Input(_) => Code::InvalidArgument,
+        E::Io(io) if io.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
+        // Running out of device memory is a resource limit, not a bug: say so rather than INTERNAL.
+        E::Torch(t) if t.to_string().to_ascii_lowercase().contains("out of memory") => {
+            Code::ResourceExhausted
+        }
+        _ => Code::Internal,
+    };
+    StoreError::new(code, e.to_string())
 }
 
 struct Inputs<'a> {
@@ -166,7 +183,7 @@ impl Component for TextEncoder {
         }
         let (last, pooled, hidden_states) = match self {
             Self::Plain(m) => {
-                let o = m.forward(ids)?;
+                let o = m.forward(ids).map_err(model_error)?;
                 (
                     o.last_hidden_state,
                     ("pooler_output", o.pooler_output),
@@ -174,7 +191,7 @@ impl Component for TextEncoder {
                 )
             }
             Self::WithProjection(m) => {
-                let o = m.forward(ids)?;
+                let o = m.forward(ids).map_err(model_error)?;
                 (
                     o.last_hidden_state,
                     ("text_embeds", o.text_embeds),
@@ -253,12 +270,15 @@ impl Component for Unet {
                 ))
             }
         };
-        let out = self.0.forward(
-            &float_input(sample, kind, device),
-            &timestep,
-            &float_input(ehs, kind, device),
-            added.as_ref(),
-        )?;
+        let out = self
+            .0
+            .forward(
+                &float_input(sample, kind, device),
+                &timestep,
+                &float_input(ehs, kind, device),
+                added.as_ref(),
+            )
+            .map_err(model_error)?;
         Ok(vec![("sample".to_string(), out)])
     }
 }
@@ -278,7 +298,7 @@ impl Component for Vae {
                 inputs.check_names(&["sample"])?;
                 let x = inputs.required("sample")?;
                 inputs.rank("sample", x, 4)?;
-                let dist = self.0.encode(x)?;
+                let dist = self.0.encode(x).map_err(model_error)?;
                 Ok(vec![
                     ("mean".to_string(), dist.mean),
                     ("logvar".to_string(), dist.logvar),
@@ -288,7 +308,10 @@ impl Component for Vae {
                 inputs.check_names(&["latents"])?;
                 let z = inputs.required("latents")?;
                 inputs.rank("latents", z, 4)?;
-                Ok(vec![("sample".to_string(), self.0.decode(z)?)])
+                Ok(vec![(
+                    "sample".to_string(),
+                    self.0.decode(z).map_err(model_error)?,
+                )])
             }
             _ => Err(inputs.unknown_method(&["encode", "decode"])),
         }

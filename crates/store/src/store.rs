@@ -4,10 +4,13 @@
 //! held entry (leased or pinned) is never evicted; unloading a leased entry marks it stale and frees it
 //! when its last lease ends.
 
-use crate::component::{load_component, Component, Tensors};
+use crate::component::{load_component, Component};
 use crate::digest::DigestCache;
 use crate::executor::Executor;
-use crate::{AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError};
+use crate::{
+    kind_name, AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError,
+    Tensors,
+};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,6 +63,8 @@ impl StoreObserver for NoObserver {}
 struct ComponentKey {
     digest: String,
     kind: Kind,
+    /// The kind's name, checked when the key is made.
+    dtype: &'static str,
     device: Device,
 }
 
@@ -69,7 +74,7 @@ impl std::fmt::Display for ComponentKey {
             f,
             "{}:{}:{}",
             self.digest,
-            kind_name(self.kind),
+            self.dtype,
             device_name(self.device)
         )
     }
@@ -342,7 +347,7 @@ impl Store {
                     key: key.to_string(),
                     class_name: e.class_name.clone(),
                     bytes,
-                    dtype: kind_name(key.kind).to_string(),
+                    dtype: key.dtype.to_string(),
                     device: device_name(key.device),
                     load_count: st.load_counts.get(key).copied().unwrap_or(0),
                     active_leases: e.leases,
@@ -377,6 +382,7 @@ impl Store {
                 "components: at least one component is required",
             ));
         }
+        let dtype = kind_name(kind)?;
         let mut names = HashSet::new();
         let mut keyed = Vec::with_capacity(components.len());
         for (i, spec) in components.iter().enumerate() {
@@ -432,6 +438,7 @@ impl Store {
                 key: ComponentKey {
                     digest,
                     kind,
+                    dtype,
                     device: self.config.device,
                 },
                 bytes,
@@ -969,17 +976,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// diffusers/torch dtype name of a kind.
-pub fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Float => "float32",
-        Kind::Half => "float16",
-        Kind::BFloat16 => "bfloat16",
-        Kind::Double => "float64",
-        _ => "other",
-    }
 }
 
 fn device_name(device: Device) -> String {

@@ -8,7 +8,7 @@ use autopipe_pipelines::{PipelineError, StableDiffusion, StepObserver, Task};
 use autopipe_proto::v1;
 use autopipe_repo::hub::{self, HubOptions};
 use autopipe_repo::{Checkpoint, ModelRef};
-use autopipe_store::{AcquireRequest, ComponentSpec, ComponentStore, Lease};
+use autopipe_store_api::{AcquireRequest, ComponentSpec, ComponentStore, Lease};
 use autopipe_tokenizer::ClipTokenizer;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -198,8 +198,8 @@ impl Orchestrator {
                     self.metrics.lease_renewal("error");
                     tracing::warn!(lease = %lease.id, error = %e, "lease renewal failed");
                     // An expired or unknown lease cannot come back; the next Invoke reports it.
-                    if e.code == autopipe_store::Code::FailedPrecondition
-                        || e.code == autopipe_store::Code::NotFound
+                    if e.code == autopipe_store_api::Code::FailedPrecondition
+                        || e.code == autopipe_store_api::Code::NotFound
                     {
                         return;
                     }
