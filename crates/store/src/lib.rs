@@ -4,10 +4,10 @@
 //!
 //! [`ComponentStore`] (from `autopipe-store-api`, re-exported here) is the one interface pipelines
 //! use; [`Store`] implements it in-process and the orchestrator's gRPC client implements it for a
-//! remote `autopipe-store`.
+//! remote `autopipe-store`. The classes the store loads are in `components`.
 
 pub mod allocator;
-mod component;
+mod components;
 mod digest;
 mod executor;
 mod store;
@@ -16,5 +16,4 @@ pub use autopipe_store_api::{
     kind_name, parse_budget, parse_device, parse_kind, parse_kind_opt, AcquireRequest, Code,
     ComponentSpec, ComponentStore, Handle, Lease, StoreError, Tensors,
 };
-pub use component::{load_component, Component, SUPPORTED_CLASSES};
 pub use store::{ComponentStats, Pinned, Store, StoreConfig, StoreObserver, StoreStats};
