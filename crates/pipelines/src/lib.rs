@@ -1,5 +1,5 @@
 //! Pipelines: diffusers' pipeline control flow (tokenize, encode the prompt, the scheduler's
-//! denoising loop, decode) written against [`autopipe_store::ComponentStore`], so the same code runs
+//! denoising loop, decode) written against [`autopipe_store_api::ComponentStore`], so the same code runs
 //! with an in-process store or a remote one. Per-request state (scheduler, generator) lives here and
 //! is never shared; weights live in the store.
 //!
@@ -20,7 +20,7 @@ pub mod steps;
 
 use autopipe_auto::{Family, Resolution};
 use autopipe_repo::Checkpoint;
-use autopipe_store::{Code, ComponentStore, Lease, StoreError};
+use autopipe_store_api::{Code, ComponentStore, Lease, StoreError};
 
 pub use autopipe_auto::Task;
 pub use steps::components::Components;
@@ -408,7 +408,7 @@ pub fn generate(
     })?;
     let plan = plan(pipeline, ctx.resolution, ctx.checkpoint.index())?;
     pipeline.validate(ctx, params)?;
-    let lease = store.acquire(&autopipe_store::AcquireRequest {
+    let lease = store.acquire(&autopipe_store_api::AcquireRequest {
         components: steps::components::specs(ctx.checkpoint, &plan, variant)?,
         kind,
         request_id: request_id.to_string(),
