@@ -14,20 +14,17 @@
 //! which differ in defaults and in which SDXL arguments they take.
 
 use crate::steps::components::{AddedConditioning, Components};
-use crate::steps::controlnet::{self, ControlNets};
-use crate::steps::denoise::{denoise, Conditioning};
-use crate::steps::latent_diffusion::{self, Defaults, Setup};
-use crate::steps::prompt::{DualClipPrompt, PromptEncoder, Prompts};
+use crate::steps::controlnet;
+use crate::steps::latent_diffusion::{self, Configured, Defaults};
+use crate::steps::prompt::{DualClipPrompt, PromptEmbeds};
 use crate::steps::schedule;
 use crate::{
     as_python_float, Context, GenerateParams, MicroConditioning, Output, Pair, Pipeline,
-    PipelineError, Result, StageTimings, StepObserver, Task,
+    PipelineError, Result, StepObserver, Task,
 };
 use autopipe_auto::Family;
-use autopipe_rng::Generator;
-use autopipe_schedulers::Scheduler;
 use serde_json::{Map, Value};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// The SDXL family; `controlnet`: its ControlNet pipelines.
 pub struct StableDiffusionXL {
@@ -77,6 +74,9 @@ fn not_arguments(task: Task, controlnet: bool, params: &GenerateParams) -> Vec<(
     }
 }
 
+/// (tokenizer, text encoder) pairs, in `encode_prompt`'s order; a refiner has only the second.
+const ENCODERS: [(&str, &str); 2] = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")];
+
 /// SDXL pipelines take the saved scheduler config as it is.
 fn keep_scheduler(_: &mut Map<String, Value>) {}
 
@@ -90,10 +90,8 @@ struct TimeIdConfig {
     text_encoder_projection_dim: i64,
 }
 
-struct Configured {
-    setup: Setup,
-    scheduler: Box<dyn Scheduler>,
-    timesteps: Vec<f64>,
+struct SdxlConfigured {
+    configured: Configured,
     /// (positive, negative) time ids, one row each.
     time_ids: (Vec<f64>, Vec<f64>),
     encoders: Vec<(&'static str, &'static str)>,
@@ -110,7 +108,7 @@ fn option_bool(ctx: &Context, key: &str, default: bool) -> bool {
 }
 
 impl StableDiffusionXL {
-    fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<Configured> {
+    fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<SdxlConfigured> {
         let text2img = ctx.task == Task::Text2Img;
         let mut unknown = not_arguments(ctx.task, self.controlnet, params);
         if !self.controlnet {
@@ -138,11 +136,8 @@ impl StableDiffusionXL {
         let timesteps = schedule::select(scheduler.as_mut(), params, setup.start, denoising_end)?;
 
         let index = ctx.checkpoint.index();
-        let encoders: Vec<(&'static str, &'static str)> = [
-            ("tokenizer", "text_encoder"),
-            ("tokenizer_2", "text_encoder_2"),
-        ]
-        .into_iter()
+        let encoders: Vec<(&'static str, &'static str)> = ENCODERS
+            .into_iter()
         .filter(|(_, encoder)| index.component_class(encoder).is_some())
         .collect();
         if index.component_class("text_encoder_2").is_none() {
@@ -169,10 +164,13 @@ impl StableDiffusionXL {
             ));
         }
         let time_ids = time_ids(ctx.task, &params.micro, setup.size, &config)?;
-        Ok(Configured {
-            setup,
-            scheduler,
-            timesteps,
+        Ok(SdxlConfigured {
+            configured: Configured {
+                setup,
+                scheduler,
+                timesteps,
+                controlnet_scale: self.controlnet.then(|| controlnet_scale(ctx.task)),
+            },
             time_ids,
             encoders,
             force_zeros_for_empty_prompt: option_bool(ctx, "force_zeros_for_empty_prompt", true),
@@ -255,12 +253,18 @@ impl Pipeline for StableDiffusionXL {
         &["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
     }
 
-    fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
-        let configured = self.configure(ctx, params)?;
-        for (tokenizer, _) in &configured.encoders {
-            ctx.tokenizers.clip(ctx.checkpoint, tokenizer)?;
+    fn warm_up(&self, ctx: &Context) -> Result<()> {
+        for (tokenizer, encoder) in ENCODERS {
+            if ctx.checkpoint.index().component_class(encoder).is_some() {
+                ctx.tokenizers.clip(ctx.checkpoint, tokenizer)?;
+            }
         }
         Ok(())
+    }
+
+    fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
+        self.configure(ctx, params)?;
+        self.warm_up(ctx)
     }
 
     fn run(
@@ -270,18 +274,12 @@ impl Pipeline for StableDiffusionXL {
         params: &GenerateParams,
         observer: &dyn StepObserver,
     ) -> Result<Output> {
-        let Configured {
-            setup,
-            mut scheduler,
-            timesteps,
-            time_ids: (positive_ids, negative_ids),
+        let SdxlConfigured {
+            configured,
+            time_ids: (positive, negative),
             encoders,
             force_zeros_for_empty_prompt,
         } = self.configure(ctx, params)?;
-        let mut generator = Generator::new(params.seed);
-        let mut timings = StageTimings::default();
-        let mut warnings = Vec::new();
-
         let encoder = DualClipPrompt {
             encoders: encoders
                 .iter()
@@ -291,85 +289,25 @@ impl Pipeline for StableDiffusionXL {
                 .collect::<Result<_>>()?,
             force_zeros_for_empty_prompt,
         };
-        let prompts = Prompts {
-            prompt: &params.prompt,
-            prompt_2: params.prompt_2.as_deref(),
-            negative_prompt: params.negative_prompt.as_deref(),
-            negative_prompt_2: params.negative_prompt_2.as_deref(),
-            num_images: setup.num_images,
-            guide: setup.guide(),
-        };
-        let embeds = timings.time("encode_prompt", || {
-            encoder.encode(components, &prompts, &mut warnings)
-        })?;
-        let at = (embeds.embeds.kind(), embeds.embeds.device());
-
-        let prepared = latent_diffusion::prepare(
-            ctx,
-            components,
-            params,
-            &setup,
-            &timesteps,
-            scheduler.as_ref(),
-            &mut generator,
-            at,
-        )?;
-        let row = |ids: &[f64]| {
-            Tensor::from_slice(ids)
-                .to_kind(at.0)
-                .to_device(at.1)
-                .unsqueeze(0)
-                .repeat([setup.num_images, 1])
-        };
-        let time_ids = if setup.guide() {
-            Tensor::cat(&[row(&negative_ids), row(&positive_ids)], 0)
-        } else {
-            row(&positive_ids)
-        };
-        let added = AddedConditioning {
-            text_embeds: embeds.pooled.expect("the SDXL prompt encoder pools"),
-            time_ids,
-        };
-        let controlnets = self
-            .controlnet
-            .then(|| {
-                ControlNets::prepare(
-                    params,
-                    setup.size,
-                    setup.space.scale_factor,
-                    setup.num_images,
-                    setup.guide(),
-                    controlnet_scale(ctx.task),
-                    at.1,
-                )
+        let (num_images, guide) = (configured.setup.num_images, configured.setup.guide());
+        let added = |embeds: &PromptEmbeds, (kind, device): (Kind, Device)| {
+            let row = |ids: &[f64]| {
+                Tensor::from_slice(ids)
+                    .to_kind(kind)
+                    .to_device(device)
+                    .unsqueeze(0)
+                    .repeat([num_images, 1])
+            };
+            let time_ids = if guide {
+                Tensor::cat(&[row(&negative), row(&positive)], 0)
+            } else {
+                row(&positive)
+            };
+            Some(AddedConditioning {
+                text_embeds: embeds.pooled.as_ref()?.shallow_clone(),
+                time_ids,
             })
-            .transpose()?;
-        let cond = Conditioning {
-            encoder_hidden_states: &embeds.embeds,
-            added: Some(&added),
-            guidance_scale: setup.guidance_scale,
-            controlnets: controlnets.as_ref(),
         };
-        let latents = timings.time("denoise", || {
-            denoise(
-                components,
-                "unet",
-                &cond,
-                &prepared,
-                &timesteps,
-                scheduler.as_mut(),
-                &mut generator,
-                observer,
-            )
-        })?;
-        timings.steps = timesteps.len() as u32;
-        latent_diffusion::finish(
-            components,
-            &setup.space,
-            latents,
-            params.output_type,
-            timings,
-            warnings,
-        )
+        latent_diffusion::run(ctx, components, params, configured, &encoder, &added, observer)
     }
 }

@@ -5,17 +5,12 @@
 //! (diffusers/pipelines/controlnet/pipeline_controlnet{,_img2img,_inpaint}.py).
 
 use crate::steps::components::Components;
-use crate::steps::controlnet::{self, ControlNets};
-use crate::steps::denoise::{denoise, Conditioning};
-use crate::steps::latent_diffusion::{self, Defaults};
-use crate::steps::prompt::{ClipPrompt, PromptEncoder, Prompts};
+use crate::steps::controlnet;
+use crate::steps::latent_diffusion::{self, Configured, Defaults};
+use crate::steps::prompt::ClipPrompt;
 use crate::steps::schedule;
-use crate::{
-    Context, GenerateParams, Output, Pipeline, PipelineError, Result, StageTimings, StepObserver,
-};
+use crate::{Context, GenerateParams, Output, Pipeline, PipelineError, Result, StepObserver};
 use autopipe_auto::Family;
-use autopipe_rng::Generator;
-use autopipe_schedulers::Scheduler;
 use serde_json::{Map, Value};
 
 /// The Stable Diffusion family; `controlnet`: its ControlNet pipelines.
@@ -55,7 +50,7 @@ impl StableDiffusion {
         &self,
         ctx: &Context,
         params: &GenerateParams,
-    ) -> Result<(latent_diffusion::Setup, Box<dyn Scheduler>, Vec<f64>)> {
+    ) -> Result<Configured> {
         if let Some(field) = params.first_sdxl_field() {
             return Err(PipelineError::invalid(
                 field,
@@ -77,7 +72,12 @@ impl StableDiffusion {
         };
         let mut scheduler = schedule::build(ctx.checkpoint, params, rewrite)?;
         let timesteps = schedule::select(scheduler.as_mut(), params, setup.start, None)?;
-        Ok((setup, scheduler, timesteps))
+        Ok(Configured {
+            setup,
+            scheduler,
+            timesteps,
+            controlnet_scale: self.controlnet.then(|| controlnet_scale(ctx.task)),
+        })
     }
 }
 
@@ -90,10 +90,13 @@ impl Pipeline for StableDiffusion {
         }
     }
 
+    fn warm_up(&self, ctx: &Context) -> Result<()> {
+        ctx.tokenizers.clip(ctx.checkpoint, "tokenizer").map(drop)
+    }
+
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
         self.configure(ctx, params)?;
-        ctx.tokenizers.clip(ctx.checkpoint, "tokenizer")?;
-        Ok(())
+        self.warm_up(ctx)
     }
 
     fn run(
@@ -103,78 +106,11 @@ impl Pipeline for StableDiffusion {
         params: &GenerateParams,
         observer: &dyn StepObserver,
     ) -> Result<Output> {
-        let (setup, mut scheduler, timesteps) = self.configure(ctx, params)?;
-        let mut generator = Generator::new(params.seed);
-        let mut timings = StageTimings::default();
-        let mut warnings = Vec::new();
-
         let encoder = ClipPrompt {
             tokenizer: ctx.tokenizers.clip(ctx.checkpoint, "tokenizer")?,
             encoder: "text_encoder",
         };
-        let prompts = Prompts {
-            prompt: &params.prompt,
-            prompt_2: None,
-            negative_prompt: params.negative_prompt.as_deref(),
-            negative_prompt_2: None,
-            num_images: setup.num_images,
-            guide: setup.guide(),
-        };
-        let embeds = timings.time("encode_prompt", || {
-            encoder.encode(components, &prompts, &mut warnings)
-        })?;
-        let at = (embeds.embeds.kind(), embeds.embeds.device());
-
-        let prepared = latent_diffusion::prepare(
-            ctx,
-            components,
-            params,
-            &setup,
-            &timesteps,
-            scheduler.as_ref(),
-            &mut generator,
-            at,
-        )?;
-        let controlnets = self
-            .controlnet
-            .then(|| {
-                ControlNets::prepare(
-                    params,
-                    setup.size,
-                    setup.space.scale_factor,
-                    setup.num_images,
-                    setup.guide(),
-                    controlnet_scale(ctx.task),
-                    at.1,
-                )
-            })
-            .transpose()?;
-        let cond = Conditioning {
-            encoder_hidden_states: &embeds.embeds,
-            added: None,
-            guidance_scale: setup.guidance_scale,
-            controlnets: controlnets.as_ref(),
-        };
-        let latents = timings.time("denoise", || {
-            denoise(
-                components,
-                "unet",
-                &cond,
-                &prepared,
-                &timesteps,
-                scheduler.as_mut(),
-                &mut generator,
-                observer,
-            )
-        })?;
-        timings.steps = timesteps.len() as u32;
-        latent_diffusion::finish(
-            components,
-            &setup.space,
-            latents,
-            params.output_type,
-            timings,
-            warnings,
-        )
+        let configured = self.configure(ctx, params)?;
+        latent_diffusion::run(ctx, components, params, configured, &encoder, &|_, _| None, observer)
     }
 }
