@@ -128,7 +128,7 @@ fn health_and_resolve_over_the_wire() {
         .into_inner();
     assert_eq!(
         (r.pipeline.as_str(), r.implemented),
-        ("StableDiffusionControlNetInpaintPipeline", false)
+        ("StableDiffusionControlNetInpaintPipeline", true)
     );
     let err = resolve(v1::Task::Unspecified, "").unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

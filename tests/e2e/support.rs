@@ -184,9 +184,9 @@ pub async fn store_client(
     v1::store_client::StoreClient::new(transport::channel(address).expect("channel"))
 }
 
-/// The `GenerateRequest` for a diffusers reference case in tests/fixtures/reference/cases.json.
+/// The `GenerateRequest` for a diffusers reference case in tests/fixtures/reference/*cases.json.
 pub fn reference_request(name: &str) -> v1::GenerateRequest {
-    let cases: Vec<serde_json::Value> = ["cases.json", "sdxl_cases.json"]
+    let cases: Vec<serde_json::Value> = ["cases.json", "sdxl_cases.json", "controlnet_cases.json"]
         .iter()
         .flat_map(|file| {
             let text = std::fs::read_to_string(fixtures().join("reference").join(file))
@@ -259,8 +259,35 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
             let latents = &tensors.iter().find(|(n, _)| n == "latents").unwrap().1;
             autopipe_proto::tensor_to_wire(latents).unwrap()
         }),
+        controlnet: strings(&c["controlnet"])
+            .iter()
+            .map(|folder| {
+                let path = fixtures().join("checkpoints").join(folder);
+                path.canonicalize().expect("controlnet").display().to_string()
+            })
+            .collect(),
+        control_image: strings(&c["control_image"])
+            .iter()
+            .map(|p| std::fs::read(fixtures().join("reference").join(p)).expect("control image"))
+            .collect(),
+        controlnet_conditioning_scale: floats(&c["controlnet_conditioning_scale"]),
+        control_guidance_start: floats(&c["control_guidance_start"]),
+        control_guidance_end: floats(&c["control_guidance_end"]),
+        guess_mode: c["guess_mode"].as_bool().unwrap_or(false),
         ..Default::default()
     }
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|f| f.as_f64().map(|f| f as f32)).collect())
+        .unwrap_or_default()
 }
 
 fn pair(v: &serde_json::Value) -> Option<(u32, u32)> {

@@ -263,7 +263,7 @@ impl ControlNet<'_> {
                 "conditioning_scale".into(),
                 Tensor::from(call.conditioning_scale),
             ),
-            ("guess_mode".into(), Tensor::from(call.guess_mode)),
+            ("guess_mode".into(), Tensor::from(i64::from(call.guess_mode))),
         ];
         if let Some(added) = call.added {
             inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));
