@@ -349,7 +349,13 @@ impl Prepared {
         variant: Option<&str>,
         params: &autopipe_pipelines::GenerateParams,
     ) -> Result<Vec<autopipe_store_api::ComponentSpec>, Status> {
-        autopipe_pipelines::steps::components::specs(&self.checkpoint, &self.plan, variant, params)
+        autopipe_pipelines::steps::components::specs(
+            self.pipeline,
+            &self.checkpoint,
+            &self.plan,
+            variant,
+            params,
+        )
             .map_err(|e| pipeline_status(&e))
     }
 }

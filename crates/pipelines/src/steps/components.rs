@@ -2,7 +2,7 @@
 //! names the store method and its inputs and outputs once (the store's component registry is the
 //! other side of the same contract).
 
-use crate::{GenerateParams, PipelineError, Plan, Result};
+use crate::{GenerateParams, Pipeline, PipelineError, Plan, Result};
 use autopipe_auto::ComponentSlot;
 use autopipe_repo::Checkpoint;
 use autopipe_store_api::{ComponentSpec, ComponentStore, Lease, Tensors};
@@ -18,10 +18,11 @@ pub fn holds_weights(slot: &ComponentSlot) -> bool {
         || slot.class.ends_with("FeatureExtractor"))
 }
 
-/// The store's view of `plan.leased` (each component's class, folder and weight variant), then the
-/// request's ControlNets (from their own folders, each leased once as
-/// [`GenerateParams::controlnet_components`] names it).
+/// The store's view of `plan.leased` (each component's class, folder, weight variant, and whether
+/// `pipeline` runs it upcast from float16), then the request's ControlNets (from their own folders,
+/// each leased once as [`GenerateParams::controlnet_components`] names it).
 pub fn specs(
+    pipeline: &dyn Pipeline,
     checkpoint: &Checkpoint,
     plan: &Plan,
     variant: Option<&str>,
@@ -35,6 +36,7 @@ pub fn specs(
             class_name: CONTROLNET_CLASS.to_string(),
             path: path.to_path_buf(),
             variant: None,
+            upcast_half: false,
         });
     let mut specs = plan
         .leased
@@ -48,6 +50,7 @@ pub fn specs(
                 class_name: class_name.to_string(),
                 path: checkpoint.component_dir(name)?,
                 variant: variant.map(str::to_string),
+                upcast_half: pipeline.upcast_half(checkpoint, name)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
