@@ -75,16 +75,25 @@ impl MicroConditioning {
     pub fn first_set(&self) -> Option<&'static str> {
         [
             ("original_size", self.original_size.is_some()),
-            ("crops_coords_top_left", self.crops_coords_top_left.is_some()),
+            (
+                "crops_coords_top_left",
+                self.crops_coords_top_left.is_some(),
+            ),
             ("target_size", self.target_size.is_some()),
-            ("negative_original_size", self.negative_original_size.is_some()),
+            (
+                "negative_original_size",
+                self.negative_original_size.is_some(),
+            ),
             (
                 "negative_crops_coords_top_left",
                 self.negative_crops_coords_top_left.is_some(),
             ),
             ("negative_target_size", self.negative_target_size.is_some()),
             ("aesthetic_score", self.aesthetic_score.is_some()),
-            ("negative_aesthetic_score", self.negative_aesthetic_score.is_some()),
+            (
+                "negative_aesthetic_score",
+                self.negative_aesthetic_score.is_some(),
+            ),
         ]
         .into_iter()
         .find_map(|(name, set)| set.then_some(name))
@@ -123,9 +132,23 @@ pub struct GenerateParams {
     /// Stop before the end of the schedule (SDXL base hand-off), a fraction in (0, 1).
     pub denoising_end: Option<f32>,
     pub output_type: OutputType,
+    /// A Combined pipeline's prior steps (`prior_num_inference_steps`).
+    pub prior_num_inference_steps: Option<u32>,
+    /// A Combined pipeline's prior guidance (`prior_guidance_scale`).
+    pub prior_guidance_scale: Option<f32>,
 }
 
 impl GenerateParams {
+    /// The first prior-only field that is set (for families without a prior).
+    pub fn first_prior_field(&self) -> Option<&'static str> {
+        if self.prior_num_inference_steps.is_some() {
+            return Some("prior_num_inference_steps");
+        }
+        self.prior_guidance_scale
+            .is_some()
+            .then_some("prior_guidance_scale")
+    }
+
     /// The first SDXL-only field that is set (for families that take none of them).
     pub fn first_sdxl_field(&self) -> Option<&'static str> {
         if self.prompt_2.is_some() {
@@ -270,6 +293,7 @@ pub fn registry(family: Family) -> Option<&'static dyn Pipeline> {
     static PIPELINES: &[&dyn Pipeline] = &[
         &families::stable_diffusion::StableDiffusion,
         &families::sdxl::StableDiffusionXL,
+        &families::kandinsky::Kandinsky22,
     ];
     PIPELINES.iter().copied().find(|p| p.family() == family)
 }
@@ -318,6 +342,47 @@ pub fn plan(
         }
     }
     Ok(Plan { leased, folders })
+}
+
+/// For a Combined (connected) pipeline over a decoder checkpoint that lacks the `prior_*`
+/// components: the prior reference diffusers' `load_connected_pipeline` loads, the first entry
+/// under `prior:` in the model card's front matter. A relative local path is taken relative to
+/// the checkpoint folder (diffusers resolves it against the working directory). `None` when the
+/// pipeline has no connected prior or the checkpoint is a Combined folder with its own.
+pub fn connected_prior_ref(
+    checkpoint: &Checkpoint,
+    resolution: &Resolution,
+) -> Result<Option<String>> {
+    let Some(prior_class) = resolution.connected_prior else {
+        return Ok(None);
+    };
+    let index = checkpoint.index();
+    let missing = resolution
+        .components
+        .iter()
+        .any(|slot| slot.connected().is_some() && index.component_class(slot.name).is_none());
+    if !missing {
+        return Ok(None);
+    }
+    let key = autopipe_auto::CONNECTED_PIPES_KEYS[0];
+    let reference = checkpoint
+        .model_card_list(key)?
+        .and_then(|list| list.into_iter().next())
+        .ok_or_else(|| {
+            PipelineError::invalid(
+                "model",
+                format!(
+                    "{} loads a {prior_class} beside the decoder: the checkpoint has no prior_* components and its model card (README.md) names no `{key}:` repository",
+                    resolution.pipeline
+                ),
+            )
+        })?;
+    let local = checkpoint.root().join(&reference);
+    Ok(Some(if local.is_dir() {
+        local.to_string_lossy().into_owned()
+    } else {
+        reference
+    }))
 }
 
 /// Why a pipeline run failed.

@@ -4,14 +4,19 @@
 //! |---|---|---|---|
 //! | CLIPTextModel | `encode` | `input_ids` (int64 [B, T]) | `last_hidden_state`, `pooler_output`, `penultimate_hidden_state` |
 //! | CLIPTextModelWithProjection | `encode` | `input_ids` (int64 [B, T]) | `last_hidden_state`, `text_embeds`, `penultimate_hidden_state` |
-//! | UNet2DConditionModel | `forward` | `sample`, `timestep`, `encoder_hidden_states`, optional `text_embeds` + `time_ids` | `sample` |
+//! | UNet2DConditionModel | `forward` | `sample`, `timestep`, `encoder_hidden_states` (unless `image_proj`), optional `text_embeds` + `time_ids`, optional `image_embeds` | `sample` |
 //! | AutoencoderKL | `encode` | `sample` (images in [-1, 1]) | `mean`, `logvar` |
 //! | AutoencoderKL | `decode` | `latents` (already divided by `scaling_factor`) | `sample` |
+//! | CLIPVisionModelWithProjection | `encode` | `pixel_values` ([B, 3, S, S]) | `image_embeds`, `last_hidden_state` |
+//! | PriorTransformer | `forward` | `hidden_states`, `timestep`, `proj_embedding`, `encoder_hidden_states`, `attention_mask` (bool [B, T]) | `predicted_image_embedding` |
+//! | PriorTransformer | `post_process_latents` | `latents` | `latents` (`* clip_std + clip_mean`) |
+//! | VQModel | `encode` | `sample` (images in [-1, 1]) | `latents` |
+//! | VQModel | `decode` | `latents` (decoded with `force_not_quantize=True`) | `sample` |
 //!
 //! Floating-point inputs are moved to the component's device and dtype; outputs stay there.
 
 use crate::{Code, StoreError};
-use autopipe_models::{clip, unet, vae};
+use autopipe_models::{clip, prior_transformer, unet, vae, vq_model};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -24,6 +29,9 @@ pub const SUPPORTED_CLASSES: &[&str] = &[
     "CLIPTextModelWithProjection",
     "UNet2DConditionModel",
     "AutoencoderKL",
+    "CLIPVisionModelWithProjection",
+    "PriorTransformer",
+    "VQModel",
 ];
 
 /// A loaded component whose methods the store runs.
@@ -51,6 +59,13 @@ pub fn load_component(
             dir, variant, kind, device,
         )?)),
         "AutoencoderKL" => Box::new(Vae(vae::AutoencoderKL::load(dir, variant, kind, device)?)),
+        "CLIPVisionModelWithProjection" => Box::new(ImageEncoder(
+            clip::CLIPVisionModelWithProjection::load(dir, variant, kind, device)?,
+        )),
+        "PriorTransformer" => Box::new(Prior(prior_transformer::PriorTransformer::load(
+            dir, variant, kind, device,
+        )?)),
+        "VQModel" => Box::new(Movq(vq_model::VQModel::load(dir, variant, kind, device)?)),
         other => {
             return Err(StoreError::new(
                 Code::Unimplemented,
@@ -226,12 +241,28 @@ impl Component for Unet {
             "encoder_hidden_states",
             "text_embeds",
             "time_ids",
+            "image_embeds",
         ])?;
         let (kind, device) = (self.0.kind(), self.0.device());
         let sample = inputs.required("sample")?;
         inputs.rank("sample", sample, 4)?;
-        let ehs = inputs.required("encoder_hidden_states")?;
-        inputs.rank("encoder_hidden_states", ehs, 3)?;
+        let image_embeds = inputs.optional("image_embeds");
+        if let Some(ie) = image_embeds {
+            inputs.rank("image_embeds", ie, 2)?;
+        }
+        let ehs = match (inputs.optional("encoder_hidden_states"), image_embeds) {
+            (Some(ehs), _) => {
+                inputs.rank("encoder_hidden_states", ehs, 3)?;
+                Some(float_input(ehs, kind, device))
+            }
+            (None, Some(_)) => None,
+            (None, None) => {
+                return Err(StoreError::new(
+                    Code::InvalidArgument,
+                    "inputs.encoder_hidden_states: UNet2DConditionModel.forward requires it (or image_embeds for an image_proj UNet)",
+                ))
+            }
+        };
         let timestep = inputs.required("timestep")?;
         if timestep.dim() > 1 {
             return Err(StoreError::new(
@@ -253,11 +284,17 @@ impl Component for Unet {
                 ))
             }
         };
-        let out = self.0.forward(
+        let image_embeds = image_embeds.map(|t| float_input(t, kind, device));
+        let extra = unet::UNetExtraInputs {
+            added: added.as_ref(),
+            image_embeds: image_embeds.as_ref(),
+            ..Default::default()
+        };
+        let out = self.0.forward_with(
             &float_input(sample, kind, device),
             &timestep,
-            &float_input(ehs, kind, device),
-            added.as_ref(),
+            ehs.as_ref(),
+            &extra,
         )?;
         Ok(vec![("sample".to_string(), out)])
     }
@@ -283,6 +320,121 @@ impl Component for Vae {
                     ("mean".to_string(), dist.mean),
                     ("logvar".to_string(), dist.logvar),
                 ])
+            }
+            "decode" => {
+                inputs.check_names(&["latents"])?;
+                let z = inputs.required("latents")?;
+                inputs.rank("latents", z, 4)?;
+                Ok(vec![("sample".to_string(), self.0.decode(z)?)])
+            }
+            _ => Err(inputs.unknown_method(&["encode", "decode"])),
+        }
+    }
+}
+
+struct ImageEncoder(clip::CLIPVisionModelWithProjection);
+struct Prior(prior_transformer::PriorTransformer);
+struct Movq(vq_model::VQModel);
+
+// SAFETY: as for the components above, loaded weights are only read.
+unsafe impl Sync for ImageEncoder {}
+unsafe impl Sync for Prior {}
+unsafe impl Sync for Movq {}
+
+impl Component for ImageEncoder {
+    fn invoke(&self, method: &str, tensors: &Tensors) -> Result<Tensors, StoreError> {
+        let inputs = Inputs {
+            class: "CLIPVisionModelWithProjection",
+            method,
+            tensors,
+        };
+        if method != "encode" {
+            return Err(inputs.unknown_method(&["encode"]));
+        }
+        inputs.check_names(&["pixel_values"])?;
+        let pixels = inputs.required("pixel_values")?;
+        inputs.rank("pixel_values", pixels, 4)?;
+        let out = self.0.forward(pixels)?;
+        Ok(vec![
+            ("image_embeds".to_string(), out.image_embeds),
+            ("last_hidden_state".to_string(), out.last_hidden_state),
+        ])
+    }
+}
+
+impl Component for Prior {
+    fn invoke(&self, method: &str, tensors: &Tensors) -> Result<Tensors, StoreError> {
+        let inputs = Inputs {
+            class: "PriorTransformer",
+            method,
+            tensors,
+        };
+        let (kind, device) = (self.0.kind(), self.0.device());
+        match method {
+            "forward" => {
+                inputs.check_names(&[
+                    "hidden_states",
+                    "timestep",
+                    "proj_embedding",
+                    "encoder_hidden_states",
+                    "attention_mask",
+                ])?;
+                let hidden = inputs.required("hidden_states")?;
+                inputs.rank("hidden_states", hidden, 2)?;
+                let proj = inputs.required("proj_embedding")?;
+                inputs.rank("proj_embedding", proj, 2)?;
+                let timestep = inputs.required("timestep")?;
+                if timestep.dim() > 1 {
+                    return Err(StoreError::new(
+                        Code::InvalidArgument,
+                        format!("inputs.timestep: PriorTransformer.forward needs a scalar or [batch], got shape {:?}", timestep.size()),
+                    ));
+                }
+                let ehs = inputs.optional("encoder_hidden_states");
+                if let Some(e) = ehs {
+                    inputs.rank("encoder_hidden_states", e, 3)?;
+                }
+                let mask = inputs.optional("attention_mask");
+                if let Some(m) = mask {
+                    inputs.rank("attention_mask", m, 2)?;
+                }
+                let out = self.0.forward(
+                    &float_input(hidden, kind, device),
+                    timestep,
+                    &float_input(proj, kind, device),
+                    ehs.map(|e| float_input(e, kind, device)).as_ref(),
+                    mask,
+                )?;
+                Ok(vec![("predicted_image_embedding".to_string(), out)])
+            }
+            "post_process_latents" => {
+                inputs.check_names(&["latents"])?;
+                let latents = inputs.required("latents")?;
+                inputs.rank("latents", latents, 2)?;
+                Ok(vec![(
+                    "latents".to_string(),
+                    self.0.post_process_latents(latents),
+                )])
+            }
+            _ => Err(inputs.unknown_method(&["forward", "post_process_latents"])),
+        }
+    }
+}
+
+impl Component for Movq {
+    fn invoke(&self, method: &str, tensors: &Tensors) -> Result<Tensors, StoreError> {
+        let inputs = Inputs {
+            class: "VQModel",
+            method,
+            tensors,
+        };
+        // VQModel checks shapes and moves inputs to its device and dtype itself.
+        match method {
+            "encode" => {
+                inputs.check_names(&["sample"])?;
+                let x = inputs.required("sample")?;
+                inputs.rank("sample", x, 4)?;
+                Ok(vec![("latents".to_string(), self.0.encode(x)?)])
             }
             "decode" => {
                 inputs.check_names(&["latents"])?;

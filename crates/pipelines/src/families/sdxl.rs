@@ -69,6 +69,12 @@ fn option_bool(ctx: &Context, key: &str, default: bool) -> bool {
 
 impl StableDiffusionXL {
     fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<Configured> {
+        if let Some(field) = params.first_prior_field() {
+            return Err(PipelineError::invalid(
+                field,
+                format!("is not an argument of {}", ctx.resolution.pipeline),
+            ));
+        }
         let text2img = ctx.task == Task::Text2Img;
         if text2img {
             for (field, set) in [
@@ -171,17 +177,23 @@ fn time_ids(
                 .unwrap_or(2.5);
             (
                 ids(&[pair(original), pair(crops)], Some(score)),
-                ids(&[pair(negative_original), pair(negative_crops)], Some(negative_score)),
+                ids(
+                    &[pair(negative_original), pair(negative_crops)],
+                    Some(negative_score),
+                ),
             )
         } else {
             (
                 ids(&[pair(original), pair(crops), pair(target)], None),
-                ids(&[pair(negative_original), pair(crops), pair(negative_target)], None),
+                ids(
+                    &[pair(negative_original), pair(crops), pair(negative_target)],
+                    None,
+                ),
             )
         }
     };
-    let passed = config.addition_time_embed_dim * positive.len() as i64
-        + config.text_encoder_projection_dim;
+    let passed =
+        config.addition_time_embed_dim * positive.len() as i64 + config.text_encoder_projection_dim;
     let expected = config.expected_add_embed_dim;
     let step = config.addition_time_embed_dim;
     if expected != passed {
@@ -283,7 +295,8 @@ impl Pipeline for StableDiffusionXL {
             time_ids,
         };
         let cond = Conditioning {
-            encoder_hidden_states: &embeds.embeds,
+            encoder_hidden_states: Some(&embeds.embeds),
+            image_embeds: None,
             added: Some(&added),
             guidance_scale: setup.guidance_scale,
         };

@@ -38,7 +38,7 @@ impl StableDiffusion {
         ctx: &Context,
         params: &GenerateParams,
     ) -> Result<(latent_diffusion::Setup, Box<dyn Scheduler>, Vec<f64>)> {
-        if let Some(field) = params.first_sdxl_field() {
+        if let Some(field) = params.first_sdxl_field().or(params.first_prior_field()) {
             return Err(PipelineError::invalid(
                 field,
                 format!("is not an argument of {}", ctx.resolution.pipeline),
@@ -102,7 +102,8 @@ impl Pipeline for StableDiffusion {
             at,
         )?;
         let cond = Conditioning {
-            encoder_hidden_states: &embeds.embeds,
+            encoder_hidden_states: Some(&embeds.embeds),
+            image_embeds: None,
             added: None,
             guidance_scale: setup.guidance_scale,
         };

@@ -1,8 +1,9 @@
-//! The denoising loop every UNet family runs: classifier-free guidance (one batched UNet call for
-//! the negative and positive halves), the 9-channel inpainting input, the 4-channel inpainting blend
-//! after each step, progress and cancellation between steps.
+//! The denoising loop every family runs: classifier-free guidance (one batched model call for
+//! the negative and positive halves), a learned variance carried through guidance, the 9-channel
+//! inpainting input, the inpainting blend after each step, progress and cancellation between
+//! steps. The model is a [`Denoiser`]: a UNet with its conditioning, or the Kandinsky prior.
 
-use crate::steps::components::{AddedConditioning, Unet};
+use crate::steps::components::{AddedConditioning, Prior, PriorConditioning, Unet};
 use crate::steps::latents::Prepared;
 use crate::{Progress, Result, StepObserver};
 use autopipe_rng::Generator;
@@ -11,8 +12,11 @@ use tch::Tensor;
 
 /// What conditions each UNet call, already CFG-batched (`[negative; positive]`) when guiding.
 pub struct Conditioning<'a> {
-    pub encoder_hidden_states: &'a Tensor,
+    /// Text conditioning; `None` for a UNet that makes its own from `image_embeds`.
+    pub encoder_hidden_states: Option<&'a Tensor>,
     pub added: Option<&'a AddedConditioning>,
+    /// Kandinsky 2.2's `added_cond_kwargs["image_embeds"]`.
+    pub image_embeds: Option<&'a Tensor>,
     /// `guidance_scale`; guidance runs when it is above 1.
     pub guidance_scale: f64,
 }
@@ -24,7 +28,42 @@ impl Conditioning<'_> {
     }
 }
 
-/// Runs `timesteps` from `prepared`; returns the denoised latents.
+/// A model the loop denoises with: one (CFG-batched) prediction per timestep.
+pub trait Denoiser {
+    /// The model output for `model_input` at timestep `t`.
+    fn predict(&self, model_input: Tensor, t: f64) -> Result<Tensor>;
+}
+
+struct UnetDenoiser<'a> {
+    unet: &'a Unet<'a>,
+    cond: &'a Conditioning<'a>,
+}
+
+impl Denoiser for UnetDenoiser<'_> {
+    fn predict(&self, model_input: Tensor, t: f64) -> Result<Tensor> {
+        self.unet.forward(
+            model_input,
+            t,
+            self.cond.encoder_hidden_states,
+            self.cond.added,
+            self.cond.image_embeds,
+        )
+    }
+}
+
+/// The Kandinsky prior with its text conditioning.
+pub struct PriorDenoiser<'a> {
+    pub prior: &'a Prior<'a>,
+    pub cond: &'a PriorConditioning,
+}
+
+impl Denoiser for PriorDenoiser<'_> {
+    fn predict(&self, model_input: Tensor, t: f64) -> Result<Tensor> {
+        self.prior.forward(model_input, t, self.cond)
+    }
+}
+
+/// Runs `timesteps` from `prepared` with a UNet; returns the denoised latents.
 pub fn denoise(
     unet: &Unet,
     cond: &Conditioning,
@@ -34,8 +73,31 @@ pub fn denoise(
     generator: &mut Generator,
     observer: &dyn StepObserver,
 ) -> Result<Tensor> {
-    let guide = cond.guide();
+    denoise_with(
+        &UnetDenoiser { unet, cond },
+        cond.guidance_scale,
+        prepared,
+        timesteps,
+        scheduler,
+        generator,
+        observer,
+    )
+}
+
+/// Runs `timesteps` from `prepared` with any [`Denoiser`]; guidance runs when `guidance_scale`
+/// is above 1 (the model's conditioning is then `[negative; positive]`).
+pub fn denoise_with(
+    model: &dyn Denoiser,
+    guidance_scale: f64,
+    prepared: &Prepared,
+    timesteps: &[f64],
+    scheduler: &mut dyn Scheduler,
+    generator: &mut Generator,
+    observer: &dyn StepObserver,
+) -> Result<Tensor> {
+    let guide = guidance_scale > 1.0;
     let mut latents = prepared.latents.shallow_clone();
+    let channels = latents.size()[1];
     let total = timesteps.len() as u32;
     for (i, &t) in timesteps.iter().enumerate() {
         if let Some(stop) = observer.should_stop() {
@@ -51,10 +113,24 @@ pub fn denoise(
             Some(extra) => Tensor::cat(&[&model_input, extra], 1),
             None => model_input,
         };
-        let mut noise_pred = unet.forward(model_input, t, cond.encoder_hidden_states, cond.added)?;
+        let mut noise_pred = model.predict(model_input, t)?;
+        // A model that also predicts a variance (Kandinsky's decoders): guidance mixes the noise
+        // half only and keeps the positive half's variance.
+        let with_variance = latents.dim() == 4 && noise_pred.size()[1] == 2 * channels;
         if guide {
-            let chunks = noise_pred.chunk(2, 0);
-            noise_pred = &chunks[0] + (&chunks[1] - &chunks[0]) * cond.guidance_scale;
+            if with_variance {
+                let parts = noise_pred.split(channels, 1);
+                let noise = parts[0].chunk(2, 0);
+                let variance = parts[1].chunk(2, 0);
+                let guided = &noise[0] + (&noise[1] - &noise[0]) * guidance_scale;
+                noise_pred = Tensor::cat(&[&guided, &variance[1]], 1);
+            } else {
+                let chunks = noise_pred.chunk(2, 0);
+                noise_pred = &chunks[0] + (&chunks[1] - &chunks[0]) * guidance_scale;
+            }
+        }
+        if with_variance && !scheduler.takes_predicted_variance() {
+            noise_pred = noise_pred.narrow(1, 0, channels);
         }
         latents = scheduler.step(&noise_pred, t, &latents, generator)?;
         if let Some(blend) = &prepared.blend {
