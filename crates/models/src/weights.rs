@@ -36,7 +36,7 @@ fn add_variant(file: &str, variant: Option<&str>) -> String {
 /// The shard files named by a sharded checkpoint's index (`weight_map` values), in sorted order.
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index)?;
-    let json: serde_json::Value = serde_json::from_str(&text)
+    let json = autopipe_json::parse(&text)
         .map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
     let map = json
         .get("weight_map")
@@ -380,12 +380,13 @@ pub fn var_store(kind: Kind, device: tch::Device) -> VarStore {
     vs
 }
 
-/// Reads and parses a component's `config.json` into `T`.
+/// Reads and parses a component's `config.json` into `T`, as Python's `json` wrote it (`NaN`,
+/// `Infinity` and `-Infinity` included).
 pub fn read_config<T: serde::de::DeserializeOwned>(component_dir: &Path) -> Result<T> {
     let path = component_dir.join("config.json");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    autopipe_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]

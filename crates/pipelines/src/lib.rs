@@ -1,5 +1,5 @@
 //! Pipelines: diffusers' pipeline control flow (tokenize, encode the prompt, the scheduler's
-//! denoising loop, decode) written against [`autopipe_store::ComponentStore`], so the same code runs
+//! denoising loop, decode) written against [`autopipe_store_api::ComponentStore`], so the same code runs
 //! with an in-process store or a remote one. Per-request state (scheduler, generator) lives here and
 //! is never shared; weights live in the store.
 //!
@@ -20,7 +20,7 @@ pub mod steps;
 
 use autopipe_auto::{Family, Resolution};
 use autopipe_repo::Checkpoint;
-use autopipe_store::{Code, ComponentStore, Lease, StoreError};
+use autopipe_store_api::{Code, ComponentStore, Lease, StoreError};
 
 pub use autopipe_auto::Task;
 pub use steps::components::Components;
@@ -274,6 +274,11 @@ pub trait Pipeline: Send + Sync {
         &[]
     }
 
+    /// Reads what a first request would otherwise read from disk (tokenizers), for `--preload`.
+    fn warm_up(&self, _ctx: &Context) -> Result<()> {
+        Ok(())
+    }
+
     /// Everything that can be checked before leasing: the checkpoint fits the task, the request's
     /// fields are ones this family takes, the scheduler builds, the sizes and step counts work.
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()>;
@@ -394,12 +399,13 @@ pub enum PipelineError {
         field: &'static str,
         message: String,
     },
-    /// The checkpoint is missing something this pipeline needs.
-    #[error("{0}")]
+    /// The checkpoint is missing something this pipeline needs, or ships it malformed.
+    #[error("model: {0}")]
     Checkpoint(#[from] autopipe_repo::Error),
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] autopipe_tokenizer::Error),
-    #[error("scheduler: {0}")]
+    /// The checkpoint's own scheduler config does not build.
+    #[error("model: scheduler: {0}")]
     Scheduler(#[from] autopipe_schedulers::Error),
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -467,7 +473,7 @@ pub fn generate(
     })?;
     let plan = plan(pipeline, ctx.resolution, ctx.checkpoint.index())?;
     pipeline.validate(ctx, params)?;
-    let lease = store.acquire(&autopipe_store::AcquireRequest {
+    let lease = store.acquire(&autopipe_store_api::AcquireRequest {
         components: steps::components::specs(ctx.checkpoint, &plan, variant)?,
         kind,
         request_id: request_id.to_string(),

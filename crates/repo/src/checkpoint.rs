@@ -33,7 +33,7 @@ impl ModelIndex {
             path: path.to_path_buf(),
             reason,
         };
-        let value: Value = serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
+        let value = autopipe_json::parse(text).map_err(|e| malformed(e.to_string()))?;
         let obj = value
             .as_object()
             .ok_or_else(|| malformed("not a JSON object".into()))?;
@@ -208,7 +208,8 @@ impl Checkpoint {
         Ok(dir)
     }
 
-    /// Reads a JSON file of a component folder, e.g. `("scheduler", "scheduler_config.json")`.
+    /// Reads a JSON file of a component folder, e.g. `("scheduler", "scheduler_config.json")`, as
+    /// Python's `json` wrote it: non-finite numbers are `autopipe_json` markers.
     pub fn read_json(&self, component: &str, file: &str) -> Result<Value> {
         let path = self.component_dir(component)?.join(file);
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
@@ -220,7 +221,7 @@ impl Checkpoint {
                 source: e,
             },
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::Malformed {
+        autopipe_json::parse(&text).map_err(|e| Error::Malformed {
             path,
             reason: e.to_string(),
         })
@@ -327,6 +328,38 @@ mod tests {
             None
         );
         assert!(front_matter_list("---\nprior: x\n---\n", "prior").is_err());
+    }
+
+    #[test]
+    fn reads_json_as_python_writes_it() {
+        let root = std::env::temp_dir().join(format!("autopipe-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("scheduler")).unwrap();
+        std::fs::write(
+            root.join("model_index.json"),
+            r#"{"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}"#,
+        )
+        .unwrap();
+        let config = root.join("scheduler/scheduler_config.json");
+        std::fs::write(
+            &config,
+            "{\n  \"lambda_min_clipped\": -Infinity,\n  \"note\": \"NaN\"\n}",
+        )
+        .unwrap();
+        let ckpt = Checkpoint::open(&root).unwrap();
+        let value = ckpt
+            .read_json("scheduler", "scheduler_config.json")
+            .unwrap();
+        let clip: f64 = autopipe_json::from_value(value["lambda_min_clipped"].clone()).unwrap();
+        assert_eq!(clip, f64::NEG_INFINITY);
+        assert_eq!(value["note"], "NaN");
+
+        std::fs::write(&config, r#"{"lambda_min_clipped": -Infinit}"#).unwrap();
+        let err = ckpt
+            .read_json("scheduler", "scheduler_config.json")
+            .unwrap_err();
+        assert!(matches!(err, Error::Malformed { .. }), "{err}");
+        assert!(err.to_string().contains("scheduler_config.json"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

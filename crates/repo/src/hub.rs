@@ -688,7 +688,7 @@ fn verify_shards(snapshot: &Path, files: &[String], whence: &str) -> Result<()> 
             path: path.clone(),
             source,
         })?;
-        let index: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::Malformed {
+        let index: ShardIndex = autopipe_json::from_str(&text).map_err(|e| Error::Malformed {
             path: path.clone(),
             reason: e.to_string(),
         })?;

@@ -173,6 +173,7 @@ pub(crate) fn unsupported(
 }
 
 /// Deserializes a class's config struct from `scheduler_config.json` the way `extract_init_dict` filters it.
+/// Non-finite numbers `autopipe_json` read (`"lambda_min_clipped": -Infinity`) arrive as floats.
 pub(crate) fn parse<T: DeserializeOwned>(class: &'static str, json: &Value) -> Result<T> {
     let object = json.as_object().ok_or_else(|| Error::Config {
         class,
@@ -189,7 +190,7 @@ pub(crate) fn parse<T: DeserializeOwned>(class: &'static str, json: &Value) -> R
         .filter(|(k, v)| !k.starts_with('_') && !use_defaults.contains(&k.as_str()) && !v.is_null())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    serde_json::from_value(Value::Object(filtered)).map_err(|e| Error::Config {
+    autopipe_json::from_value(Value::Object(filtered)).map_err(|e| Error::Config {
         class,
         message: e.to_string(),
     })

@@ -2,8 +2,8 @@
 
 use autopipe_rng::Generator;
 use autopipe_schedulers::{
-    from_config, BetaSchedule, DDIMScheduler, Error, EulerDiscreteScheduler, PredictionType,
-    Scheduler, TimestepSpacing, SUPPORTED,
+    from_config, BetaSchedule, DDIMScheduler, DPMSolverMultistepScheduler, Error,
+    EulerDiscreteScheduler, PredictionType, Scheduler, TimestepSpacing, SUPPORTED,
 };
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -221,4 +221,29 @@ fn ddim_eta_is_only_accepted_by_ddim() {
         let s = from_config(name, &json!({})).unwrap();
         assert_eq!(s.accepts_eta(), *name == "DDIMScheduler", "{name}");
     }
+}
+
+#[test]
+fn python_written_non_finite_values_reach_the_config() {
+    // DPMSolverMultistepScheduler.save_config() writes its default lambda_min_clipped as Python's
+    // json does: a bare -Infinity. searchsorted(flip(lambda_t), -inf) clips nothing.
+    let config = |clip: &str| {
+        autopipe_json::parse(&format!(
+            r#"{{"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "squaredcos_cap_v2",
+                "lambda_min_clipped": {clip}, "timestep_spacing": "linspace"}}"#
+        ))
+        .unwrap()
+    };
+    let unclipped = DPMSolverMultistepScheduler::from_config(&config("-Infinity")).unwrap();
+    assert_eq!(unclipped.options().lambda_min_clipped, f64::NEG_INFINITY);
+    let mut s = from_config("DPMSolverMultistepScheduler", &config("-Infinity")).unwrap();
+    s.set_timesteps(10).unwrap();
+    assert_eq!(
+        s.timesteps(),
+        [999.0, 899.0, 799.0, 699.0, 599.0, 500.0, 400.0, 300.0, 200.0, 100.0]
+    );
+    // A finite clip, for contrast: the cosine schedule's log-SNR falls below -5.1 near the end.
+    let mut clipped = from_config("DPMSolverMultistepScheduler", &config("-5.1")).unwrap();
+    clipped.set_timesteps(10).unwrap();
+    assert!(clipped.timesteps()[0] < 999.0, "{:?}", clipped.timesteps());
 }

@@ -4,10 +4,13 @@
 //! held entry (leased or pinned) is never evicted; unloading a leased entry marks it stale and frees it
 //! when its last lease ends.
 
-use crate::component::{load_component, Component, Tensors};
+use crate::components::{self, Component};
 use crate::digest::DigestCache;
 use crate::executor::Executor;
-use crate::{AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError};
+use crate::{
+    kind_name, AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError,
+    Tensors,
+};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,6 +63,8 @@ impl StoreObserver for NoObserver {}
 struct ComponentKey {
     digest: String,
     kind: Kind,
+    /// The kind's name, checked when the key is made.
+    dtype: &'static str,
     device: Device,
 }
 
@@ -69,7 +74,7 @@ impl std::fmt::Display for ComponentKey {
             f,
             "{}:{}:{}",
             self.digest,
-            kind_name(self.kind),
+            self.dtype,
             device_name(self.device)
         )
     }
@@ -245,6 +250,7 @@ struct Keyed<'a> {
     /// Position in the request, for error messages.
     index: usize,
     spec: &'a ComponentSpec,
+    class: &'static components::Class,
     key: ComponentKey,
     bytes: u64,
 }
@@ -342,7 +348,7 @@ impl Store {
                     key: key.to_string(),
                     class_name: e.class_name.clone(),
                     bytes,
-                    dtype: kind_name(key.kind).to_string(),
+                    dtype: key.dtype.to_string(),
                     device: device_name(key.device),
                     load_count: st.load_counts.get(key).copied().unwrap_or(0),
                     active_leases: e.leases,
@@ -377,6 +383,7 @@ impl Store {
                 "components: at least one component is required",
             ));
         }
+        let dtype = kind_name(kind)?;
         let mut names = HashSet::new();
         let mut keyed = Vec::with_capacity(components.len());
         for (i, spec) in components.iter().enumerate() {
@@ -389,17 +396,17 @@ impl Store {
                     ),
                 ));
             }
-            if !crate::SUPPORTED_CLASSES.contains(&spec.class_name.as_str()) {
-                return Err(StoreError::new(
+            let class = components::find(&spec.class_name).ok_or_else(|| {
+                StoreError::new(
                     Code::Unimplemented,
                     format!(
                         "components[{i}].class_name: {} ({:?}) is not supported by this store (supported: {})",
                         spec.class_name,
                         spec.name,
-                        crate::SUPPORTED_CLASSES.join(", ")
+                        components::supported()
                     ),
-                ));
-            }
+                )
+            })?;
             if !spec.path.is_dir() {
                 return Err(StoreError::new(
                     Code::NotFound,
@@ -429,9 +436,11 @@ impl Store {
             keyed.push(Keyed {
                 index: i,
                 spec,
+                class,
                 key: ComponentKey {
                     digest,
                     kind,
+                    dtype,
                     device: self.config.device,
                 },
                 bytes,
@@ -542,15 +551,11 @@ impl Store {
         let started = Instant::now();
         // On the compute thread, like every call, so no other thread holds an OpenMP team (see
         // `executor`). Calls of other requests wait meanwhile, as they would for the same cores.
-        let (class_name, path, variant) = (
-            spec.class_name.clone(),
-            spec.path.clone(),
-            spec.variant.clone(),
-        );
+        let (class, path, variant) = (k.class, spec.path.clone(), spec.variant.clone());
         let (kind, device) = (k.key.kind, k.key.device);
         let loaded = self
             .compute
-            .run(move || load_component(&class_name, &path, variant.as_deref(), kind, device))
+            .run(move || class.load(&path, variant.as_deref(), kind, device))
             .and_then(|r| r);
         let took = started.elapsed();
         self.observer
@@ -879,7 +884,7 @@ impl ComponentStore for Store {
         let (component, name) = (resident.clone(), method.to_string());
         let result = self
             .compute
-            .run(move || span.in_scope(|| invoke_guarded(&component, &name, &inputs)))
+            .run(move || span.in_scope(|| component.component.invoke(&name, &inputs)))
             .and_then(|r| r);
         self.observer.invoked(
             &resident.class_name,
@@ -889,52 +894,6 @@ impl ComponentStore for Store {
         );
         result
     }
-}
-
-/// Runs a component method, checking input names first and turning libtorch failures into statuses.
-fn invoke_guarded(
-    resident: &Resident,
-    method: &str,
-    inputs: &Tensors,
-) -> Result<Tensors, StoreError> {
-    let mut seen = HashSet::new();
-    for (name, _) in inputs {
-        if !seen.insert(name.as_str()) {
-            return Err(StoreError::new(
-                Code::InvalidArgument,
-                format!("inputs.{name}: given more than once"),
-            ));
-        }
-    }
-    let _guard = tch::no_grad_guard();
-    // libtorch reports shape errors by exception; tch turns most into Err, but a few paths panic.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        resident.component.invoke(method, inputs)
-    }))
-    .unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "component panicked".into());
-        Err(StoreError::new(Code::Internal, msg))
-    });
-    // Names and ranks were checked, so a kernel rejecting the tensors means their sizes do not fit
-    // this component's weights: the caller's inputs, not the store, are at fault.
-    result.map_err(|e| match e.code {
-        Code::Internal | Code::InvalidArgument
-            if !e.message.starts_with("inputs") && !e.message.starts_with("method") =>
-        {
-            StoreError::new(
-                Code::InvalidArgument,
-                format!(
-                    "inputs: {}.{method} rejected them: {}",
-                    resident.class_name, e.message
-                ),
-            )
-        }
-        _ => e,
-    })
 }
 
 /// Parameter bytes of the weight files once converted to `kind` (from the safetensors headers).
@@ -969,17 +928,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// diffusers/torch dtype name of a kind.
-pub fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Float => "float32",
-        Kind::Half => "float16",
-        Kind::BFloat16 => "bfloat16",
-        Kind::Double => "float64",
-        _ => "other",
-    }
 }
 
 fn device_name(device: Device) -> String {

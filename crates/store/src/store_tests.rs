@@ -495,3 +495,18 @@ fn store_calls_are_validated_with_the_field_named() {
     s.release(&other.id).unwrap();
     assert_eq!(s.stats().active_leases, 0);
 }
+
+#[test]
+fn a_kind_that_is_not_a_component_dtype_is_refused() {
+    let s = store(None);
+    let err = s
+        .acquire(&AcquireRequest {
+            components: vec![fixture("sd1-tiny", "vae")],
+            kind: Some(Kind::Int64),
+            request_id: "test".into(),
+        })
+        .unwrap_err();
+    assert_eq!(err.code, Code::InvalidArgument, "{err}");
+    assert!(err.message.starts_with("dtype:"), "{err}");
+    assert!(s.stats().components.is_empty());
+}

@@ -38,7 +38,7 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
 /// Reads a JSON file whose top level must be an object.
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = read_text(path)?;
-    match serde_json::from_str::<Value>(&text) {
+    match autopipe_json::parse(&text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(bad(path, "top level is not a JSON object")),
         Err(source) => Err(Error::Json {
@@ -74,7 +74,7 @@ pub(crate) fn parse_vocab(path: &Path, value: &Value) -> Result<Vocab> {
 /// vocab.json.
 pub(crate) fn read_vocab(path: &Path) -> Result<Vocab> {
     let text = read_text(path)?;
-    let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+    let value = autopipe_json::parse(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
     })?;

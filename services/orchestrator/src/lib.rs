@@ -1,7 +1,7 @@
 //! The orchestrator: validates `Generate` requests, resolves the pipeline as diffusers'
 //! AutoPipeline does, leases the components it needs from the store, and runs the pipeline's
 //! control flow. It holds no weights; with [`RemoteStore`] the store is another process, with
-//! [`autopipe_store::Store`] it is in-process (embedded mode), and the pipelines are the same.
+//! `autopipe_store::Store` it is in-process (embedded mode), and the pipelines are the same.
 
 pub mod metrics;
 mod orchestrator;

@@ -3,8 +3,8 @@
 //! denoising-step and end-to-end latency histograms, acquire latency and lease renewals.
 //! Written by hand (a few atomics and maps) to keep the service free of a metrics runtime.
 
-use autopipe_proto::metrics::escape;
 pub use autopipe_proto::metrics::Histogram;
+use autopipe_proto::metrics::{code_name, escape};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -56,30 +56,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A gRPC code as a lowercase label value (`ok`, `invalid_argument`, …).
-pub fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match code {
-        C::Ok => "ok",
-        C::Cancelled => "cancelled",
-        C::Unknown => "unknown",
-        C::InvalidArgument => "invalid_argument",
-        C::DeadlineExceeded => "deadline_exceeded",
-        C::NotFound => "not_found",
-        C::AlreadyExists => "already_exists",
-        C::PermissionDenied => "permission_denied",
-        C::ResourceExhausted => "resource_exhausted",
-        C::FailedPrecondition => "failed_precondition",
-        C::Aborted => "aborted",
-        C::OutOfRange => "out_of_range",
-        C::Unimplemented => "unimplemented",
-        C::Internal => "internal",
-        C::Unavailable => "unavailable",
-        C::DataLoss => "data_loss",
-        C::Unauthenticated => "unauthenticated",
-    }
-}
-
 impl Metrics {
     /// Marks `model` as a real model (it opened), so it gets its own label value.
     pub fn known_model(&self, model: &str) {
@@ -106,7 +82,7 @@ impl Metrics {
         let key = (
             task.to_string(),
             self.model_label(model),
-            code_label(code).to_string(),
+            code_name(code).to_ascii_lowercase(),
         );
         *lock(&self.requests).entry(key).or_default() += 1;
         let h = lock(&self.request_seconds)

@@ -10,7 +10,7 @@ use autopipe_pipelines::{
 use autopipe_proto::v1;
 use autopipe_repo::hub::{self, HubOptions};
 use autopipe_repo::{Checkpoint, ModelRef};
-use autopipe_store::{AcquireRequest, ComponentStore, Lease};
+use autopipe_store_api::{AcquireRequest, ComponentStore, Lease};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,8 +157,8 @@ impl Orchestrator {
                     self.metrics.lease_renewal("error");
                     tracing::warn!(lease = %lease.id, error = %e, "lease renewal failed");
                     // An expired or unknown lease cannot come back; the next Invoke reports it.
-                    if e.code == autopipe_store::Code::FailedPrecondition
-                        || e.code == autopipe_store::Code::NotFound
+                    if e.code == autopipe_store_api::Code::FailedPrecondition
+                        || e.code == autopipe_store_api::Code::NotFound
                     {
                         return;
                     }
@@ -226,7 +226,7 @@ impl Orchestrator {
         let ctx = prepared.context(Task::Text2Img, &self.tokenizers);
         prepared
             .pipeline
-            .validate(&ctx, &autopipe_pipelines::GenerateParams::default())
+            .warm_up(&ctx)
             .map_err(|e| pipeline_status(&e))?;
         let specs = prepared.specs(None)?;
         let names = specs.iter().map(|s| s.name.clone()).collect();
@@ -364,7 +364,7 @@ impl Prepared {
         }
     }
 
-    fn specs(&self, variant: Option<&str>) -> Result<Vec<autopipe_store::ComponentSpec>, Status> {
+    fn specs(&self, variant: Option<&str>) -> Result<Vec<autopipe_store_api::ComponentSpec>, Status> {
         autopipe_pipelines::steps::components::specs(&self.checkpoint, &self.plan, variant)
             .map_err(|e| pipeline_status(&e))
     }

@@ -4,7 +4,9 @@
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, store_client::StoreClient};
 use autopipe_proto::{tensor_from_wire, tensor_to_wire};
-use autopipe_store::{AcquireRequest, Code, ComponentStore, Handle, Lease, StoreError, Tensors};
+use autopipe_store_api::{
+    kind_name, AcquireRequest, Code, ComponentStore, Handle, Lease, StoreError, Tensors,
+};
 use std::time::Duration;
 use tch::Device;
 use tonic::transport::Channel;
@@ -57,14 +59,6 @@ impl RemoteStore {
     }
 }
 
-fn kind_name(kind: tch::Kind) -> &'static str {
-    match kind {
-        tch::Kind::Half => "float16",
-        tch::Kind::BFloat16 => "bfloat16",
-        _ => "float32",
-    }
-}
-
 impl ComponentStore for RemoteStore {
     fn acquire(&self, request: &AcquireRequest) -> Result<Lease, StoreError> {
         let req = v1::AcquireRequest {
@@ -78,7 +72,12 @@ impl ComponentStore for RemoteStore {
                     variant: c.variant.clone().unwrap_or_default(),
                 })
                 .collect(),
-            dtype: request.kind.map(kind_name).unwrap_or_default().to_string(),
+            dtype: request
+                .kind
+                .map(kind_name)
+                .transpose()?
+                .unwrap_or_default()
+                .to_string(),
             request_id: request.request_id.clone(),
         };
         let resp = self.call(|mut c| async move { c.acquire(req).await })?;
@@ -152,5 +151,27 @@ impl ComponentStore for RemoteStore {
                 Ok((nt.name, t))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_that_is_not_a_component_dtype_is_an_error_not_float32() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let _entered = runtime.enter();
+        let address: Address = "127.0.0.1:1".parse().expect("address");
+        let store = RemoteStore::new(&address, runtime.handle().clone()).expect("client");
+        let err = store
+            .acquire(&AcquireRequest {
+                components: Vec::new(),
+                kind: Some(tch::Kind::Int64),
+                request_id: String::new(),
+            })
+            .unwrap_err();
+        assert_eq!(err.code, Code::InvalidArgument, "{err}");
+        assert!(err.message.starts_with("dtype:"), "{err}");
     }
 }

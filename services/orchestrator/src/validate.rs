@@ -47,9 +47,9 @@ pub fn task(t: i32) -> Result<Task, Status> {
     }
 }
 
-/// A dtype field (see [`autopipe_store::parse_kind_opt`]).
+/// A dtype field (see [`autopipe_store_api::parse_kind_opt`]).
 pub fn dtype(name: &str, field: &str) -> Result<Option<Kind>, Status> {
-    autopipe_store::parse_kind_opt(name).map_err(|e| invalid(field, e))
+    autopipe_store_api::parse_kind_opt(name).map_err(|e| invalid(field, e))
 }
 
 fn side(v: u32, field: &str) -> Result<Option<u32>, Status> {

@@ -3,7 +3,7 @@
 //! evictions, invoke latency by class and method, RPCs by status code.
 //! Written by hand (a few maps under a mutex) to keep the daemon free of a metrics runtime.
 
-use autopipe_proto::metrics::{escape, Histogram};
+use autopipe_proto::metrics::{code_name, escape, Histogram};
 use autopipe_store::{Code, Store, StoreObserver};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -198,30 +198,6 @@ impl StoreObserver for Metrics {
                 .or_insert_with(|| Histogram::new(INVOKE_BUCKETS))
                 .observe(took);
         }
-    }
-}
-
-/// The canonical gRPC name of a code, e.g. `RESOURCE_EXHAUSTED`.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match code {
-        C::Ok => "OK",
-        C::Cancelled => "CANCELLED",
-        C::Unknown => "UNKNOWN",
-        C::InvalidArgument => "INVALID_ARGUMENT",
-        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        C::NotFound => "NOT_FOUND",
-        C::AlreadyExists => "ALREADY_EXISTS",
-        C::PermissionDenied => "PERMISSION_DENIED",
-        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        C::FailedPrecondition => "FAILED_PRECONDITION",
-        C::Aborted => "ABORTED",
-        C::OutOfRange => "OUT_OF_RANGE",
-        C::Unimplemented => "UNIMPLEMENTED",
-        C::Internal => "INTERNAL",
-        C::Unavailable => "UNAVAILABLE",
-        C::DataLoss => "DATA_LOSS",
-        C::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -81,7 +81,7 @@ impl StoreService {
         if let Err(s) = &r {
             tracing::debug!(
                 rpc,
-                code = crate::metrics::code_name(s.code()),
+                code = autopipe_proto::metrics::code_name(s.code()),
                 message = s.message(),
                 "rpc failed"
             );

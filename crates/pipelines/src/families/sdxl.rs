@@ -9,19 +9,16 @@
 //! base → refiner hand-off, and its own defaults.
 
 use crate::steps::components::{AddedConditioning, Components};
-use crate::steps::denoise::{denoise, Conditioning};
-use crate::steps::latent_diffusion::{self, Defaults, Setup};
-use crate::steps::prompt::{DualClipPrompt, PromptEncoder, Prompts};
+use crate::steps::latent_diffusion::{self, Configured, Defaults};
+use crate::steps::prompt::{DualClipPrompt, PromptEmbeds};
 use crate::steps::schedule;
 use crate::{
     as_python_float, Context, GenerateParams, MicroConditioning, Output, Pair, Pipeline,
-    PipelineError, Result, StageTimings, StepObserver, Task,
+    PipelineError, Result, StepObserver, Task,
 };
 use autopipe_auto::Family;
-use autopipe_rng::Generator;
-use autopipe_schedulers::Scheduler;
 use serde_json::{Map, Value};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// The SDXL family.
 pub struct StableDiffusionXL;
@@ -34,6 +31,9 @@ fn defaults(task: Task) -> Defaults {
         inpaint_strength: if task == Task::Inpaint { 0.9999 } else { 1.0 },
     }
 }
+
+/// (tokenizer, text encoder) pairs, in `encode_prompt`'s order; a refiner has only the second.
+const ENCODERS: [(&str, &str); 2] = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")];
 
 /// SDXL pipelines take the saved scheduler config as it is.
 fn keep_scheduler(_: &mut Map<String, Value>) {}
@@ -48,10 +48,8 @@ struct TimeIdConfig {
     text_encoder_projection_dim: i64,
 }
 
-struct Configured {
-    setup: Setup,
-    scheduler: Box<dyn Scheduler>,
-    timesteps: Vec<f64>,
+struct SdxlConfigured {
+    configured: Configured,
     /// (positive, negative) time ids, one row each.
     time_ids: (Vec<f64>, Vec<f64>),
     encoders: Vec<(&'static str, &'static str)>,
@@ -68,7 +66,7 @@ fn option_bool(ctx: &Context, key: &str, default: bool) -> bool {
 }
 
 impl StableDiffusionXL {
-    fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<Configured> {
+    fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<SdxlConfigured> {
         if let Some(field) = params.first_prior_field() {
             return Err(PipelineError::invalid(
                 field,
@@ -100,11 +98,8 @@ impl StableDiffusionXL {
         let timesteps = schedule::select(scheduler.as_mut(), params, setup.start, denoising_end)?;
 
         let index = ctx.checkpoint.index();
-        let encoders: Vec<(&'static str, &'static str)> = [
-            ("tokenizer", "text_encoder"),
-            ("tokenizer_2", "text_encoder_2"),
-        ]
-        .into_iter()
+        let encoders: Vec<(&'static str, &'static str)> = ENCODERS
+            .into_iter()
         .filter(|(_, encoder)| index.component_class(encoder).is_some())
         .collect();
         if index.component_class("text_encoder_2").is_none() {
@@ -131,10 +126,12 @@ impl StableDiffusionXL {
             ));
         }
         let time_ids = time_ids(ctx.task, &params.micro, setup.size, &config)?;
-        Ok(Configured {
-            setup,
-            scheduler,
-            timesteps,
+        Ok(SdxlConfigured {
+            configured: Configured {
+                setup,
+                scheduler,
+                timesteps,
+            },
             time_ids,
             encoders,
             force_zeros_for_empty_prompt: option_bool(ctx, "force_zeros_for_empty_prompt", true),
@@ -177,23 +174,17 @@ fn time_ids(
                 .unwrap_or(2.5);
             (
                 ids(&[pair(original), pair(crops)], Some(score)),
-                ids(
-                    &[pair(negative_original), pair(negative_crops)],
-                    Some(negative_score),
-                ),
+                ids(&[pair(negative_original), pair(negative_crops)], Some(negative_score)),
             )
         } else {
             (
                 ids(&[pair(original), pair(crops), pair(target)], None),
-                ids(
-                    &[pair(negative_original), pair(crops), pair(negative_target)],
-                    None,
-                ),
+                ids(&[pair(negative_original), pair(crops), pair(negative_target)], None),
             )
         }
     };
-    let passed =
-        config.addition_time_embed_dim * positive.len() as i64 + config.text_encoder_projection_dim;
+    let passed = config.addition_time_embed_dim * positive.len() as i64
+        + config.text_encoder_projection_dim;
     let expected = config.expected_add_embed_dim;
     let step = config.addition_time_embed_dim;
     if expected != passed {
@@ -219,12 +210,18 @@ impl Pipeline for StableDiffusionXL {
         &["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
     }
 
-    fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
-        let configured = self.configure(ctx, params)?;
-        for (tokenizer, _) in &configured.encoders {
-            ctx.tokenizers.clip(ctx.checkpoint, tokenizer)?;
+    fn warm_up(&self, ctx: &Context) -> Result<()> {
+        for (tokenizer, encoder) in ENCODERS {
+            if ctx.checkpoint.index().component_class(encoder).is_some() {
+                ctx.tokenizers.clip(ctx.checkpoint, tokenizer)?;
+            }
         }
         Ok(())
+    }
+
+    fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
+        self.configure(ctx, params)?;
+        self.warm_up(ctx)
     }
 
     fn run(
@@ -234,18 +231,12 @@ impl Pipeline for StableDiffusionXL {
         params: &GenerateParams,
         observer: &dyn StepObserver,
     ) -> Result<Output> {
-        let Configured {
-            setup,
-            mut scheduler,
-            timesteps,
-            time_ids: (positive_ids, negative_ids),
+        let SdxlConfigured {
+            configured,
+            time_ids: (positive, negative),
             encoders,
             force_zeros_for_empty_prompt,
         } = self.configure(ctx, params)?;
-        let mut generator = Generator::new(params.seed);
-        let mut timings = StageTimings::default();
-        let mut warnings = Vec::new();
-
         let encoder = DualClipPrompt {
             encoders: encoders
                 .iter()
@@ -255,70 +246,25 @@ impl Pipeline for StableDiffusionXL {
                 .collect::<Result<_>>()?,
             force_zeros_for_empty_prompt,
         };
-        let prompts = Prompts {
-            prompt: &params.prompt,
-            prompt_2: params.prompt_2.as_deref(),
-            negative_prompt: params.negative_prompt.as_deref(),
-            negative_prompt_2: params.negative_prompt_2.as_deref(),
-            num_images: setup.num_images,
-            guide: setup.guide(),
+        let (num_images, guide) = (configured.setup.num_images, configured.setup.guide());
+        let added = |embeds: &PromptEmbeds, (kind, device): (Kind, Device)| {
+            let row = |ids: &[f64]| {
+                Tensor::from_slice(ids)
+                    .to_kind(kind)
+                    .to_device(device)
+                    .unsqueeze(0)
+                    .repeat([num_images, 1])
+            };
+            let time_ids = if guide {
+                Tensor::cat(&[row(&negative), row(&positive)], 0)
+            } else {
+                row(&positive)
+            };
+            Some(AddedConditioning {
+                text_embeds: embeds.pooled.as_ref()?.shallow_clone(),
+                time_ids,
+            })
         };
-        let embeds = timings.time("encode_prompt", || {
-            encoder.encode(components, &prompts, &mut warnings)
-        })?;
-        let at = (embeds.embeds.kind(), embeds.embeds.device());
-
-        let prepared = latent_diffusion::prepare(
-            ctx,
-            components,
-            params,
-            &setup,
-            &timesteps,
-            scheduler.as_ref(),
-            &mut generator,
-            at,
-        )?;
-        let row = |ids: &[f64]| {
-            Tensor::from_slice(ids)
-                .to_kind(at.0)
-                .to_device(at.1)
-                .unsqueeze(0)
-                .repeat([setup.num_images, 1])
-        };
-        let time_ids = if setup.guide() {
-            Tensor::cat(&[row(&negative_ids), row(&positive_ids)], 0)
-        } else {
-            row(&positive_ids)
-        };
-        let added = AddedConditioning {
-            text_embeds: embeds.pooled.expect("the SDXL prompt encoder pools"),
-            time_ids,
-        };
-        let cond = Conditioning {
-            encoder_hidden_states: Some(&embeds.embeds),
-            image_embeds: None,
-            added: Some(&added),
-            guidance_scale: setup.guidance_scale,
-        };
-        let latents = timings.time("denoise", || {
-            denoise(
-                &components.unet("unet"),
-                &cond,
-                &prepared,
-                &timesteps,
-                scheduler.as_mut(),
-                &mut generator,
-                observer,
-            )
-        })?;
-        timings.steps = timesteps.len() as u32;
-        latent_diffusion::finish(
-            components,
-            &setup.space,
-            latents,
-            params.output_type,
-            timings,
-            warnings,
-        )
+        latent_diffusion::run(ctx, components, params, configured, &encoder, &added, observer)
     }
 }

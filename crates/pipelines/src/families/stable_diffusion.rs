@@ -2,16 +2,11 @@
 //! and `StableDiffusionInpaintPipeline` (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion*.py).
 
 use crate::steps::components::Components;
-use crate::steps::denoise::{denoise, Conditioning};
-use crate::steps::latent_diffusion::{self, Defaults};
-use crate::steps::prompt::{ClipPrompt, PromptEncoder, Prompts};
+use crate::steps::latent_diffusion::{self, Configured, Defaults};
+use crate::steps::prompt::ClipPrompt;
 use crate::steps::schedule;
-use crate::{
-    Context, GenerateParams, Output, Pipeline, PipelineError, Result, StageTimings, StepObserver,
-};
+use crate::{Context, GenerateParams, Output, Pipeline, PipelineError, Result, StepObserver};
 use autopipe_auto::Family;
-use autopipe_rng::Generator;
-use autopipe_schedulers::Scheduler;
 use serde_json::{Map, Value};
 
 /// The Stable Diffusion family.
@@ -37,7 +32,7 @@ impl StableDiffusion {
         &self,
         ctx: &Context,
         params: &GenerateParams,
-    ) -> Result<(latent_diffusion::Setup, Box<dyn Scheduler>, Vec<f64>)> {
+    ) -> Result<Configured> {
         if let Some(field) = params.first_sdxl_field().or(params.first_prior_field()) {
             return Err(PipelineError::invalid(
                 field,
@@ -47,7 +42,11 @@ impl StableDiffusion {
         let setup = latent_diffusion::setup(ctx, params, DEFAULTS, None)?;
         let mut scheduler = schedule::build(ctx.checkpoint, params, rewrite_scheduler)?;
         let timesteps = schedule::select(scheduler.as_mut(), params, setup.start, None)?;
-        Ok((setup, scheduler, timesteps))
+        Ok(Configured {
+            setup,
+            scheduler,
+            timesteps,
+        })
     }
 }
 
@@ -56,10 +55,13 @@ impl Pipeline for StableDiffusion {
         Family::StableDiffusion
     }
 
+    fn warm_up(&self, ctx: &Context) -> Result<()> {
+        ctx.tokenizers.clip(ctx.checkpoint, "tokenizer").map(drop)
+    }
+
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
         self.configure(ctx, params)?;
-        ctx.tokenizers.clip(ctx.checkpoint, "tokenizer")?;
-        Ok(())
+        self.warm_up(ctx)
     }
 
     fn run(
@@ -69,63 +71,11 @@ impl Pipeline for StableDiffusion {
         params: &GenerateParams,
         observer: &dyn StepObserver,
     ) -> Result<Output> {
-        let (setup, mut scheduler, timesteps) = self.configure(ctx, params)?;
-        let mut generator = Generator::new(params.seed);
-        let mut timings = StageTimings::default();
-        let mut warnings = Vec::new();
-
         let encoder = ClipPrompt {
             tokenizer: ctx.tokenizers.clip(ctx.checkpoint, "tokenizer")?,
             encoder: "text_encoder",
         };
-        let prompts = Prompts {
-            prompt: &params.prompt,
-            prompt_2: None,
-            negative_prompt: params.negative_prompt.as_deref(),
-            negative_prompt_2: None,
-            num_images: setup.num_images,
-            guide: setup.guide(),
-        };
-        let embeds = timings.time("encode_prompt", || {
-            encoder.encode(components, &prompts, &mut warnings)
-        })?;
-        let at = (embeds.embeds.kind(), embeds.embeds.device());
-
-        let prepared = latent_diffusion::prepare(
-            ctx,
-            components,
-            params,
-            &setup,
-            &timesteps,
-            scheduler.as_ref(),
-            &mut generator,
-            at,
-        )?;
-        let cond = Conditioning {
-            encoder_hidden_states: Some(&embeds.embeds),
-            image_embeds: None,
-            added: None,
-            guidance_scale: setup.guidance_scale,
-        };
-        let latents = timings.time("denoise", || {
-            denoise(
-                &components.unet("unet"),
-                &cond,
-                &prepared,
-                &timesteps,
-                scheduler.as_mut(),
-                &mut generator,
-                observer,
-            )
-        })?;
-        timings.steps = timesteps.len() as u32;
-        latent_diffusion::finish(
-            components,
-            &setup.space,
-            latents,
-            params.output_type,
-            timings,
-            warnings,
-        )
+        let configured = self.configure(ctx, params)?;
+        latent_diffusion::run(ctx, components, params, configured, &encoder, &|_, _| None, observer)
     }
 }

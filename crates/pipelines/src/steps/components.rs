@@ -5,7 +5,7 @@
 use crate::{PipelineError, Plan, Result};
 use autopipe_auto::ComponentSlot;
 use autopipe_repo::Checkpoint;
-use autopipe_store::{ComponentSpec, ComponentStore, Lease, Tensors};
+use autopipe_store_api::{ComponentSpec, ComponentStore, Lease, Tensors};
 use tch::Tensor;
 
 /// Whether a component slot holds weights the store loads (as opposed to a tokenizer, a scheduler

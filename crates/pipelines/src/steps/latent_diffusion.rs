@@ -2,13 +2,15 @@
 //! SDXL, their ControlNet variants): sizes and defaults, the task's starting latents, and the end
 //! (decode, or the latents themselves for `output_type="latent"`).
 
-use crate::steps::components::Components;
+use crate::steps::components::{AddedConditioning, Components};
+use crate::steps::denoise::{denoise, Conditioning};
 use crate::steps::image;
 use crate::steps::latents::{self, InpaintInputs, LatentSpace, Prepared};
+use crate::steps::prompt::{PromptEmbeds, PromptEncoder, Prompts};
 use crate::steps::schedule::Start;
 use crate::{
     as_python_float, Context, GenerateParams, InitImage, Output, OutputType, PipelineError,
-    Result, StageTimings, Task,
+    Result, StageTimings, StepObserver, Task,
 };
 use autopipe_rng::Generator;
 use autopipe_schedulers::Scheduler;
@@ -159,7 +161,87 @@ pub fn setup(
     })
 }
 
+/// A configured request: what [`run`] needs besides the components.
+pub struct Configured {
+    pub setup: Setup,
+    pub scheduler: Box<dyn Scheduler>,
+    /// The timesteps to run (after strength / denoising_start / denoising_end).
+    pub timesteps: Vec<f64>,
+}
+
+/// The whole run of a latent-diffusion pipeline: encode the prompt, prepare the task's latents,
+/// denoise, decode. `added` builds the UNet's added conditioning from the prompt embeddings (SDXL's
+/// pooled embeddings and time ids), at the embeddings' dtype and device.
+pub fn run(
+    ctx: &Context,
+    components: &Components,
+    params: &GenerateParams,
+    configured: Configured,
+    prompt_encoder: &dyn PromptEncoder,
+    added: &dyn Fn(&PromptEmbeds, (Kind, Device)) -> Option<AddedConditioning>,
+    observer: &dyn StepObserver,
+) -> Result<Output> {
+    let Configured {
+        setup,
+        mut scheduler,
+        timesteps,
+    } = configured;
+    let mut generator = Generator::new(params.seed);
+    let mut timings = StageTimings::default();
+    let mut warnings = Vec::new();
+    let prompts = Prompts {
+        prompt: &params.prompt,
+        prompt_2: params.prompt_2.as_deref(),
+        negative_prompt: params.negative_prompt.as_deref(),
+        negative_prompt_2: params.negative_prompt_2.as_deref(),
+        num_images: setup.num_images,
+        guide: setup.guide(),
+    };
+    let embeds = timings.time("encode_prompt", || {
+        prompt_encoder.encode(components, &prompts, &mut warnings)
+    })?;
+    let at = (embeds.embeds.kind(), embeds.embeds.device());
+    let prepared = prepare(
+        ctx,
+        components,
+        params,
+        &setup,
+        &timesteps,
+        scheduler.as_ref(),
+        &mut generator,
+        at,
+    )?;
+    let added = added(&embeds, at);
+    let cond = Conditioning {
+        encoder_hidden_states: Some(&embeds.embeds),
+        added: added.as_ref(),
+        image_embeds: None,
+        guidance_scale: setup.guidance_scale,
+    };
+    let latents = timings.time("denoise", || {
+        denoise(
+            &components.unet("unet"),
+            &cond,
+            &prepared,
+            &timesteps,
+            scheduler.as_mut(),
+            &mut generator,
+            observer,
+        )
+    })?;
+    timings.steps = timesteps.len() as u32;
+    finish(
+        components,
+        &setup.space,
+        latents,
+        params.output_type,
+        timings,
+        warnings,
+    )
+}
+
 /// The task's starting latents.
+#[allow(clippy::too_many_arguments)]
 pub fn prepare(
     ctx: &Context,
     components: &Components,

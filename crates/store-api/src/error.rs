@@ -32,39 +32,7 @@ impl StoreError {
     }
 }
 
-impl From<autopipe_models::Error> for StoreError {
-    fn from(e: autopipe_models::Error) -> Self {
-        use autopipe_models::Error as E;
-        let code = match &e {
-            E::Config(_) | E::Weights(_) => Code::FailedPrecondition,
-            E::Input(_) => Code::InvalidArgument,
-            E::Io(io) if io.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
-            // Running out of device memory is a resource limit, not a bug: say so rather than INTERNAL.
-            E::Torch(t) if t.to_string().to_ascii_lowercase().contains("out of memory") => {
-                Code::ResourceExhausted
-            }
-            _ => Code::Internal,
-        };
-        Self::new(code, e.to_string())
-    }
-}
-
 impl Code {
-    /// The gRPC canonical name, e.g. `INVALID_ARGUMENT` (metrics labels, logs).
-    pub fn name(self) -> &'static str {
-        match self {
-            Code::InvalidArgument => "INVALID_ARGUMENT",
-            Code::NotFound => "NOT_FOUND",
-            Code::FailedPrecondition => "FAILED_PRECONDITION",
-            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::Unimplemented => "UNIMPLEMENTED",
-            Code::Cancelled => "CANCELLED",
-            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Code::Internal => "INTERNAL",
-        }
-    }
-
     /// The gRPC code: the one mapping both services use.
     pub fn to_tonic(self) -> tonic::Code {
         match self {

@@ -1,0 +1,95 @@
+//! diffusers' UNet2DConditionModel (`models/unets/unet_2d_condition.py`): `forward` takes `sample`,
+//! `timestep` (a scalar or [batch]), `encoder_hidden_states` (not for an `image_proj` UNet), for
+//! SDXL `text_embeds` with `time_ids`, for Kandinsky 2.2 `image_embeds`; it returns the predicted
+//! `sample`.
+
+use super::{float_input, model_error, ComponentClass, Method};
+use autopipe_models::unet;
+use std::path::Path;
+use tch::{Device, Kind};
+
+/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL and the Kandinsky 2.2 decoder.
+pub(super) struct UNet2DConditionModel(unet::UNet2DConditionModel);
+
+// SAFETY: methods only read the model (see `ComponentClass`).
+unsafe impl Sync for UNet2DConditionModel {}
+
+impl ComponentClass for UNet2DConditionModel {
+    const NAME: &'static str = "UNet2DConditionModel";
+    const METHODS: &'static [Method<Self>] = &[Method {
+        name: "forward",
+        required: &["sample", "timestep"],
+        optional: &[
+            "encoder_hidden_states",
+            "text_embeds",
+            "time_ids",
+            "image_embeds",
+        ],
+        outputs: &["sample"],
+        run: |m, inputs| {
+            let (kind, device) = (m.0.kind(), m.0.device());
+            let sample = inputs.with_rank("sample", 4)?;
+            let image_embeds = match inputs.optional("image_embeds") {
+                Some(_) => Some(float_input(
+                    inputs.with_rank("image_embeds", 2)?,
+                    kind,
+                    device,
+                )),
+                None => None,
+            };
+            // An image_proj UNet (Kandinsky 2.2) makes its own from `image_embeds`.
+            let ehs = match (inputs.optional("encoder_hidden_states"), &image_embeds) {
+                (None, Some(_)) => None,
+                _ => Some(float_input(
+                    inputs.with_rank("encoder_hidden_states", 3)?,
+                    kind,
+                    device,
+                )),
+            };
+            let timestep = inputs.required("timestep")?;
+            if timestep.dim() > 1 {
+                return Err(inputs.invalid(
+                    "timestep",
+                    format_args!("needs a scalar or [batch], got shape {:?}", timestep.size()),
+                ));
+            }
+            let timestep = timestep.to_device(device);
+            let added = match (inputs.optional("text_embeds"), inputs.optional("time_ids")) {
+                (Some(te), Some(ti)) => Some(unet::SdxlConditioning {
+                    text_embeds: float_input(te, kind, device),
+                    time_ids: float_input(ti, kind, device),
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(inputs.invalid(
+                        "time_ids",
+                        "takes text_embeds and time_ids together or neither",
+                    ))
+                }
+            };
+            let extra = unet::UNetExtraInputs {
+                added: added.as_ref(),
+                image_embeds: image_embeds.as_ref(),
+                ..Default::default()
+            };
+            let out =
+                m.0.forward_with(
+                    &float_input(sample, kind, device),
+                    &timestep,
+                    ehs.as_ref(),
+                    &extra,
+                )
+                .map_err(model_error)?;
+            Ok(vec![("sample".to_string(), out)])
+        },
+    }];
+
+    fn load(
+        dir: &Path,
+        variant: Option<&str>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self, autopipe_models::Error> {
+        unet::UNet2DConditionModel::load(dir, variant, kind, device).map(Self)
+    }
+}
