@@ -359,7 +359,8 @@ mod tests {
     fn the_registry_lists_every_class_once() {
         assert_eq!(
             supported(),
-            "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, AutoencoderKL"
+            "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, AutoencoderKL, \
+             CLIPVisionModelWithProjection, PriorTransformer, VQModel"
         );
         let names: HashSet<&str> = CLASSES.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), CLASSES.len());
