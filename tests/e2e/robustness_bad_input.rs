@@ -608,6 +608,7 @@ fn component(name: &str, class_name: &str, path: &Path) -> v1::ComponentRequest 
         class_name: class_name.into(),
         path: path.display().to_string(),
         variant: String::new(),
+        upcast_half: false,
     }
 }
 

@@ -130,3 +130,29 @@ fn a_refiner_asked_for_text2img_fails_as_diffusers_does() {
         .into_inner();
     assert!(s.components.is_empty(), "{:?}", s.components);
 }
+
+#[test]
+fn a_float16_sdxl_request_runs_the_vae_upcast_as_diffusers_does() {
+    let split = Split::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut req = reference_request("sdxl_t2i_neg");
+    req.dtype = "float16".into();
+    let resp = generate(&split, &rt, req).unwrap();
+    // fp16 against diffusers' fp32 reference: close, not equal.
+    let p = psnr(&decode(&resp.images[0]), &reference_image("sdxl_t2i_neg", 0));
+    println!("sdxl float16 vs diffusers float32: PSNR {p:.2} dB");
+    assert!(p >= 30.0, "float16 SDXL image far from fp32: PSNR {p:.2}");
+    let s = rt
+        .block_on(async {
+            store_client(&split.store.address)
+                .await
+                .stats(v1::StatsRequest {})
+                .await
+        })
+        .unwrap()
+        .into_inner();
+    for c in &s.components {
+        let want = if c.class_name == "AutoencoderKL" { "float32" } else { "float16" };
+        assert_eq!(c.dtype, want, "{}", c.class_name);
+    }
+}

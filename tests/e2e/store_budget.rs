@@ -80,6 +80,7 @@ async fn lease_model(
                 class_name: c.class_name.clone(),
                 path: p.clone(),
                 variant: variant.into(),
+                upcast_half: false,
             };
             Some((request, c.dtype.clone()))
         })

@@ -44,6 +44,7 @@ fn component(model: &str, name: &str) -> v1::ComponentRequest {
         } else {
             String::new()
         },
+        upcast_half: false,
     }
 }
 

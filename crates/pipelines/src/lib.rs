@@ -274,6 +274,12 @@ pub trait Pipeline: Send + Sync {
         &[]
     }
 
+    /// Whether `component` runs in float32 when the request asks for float16 (diffusers upcasts the
+    /// SDXL VAE, whose activations overflow float16).
+    fn upcast_half(&self, _checkpoint: &Checkpoint, _component: &str) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Reads what a first request would otherwise read from disk (tokenizers), for `--preload`.
     fn warm_up(&self, _ctx: &Context) -> Result<()> {
         Ok(())
@@ -474,7 +480,7 @@ pub fn generate(
     let plan = plan(pipeline, ctx.resolution, ctx.checkpoint.index())?;
     pipeline.validate(ctx, params)?;
     let lease = store.acquire(&autopipe_store_api::AcquireRequest {
-        components: steps::components::specs(ctx.checkpoint, &plan, variant)?,
+        components: steps::components::specs(pipeline, ctx.checkpoint, &plan, variant)?,
         kind,
         request_id: request_id.to_string(),
     })?;

@@ -26,6 +26,9 @@ pub struct ComponentSpec {
     pub path: std::path::PathBuf,
     /// Weight-file variant (`fp16`), if any.
     pub variant: Option<String>,
+    /// diffusers' `force_upcast`: held in float32 when the request's dtype is float16 (the SDXL
+    /// VAE overflows in float16; diffusers upcasts it for encode and decode).
+    pub upcast_half: bool,
 }
 
 /// What `acquire` asks for.

@@ -383,7 +383,7 @@ impl Store {
                 "components: at least one component is required",
             ));
         }
-        let dtype = kind_name(kind)?;
+        kind_name(kind)?;
         let mut names = HashSet::new();
         let mut keyed = Vec::with_capacity(components.len());
         for (i, spec) in components.iter().enumerate() {
@@ -417,6 +417,12 @@ impl Store {
                     ),
                 ));
             }
+            let kind = if spec.upcast_half && kind == Kind::Half {
+                Kind::Float
+            } else {
+                kind
+            };
+            let dtype = kind_name(kind)?;
             let files = autopipe_models::weights::weight_files(&spec.path, spec.variant.as_deref())
                 .map_err(|e| {
                     StoreError::new(

@@ -21,6 +21,7 @@ fn fixture(model: &str, name: &str) -> ComponentSpec {
         class_name: class_name.into(),
         path: path.canonicalize().expect("fixture component"),
         variant: (model == "sd2-tiny").then(|| "fp16".to_string()),
+        upcast_half: false,
     }
 }
 
@@ -509,4 +510,30 @@ fn a_kind_that_is_not_a_component_dtype_is_refused() {
     assert_eq!(err.code, Code::InvalidArgument, "{err}");
     assert!(err.message.starts_with("dtype:"), "{err}");
     assert!(s.stats().components.is_empty());
+}
+
+#[test]
+fn an_upcast_component_is_held_in_float32_when_float16_is_asked() {
+    let s = store(None);
+    let upcast = ComponentSpec {
+        upcast_half: true,
+        ..fixture("sd1-tiny", "vae")
+    };
+    let acquire_as = |spec: &ComponentSpec, kind| {
+        let lease = s
+            .acquire(&AcquireRequest {
+                components: vec![spec.clone()],
+                kind: Some(kind),
+                request_id: "test".into(),
+            })
+            .unwrap();
+        s.release(&lease.id).unwrap();
+    };
+    acquire_as(&upcast, Kind::Half);
+    acquire_as(&upcast, Kind::BFloat16);
+    acquire_as(&fixture("sd1-tiny", "vae"), Kind::Half);
+    let mut dtypes: Vec<String> = s.stats().components.into_iter().map(|c| c.dtype).collect();
+    dtypes.sort();
+    // float16 asked with upcast → float32; bfloat16 is not upcast; without upcast → float16.
+    assert_eq!(dtypes, ["bfloat16", "float16", "float32"]);
 }

@@ -365,7 +365,12 @@ impl Prepared {
     }
 
     fn specs(&self, variant: Option<&str>) -> Result<Vec<autopipe_store_api::ComponentSpec>, Status> {
-        autopipe_pipelines::steps::components::specs(&self.checkpoint, &self.plan, variant)
+        autopipe_pipelines::steps::components::specs(
+            self.pipeline,
+            &self.checkpoint,
+            &self.plan,
+            variant,
+        )
             .map_err(|e| pipeline_status(&e))
     }
 }

@@ -70,6 +70,7 @@ impl ComponentStore for RemoteStore {
                     class_name: c.class_name.clone(),
                     path: c.path.display().to_string(),
                     variant: c.variant.clone().unwrap_or_default(),
+                    upcast_half: c.upcast_half,
                 })
                 .collect(),
             dtype: request

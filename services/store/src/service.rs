@@ -48,6 +48,7 @@ fn component_specs(components: Vec<v1::ComponentRequest>) -> Result<Vec<Componen
             class_name: c.class_name,
             path: c.path.into(),
             variant: (!c.variant.is_empty()).then_some(c.variant),
+            upcast_half: c.upcast_half,
         });
     }
     Ok(specs)

@@ -17,6 +17,7 @@ use crate::{
     PipelineError, Result, StepObserver, Task,
 };
 use autopipe_auto::Family;
+use autopipe_repo::Checkpoint;
 use serde_json::{Map, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -208,6 +209,17 @@ impl Pipeline for StableDiffusionXL {
 
     fn optional_components(&self) -> &'static [&'static str] {
         &["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    }
+
+    fn upcast_half(&self, checkpoint: &Checkpoint, component: &str) -> Result<bool> {
+        // The SDXL pipelines run the VAE in float32 when it is float16 and its config says
+        // `force_upcast` (AutoencoderKL's default).
+        Ok(component == "vae"
+            && checkpoint
+                .read_json("vae", "config.json")?
+                .get("force_upcast")
+                .and_then(Value::as_bool)
+                .unwrap_or(true))
     }
 
     fn warm_up(&self, ctx: &Context) -> Result<()> {

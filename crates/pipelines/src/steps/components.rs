@@ -2,7 +2,7 @@
 //! names the store method and its inputs and outputs once (the store's component registry is the
 //! other side of the same contract).
 
-use crate::{PipelineError, Plan, Result};
+use crate::{Pipeline, PipelineError, Plan, Result};
 use autopipe_auto::ComponentSlot;
 use autopipe_repo::Checkpoint;
 use autopipe_store_api::{ComponentSpec, ComponentStore, Lease, Tensors};
@@ -19,8 +19,10 @@ pub fn holds_weights(slot: &ComponentSlot) -> bool {
         || slot.class.ends_with("FeatureExtractor"))
 }
 
-/// The store's view of `plan.leased`: each component's class, folder and weight variant.
+/// The store's view of `plan.leased`: each component's class, folder, weight variant, and whether
+/// `pipeline` runs it upcast from float16.
 pub fn specs(
+    pipeline: &dyn Pipeline,
     checkpoint: &Checkpoint,
     plan: &Plan,
     variant: Option<&str>,
@@ -36,6 +38,7 @@ pub fn specs(
                 class_name: class_name.to_string(),
                 path: checkpoint.component_dir(name)?,
                 variant: variant.map(str::to_string),
+                upcast_half: pipeline.upcast_half(checkpoint, name)?,
             })
         })
         .collect()
