@@ -186,7 +186,12 @@ pub async fn store_client(
 
 /// The `GenerateRequest` for a diffusers reference case in tests/fixtures/reference/*cases.json.
 pub fn reference_request(name: &str) -> v1::GenerateRequest {
-    let cases: Vec<serde_json::Value> = ["cases.json", "sdxl_cases.json", "controlnet_cases.json"]
+    let cases: Vec<serde_json::Value> = [
+        "cases.json",
+        "sdxl_cases.json",
+        "controlnet_cases.json",
+        "kandinsky_cases.json",
+    ]
         .iter()
         .flat_map(|file| {
             let text = std::fs::read_to_string(fixtures().join("reference").join(file))
@@ -274,6 +279,8 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         control_guidance_start: floats(&c["control_guidance_start"]),
         control_guidance_end: floats(&c["control_guidance_end"]),
         guess_mode: c["guess_mode"].as_bool().unwrap_or(false),
+        prior_num_inference_steps: c["prior_num_inference_steps"].as_u64().map(|v| v as u32),
+        prior_guidance_scale: c["prior_guidance_scale"].as_f64().map(|v| v as f32),
         ..Default::default()
     }
 }
@@ -305,9 +312,12 @@ fn coords(v: &serde_json::Value) -> Option<v1::Coords> {
 
 /// A case's reference tensor `name` (e.g. the latents of an `output_type="latent"` case).
 pub fn reference_tensor(case: &str, name: &str) -> tch::Tensor {
-    let tensors =
-        tch::Tensor::read_safetensors(fixtures().join("reference").join(format!("{case}.safetensors")))
-            .expect("reference tensors");
+    let tensors = tch::Tensor::read_safetensors(
+        fixtures()
+            .join("reference")
+            .join(format!("{case}.safetensors")),
+    )
+    .expect("reference tensors");
     tensors
         .into_iter()
         .find(|(n, _)| n == name)

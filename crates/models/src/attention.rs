@@ -46,6 +46,17 @@ impl Attention {
 
     /// Attends from `xs` (`[batch, tokens, query_dim]`) to `context` (or to `xs` itself).
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
+        self.forward_masked(xs, context, None)
+    }
+
+    /// [`Self::forward`] with an additive attention mask broadcastable to
+    /// `[batch, heads, queries, keys]`.
+    pub fn forward_masked(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let batch = xs.size()[0];
         let context = context.unwrap_or(xs);
         let query = self.to_q.forward(xs);
@@ -64,7 +75,7 @@ impl Attention {
                 &query.to_kind(Kind::Float),
                 &key.to_kind(Kind::Float),
                 &value.to_kind(Kind::Float),
-                None::<Tensor>,
+                mask.map(|m| m.to_kind(Kind::Float)),
                 0.0,
                 false,
                 None,
@@ -73,14 +84,7 @@ impl Attention {
             .to_kind(kind)
         } else {
             Tensor::scaled_dot_product_attention(
-                &query,
-                &key,
-                &value,
-                None::<Tensor>,
-                0.0,
-                false,
-                None,
-                false,
+                &query, &key, &value, mask, 0.0, false, None, false,
             )
         };
         let out = out

@@ -1,5 +1,6 @@
-//! CLIP text encoder, following transformers' `models/clip/modeling_clip.py` (`CLIPTextModel`,
-//! `CLIPTextModelWithProjection`) and `configuration_clip.py` (`CLIPTextConfig`).
+//! CLIP text and image encoders, following transformers' `models/clip/modeling_clip.py`
+//! (`CLIPTextModel`, `CLIPTextModelWithProjection`, `CLIPVisionModelWithProjection`) and
+//! `configuration_clip.py` (`CLIPTextConfig`, `CLIPVisionConfig`).
 //!
 //! Forward passes take `&self` and never mutate weights, so one loaded model serves many threads;
 //! running them under `tch::no_grad` is the caller's job (loaded weights are frozen, so no graph
@@ -219,10 +220,36 @@ struct CLIPAttention {
     out_proj: nn::Linear,
     num_heads: i64,
     head_dim: i64,
+    causal: bool,
+}
+
+/// What one encoder layer is built from (shared by the text and vision towers).
+#[derive(Debug, Clone, Copy)]
+struct LayerDims {
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_attention_heads: i64,
+    layer_norm_eps: f64,
+    hidden_act: Activation,
+    /// The text tower attends causally; the vision tower does not.
+    causal: bool,
+}
+
+impl From<&CLIPTextConfig> for LayerDims {
+    fn from(cfg: &CLIPTextConfig) -> Self {
+        Self {
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            num_attention_heads: cfg.num_attention_heads,
+            layer_norm_eps: cfg.layer_norm_eps,
+            hidden_act: cfg.hidden_act,
+            causal: true,
+        }
+    }
 }
 
 impl CLIPAttention {
-    fn new(vs: nn::Path, cfg: &CLIPTextConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &LayerDims) -> Self {
         let d = cfg.hidden_size;
         Self {
             q_proj: weights::linear(&vs / "q_proj", d, d, true),
@@ -231,6 +258,7 @@ impl CLIPAttention {
             out_proj: weights::linear(&vs / "out_proj", d, d, true),
             num_heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
+            causal: cfg.causal,
         }
     }
 
@@ -253,7 +281,7 @@ impl CLIPAttention {
             &v,
             None::<Tensor>,
             0.0,
-            true,
+            self.causal,
             scale,
             false,
         );
@@ -273,7 +301,7 @@ struct CLIPEncoderLayer {
 }
 
 impl CLIPEncoderLayer {
-    fn new(vs: nn::Path, cfg: &CLIPTextConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &LayerDims) -> Self {
         let mlp = &vs / "mlp";
         Self {
             self_attn: CLIPAttention::new(&vs / "self_attn", cfg),
@@ -342,7 +370,7 @@ impl CLIPTextModel {
         let tm = vs / "text_model";
         let layers_vs = &tm / "encoder" / "layers";
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| CLIPEncoderLayer::new(&layers_vs / i, &cfg))
+            .map(|i| CLIPEncoderLayer::new(&layers_vs / i, &LayerDims::from(&cfg)))
             .collect();
         Ok(Self {
             embeddings: CLIPTextEmbeddings::new(&tm / "embeddings", &cfg),
@@ -514,6 +542,239 @@ impl CLIPTextModelWithProjection {
             text_embeds: self.text_projection.forward(&out.pooler_output),
             last_hidden_state: out.last_hidden_state,
             hidden_states: out.hidden_states,
+        })
+    }
+}
+
+fn default_vision_hidden_size() -> i64 {
+    768
+}
+fn default_vision_intermediate_size() -> i64 {
+    3072
+}
+fn default_vision_heads() -> i64 {
+    12
+}
+fn default_num_channels() -> i64 {
+    3
+}
+fn default_image_size() -> i64 {
+    224
+}
+fn default_patch_size() -> i64 {
+    32
+}
+
+/// `image_encoder/config.json` (transformers' `CLIPVisionConfig`), with its defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CLIPVisionConfig {
+    #[serde(default = "default_vision_hidden_size")]
+    pub hidden_size: i64,
+    #[serde(default = "default_vision_intermediate_size")]
+    pub intermediate_size: i64,
+    #[serde(default = "default_projection_dim")]
+    pub projection_dim: Option<i64>,
+    #[serde(default = "default_num_hidden_layers")]
+    pub num_hidden_layers: i64,
+    #[serde(default = "default_vision_heads")]
+    pub num_attention_heads: i64,
+    #[serde(default = "default_num_channels")]
+    pub num_channels: i64,
+    /// Side of the square input image.
+    #[serde(default = "default_image_size")]
+    pub image_size: i64,
+    #[serde(default = "default_patch_size")]
+    pub patch_size: i64,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+impl CLIPVisionConfig {
+    fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_channels", self.num_channels),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+        ] {
+            if v <= 0 {
+                return Err(Error::Config(format!("{name} must be positive, got {v}")));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::Config(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(Error::Config(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a `CLIPVisionModelWithProjection` returns.
+#[derive(Debug)]
+pub struct CLIPVisionModelOutput {
+    /// `image_embeds`: the projected, post-layer-normed class token, `[batch, projection_dim]`.
+    pub image_embeds: Tensor,
+    /// `last_hidden_state`, `[batch, 1 + patches, hidden_size]`.
+    pub last_hidden_state: Tensor,
+}
+
+/// transformers' `CLIPVisionModelWithProjection`: patch embeddings plus a class token through
+/// the (non-causal) encoder; the class token, post-layer-normed and projected, is `image_embeds`.
+#[derive(Debug)]
+pub struct CLIPVisionModelWithProjection {
+    class_embedding: Tensor,
+    patch_embedding: nn::Conv2D,
+    position_embedding: nn::Embedding,
+    pre_layrnorm: nn::LayerNorm,
+    layers: Vec<CLIPEncoderLayer>,
+    post_layernorm: nn::LayerNorm,
+    visual_projection: nn::Linear,
+    config: CLIPVisionConfig,
+    device: Device,
+    kind: Kind,
+    _vs: Option<VarStore>,
+}
+
+// SAFETY: as for `CLIPTextModel`, only read-only tensors.
+unsafe impl Sync for CLIPVisionModelWithProjection {}
+
+/// Drops the non-persistent `position_ids` buffer some exports carry.
+fn vision_rename(key: &str) -> String {
+    if key.ends_with("embeddings.position_ids") {
+        String::new()
+    } else {
+        key.to_string()
+    }
+}
+
+impl CLIPVisionModelWithProjection {
+    /// Declares the parameters under `vs` (`vision_model.…`, `visual_projection`).
+    pub fn new(vs: &nn::Path, cfg: CLIPVisionConfig) -> Result<Self> {
+        cfg.validate()?;
+        let projection_dim = cfg
+            .projection_dim
+            .filter(|d| *d > 0)
+            .ok_or_else(|| Error::Config("projection_dim must be a positive integer".into()))?;
+        let vm = vs / "vision_model";
+        let emb = &vm / "embeddings";
+        let d = cfg.hidden_size;
+        let patches = (cfg.image_size / cfg.patch_size).pow(2);
+        let dims = LayerDims {
+            hidden_size: d,
+            intermediate_size: cfg.intermediate_size,
+            num_attention_heads: cfg.num_attention_heads,
+            layer_norm_eps: cfg.layer_norm_eps,
+            hidden_act: cfg.hidden_act,
+            causal: false,
+        };
+        let conv = nn::ConvConfig {
+            stride: cfg.patch_size,
+            bias: false,
+            ws_init: nn::Init::Const(0.),
+            ..Default::default()
+        };
+        Ok(Self {
+            class_embedding: emb.var("class_embedding", &[d], nn::Init::Const(0.)),
+            patch_embedding: nn::conv2d(
+                &emb / "patch_embedding",
+                cfg.num_channels,
+                d,
+                cfg.patch_size,
+                conv,
+            ),
+            position_embedding: weights::embedding(&emb / "position_embedding", patches + 1, d),
+            pre_layrnorm: weights::layer_norm(&vm / "pre_layrnorm", d, cfg.layer_norm_eps),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| CLIPEncoderLayer::new(&vm / "encoder" / "layers" / i, &dims))
+                .collect(),
+            post_layernorm: weights::layer_norm(&vm / "post_layernorm", d, cfg.layer_norm_eps),
+            visual_projection: weights::linear(vs / "visual_projection", d, projection_dim, false),
+            device: vs.device(),
+            kind: vs.kind(),
+            config: cfg,
+            _vs: None,
+        })
+    }
+
+    /// Loads `config.json` and the weights of `component_dir` (e.g. `<prior>/image_encoder`).
+    pub fn load(
+        component_dir: &Path,
+        variant: Option<&str>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let cfg: CLIPVisionConfig = weights::read_config(component_dir)?;
+        let files = weights::weight_files(component_dir, variant)?;
+        let mut vs = weights::var_store(kind, device);
+        let mut model = Self::new(&vs.root(), cfg)?;
+        weights::load(&mut vs, &files, &vision_rename)?;
+        vs.freeze();
+        model._vs = Some(vs);
+        Ok(model)
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &CLIPVisionConfig {
+        &self.config
+    }
+
+    /// Encodes `pixel_values` (`[batch, num_channels, image_size, image_size]`, already
+    /// preprocessed by the image processor).
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<CLIPVisionModelOutput> {
+        let size = pixel_values.size();
+        let side = self.config.image_size;
+        match size[..] {
+            [b, c, h, w] if b > 0 && c == self.config.num_channels && h == side && w == side => {}
+            _ => {
+                return Err(Error::Input(format!(
+                    "pixel_values must be [batch, {}, {side}, {side}], got {size:?}",
+                    self.config.num_channels
+                )))
+            }
+        }
+        if !pixel_values.is_floating_point() {
+            return Err(Error::Input(format!(
+                "pixel_values must be floating point, got {:?}",
+                pixel_values.kind()
+            )));
+        }
+        let batch = size[0];
+        let _guard = tch::no_grad_guard();
+        let xs = pixel_values.to_device(self.device).to_kind(self.kind);
+        let patches = self
+            .patch_embedding
+            .forward(&xs)
+            .flatten(2, -1)
+            .transpose(1, 2);
+        let class = self
+            .class_embedding
+            .view([1, 1, -1])
+            .expand([batch, 1, -1], false);
+        let xs = Tensor::cat(&[class, patches], 1);
+        let positions = Tensor::arange(xs.size()[1], (Kind::Int64, self.device)).unsqueeze(0);
+        let mut xs = self
+            .pre_layrnorm
+            .forward(&(xs + self.position_embedding.forward(&positions)));
+        for layer in &self.layers {
+            xs = layer.forward(&xs);
+        }
+        let pooled = self.post_layernorm.forward(&xs.select(1, 0));
+        Ok(CLIPVisionModelOutput {
+            image_embeds: self.visual_projection.forward(&pooled),
+            last_hidden_state: xs,
         })
     }
 }

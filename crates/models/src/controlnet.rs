@@ -297,7 +297,7 @@ impl ControlNetModel {
         guess_mode: bool,
     ) -> Result<ControlNetOutput> {
         self.down
-            .check_inputs(sample, timestep, encoder_hidden_states, added, None)?;
+            .check_inputs(sample, timestep, Some(encoder_hidden_states), added, None)?;
         let (s, c) = (sample.size(), controlnet_cond.size());
         let f = self.cond_embedding.factor();
         let want = [s[0], self.config.conditioning_channels, s[2] * f, s[3] * f];

@@ -6,10 +6,12 @@ pub mod clip;
 pub mod controlnet;
 pub mod embeddings;
 pub mod error;
+pub mod prior_transformer;
 pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
+pub mod vq_model;
 pub mod weights;
 
 pub use error::{Error, Result};

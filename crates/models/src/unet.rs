@@ -1,5 +1,5 @@
 //! The conditional denoising UNet of Stable Diffusion 1.x/2.x/XL (and their inpainting
-//! variants), following diffusers `models/unets/unet_2d_condition.py` (`UNet2DConditionModel`).
+//! variants) and the Kandinsky 2.2 decoder (image-embedding conditioning), following diffusers `models/unets/unet_2d_condition.py` (`UNet2DConditionModel`).
 //!
 //! Parameters live at the checkpoint's own key paths (`down_blocks.0.attentions.0...`), so
 //! loading `diffusion_pytorch_model.safetensors` is a lookup by name.
@@ -193,10 +193,12 @@ pub struct UNet2DConditionConfig {
     /// Per-block, per-layer transformer depths of the up path, for asymmetric UNets.
     #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<Vec<PerBlock<i64>>>,
-    /// Width of `encoder_hidden_states` before `encoder_hid_proj` (`text_proj`).
+    /// Width of `encoder_hidden_states` before `encoder_hid_proj` (`text_proj`), or of the image
+    /// embeddings (`image_proj`, Kandinsky 2.2).
     #[serde(default)]
     pub encoder_hid_dim: Option<i64>,
-    /// How `encoder_hidden_states` is projected; only `text_proj` is supported.
+    /// How `encoder_hidden_states` is made: `text_proj` (a linear projection of the text states) or
+    /// `image_proj` (Kandinsky 2.2: tokens projected from the image embeddings).
     #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
     /// Number of attention heads per block, despite the name (diffusers' naming quirk).
@@ -214,7 +216,8 @@ pub struct UNet2DConditionConfig {
     /// Class conditioning (not supported).
     #[serde(default)]
     pub class_embed_type: Option<String>,
-    /// Extra conditioning added to the time embedding: `null` or `"text_time"` (SDXL).
+    /// Extra conditioning added to the time embedding: `null`, `"text_time"` (SDXL) or `"image"`
+    /// (Kandinsky 2.2).
     #[serde(default)]
     pub addition_embed_type: Option<String>,
     /// Width of each SDXL `time_ids` embedding.
@@ -300,11 +303,80 @@ pub struct SdxlConditioning {
     pub time_ids: Tensor,
 }
 
+/// `encoder_hid_proj`: a linear projection of the text states (`text_proj`) or diffusers'
+/// `ImageProjection` (`image_proj`).
+#[derive(Debug)]
+enum EncoderHidProj {
+    Text(nn::Linear),
+    Image(ImageProjection),
+}
+
+/// diffusers' `ImageProjection` (models/embeddings.py): image embeddings to
+/// `num_image_text_embeds` (32) layer-normed cross-attention tokens.
+#[derive(Debug)]
+struct ImageProjection {
+    image_embeds: nn::Linear,
+    norm: nn::LayerNorm,
+    tokens: i64,
+}
+
+impl ImageProjection {
+    const NUM_IMAGE_TEXT_EMBEDS: i64 = 32;
+
+    fn new(vs: &nn::Path, image_embed_dim: i64, cross_attention_dim: i64) -> Self {
+        let tokens = Self::NUM_IMAGE_TEXT_EMBEDS;
+        Self {
+            image_embeds: weights::linear(
+                vs / "image_embeds",
+                image_embed_dim,
+                tokens * cross_attention_dim,
+                true,
+            ),
+            norm: weights::layer_norm(vs / "norm", cross_attention_dim, 1e-5),
+            tokens,
+        }
+    }
+
+    fn forward(&self, image_embeds: &Tensor) -> Tensor {
+        let batch = image_embeds.size()[0];
+        let xs = self
+            .image_embeds
+            .forward(image_embeds)
+            .reshape([batch, self.tokens, -1]);
+        self.norm.forward(&xs)
+    }
+}
+
+/// diffusers' `ImageTimeEmbedding` (`addition_embed_type="image"`): `image_norm(image_proj(x))`,
+/// added to the time embedding.
+#[derive(Debug)]
+struct ImageTimeEmbedding {
+    image_proj: nn::Linear,
+    image_norm: nn::LayerNorm,
+}
+
+impl ImageTimeEmbedding {
+    fn new(vs: &nn::Path, image_embed_dim: i64, time_embed_dim: i64) -> Self {
+        Self {
+            image_proj: weights::linear(vs / "image_proj", image_embed_dim, time_embed_dim, true),
+            image_norm: weights::layer_norm(vs / "image_norm", time_embed_dim, 1e-5),
+        }
+    }
+
+    fn forward(&self, image_embeds: &Tensor) -> Tensor {
+        self.image_norm
+            .forward(&self.image_proj.forward(image_embeds))
+    }
+}
+
 /// Optional inputs of [`UNet2DConditionModel::forward_with`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct UNetExtraInputs<'a> {
     /// SDXL micro-conditioning; required when the config has `addition_embed_type="text_time"`.
     pub added: Option<&'a SdxlConditioning>,
+    /// CLIP image embeddings `[batch, encoder_hid_dim]` (`added_cond_kwargs["image_embeds"]`);
+    /// required by `addition_embed_type="image"` / `encoder_hid_dim_type="image_proj"`.
+    pub image_embeds: Option<&'a Tensor>,
     /// Guidance embedding for `time_cond_proj_dim` UNets (LCM), `[batch, time_cond_proj_dim]`.
     pub timestep_cond: Option<&'a Tensor>,
     /// ControlNet residuals added to each skip connection (conv_in output first).
@@ -319,7 +391,8 @@ pub struct UNetExtraInputs<'a> {
 pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
     down: DownPath,
-    encoder_hid_proj: Option<nn::Linear>,
+    encoder_hid_proj: Option<EncoderHidProj>,
+    image_time_embedding: Option<ImageTimeEmbedding>,
     time_embed_act: Option<Activation>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
@@ -355,10 +428,12 @@ pub(crate) struct BlockPlan {
     act: Activation,
     post_act: Option<Activation>,
     time_embed_act: Option<Activation>,
-    /// `encoder_hid_proj` input and output widths.
-    encoder_hid_proj: Option<(i64, i64)>,
+    /// `encoder_hid_proj`: whether it projects image embeddings, its input and output widths.
+    encoder_hid_proj: Option<(bool, i64, i64)>,
     /// SDXL `add_time_proj` width and `add_embedding` input width.
     add_embedding: Option<(i64, i64)>,
+    /// `addition_embed_type="image"`: the image embedding width.
+    image_time_embedding: Option<i64>,
     groups: i64,
     down_cross: Vec<bool>,
     up_cross: Vec<bool>,
@@ -562,15 +637,17 @@ impl UNet2DConditionConfig {
             .transpose()?;
         let encoder_hid_proj = match (cfg.encoder_hid_dim_type.as_deref(), cfg.encoder_hid_dim) {
             (None, None) => None,
-            (None | Some("text_proj"), Some(d)) => match cfg.cross_attention_dim {
-                PerBlock::One(ca) => Some((d, ca)),
-                PerBlock::Many(_) => {
-                    return unsupported(
-                        "cross_attention_dim",
-                        &"a per-block list with encoder_hid_dim",
-                    )
+            (t @ (None | Some("text_proj") | Some("image_proj")), Some(d)) => {
+                match cfg.cross_attention_dim {
+                    PerBlock::One(ca) => Some((t == Some("image_proj"), d, ca)),
+                    PerBlock::Many(_) => {
+                        return unsupported(
+                            "cross_attention_dim",
+                            &"a per-block list with encoder_hid_dim",
+                        )
+                    }
                 }
-            },
+            }
             (Some(t), None) => {
                 return cerr(format!(
                     "encoder_hid_dim: required when encoder_hid_dim_type is {t:?}"
@@ -578,8 +655,19 @@ impl UNet2DConditionConfig {
             }
             (Some(t), Some(_)) => return unsupported("encoder_hid_dim_type", &t),
         };
+        let image_time_embedding = match cfg.addition_embed_type.as_deref() {
+            Some("image") => match cfg.encoder_hid_dim {
+                Some(d) => Some(d),
+                None => {
+                    return cerr(
+                        "encoder_hid_dim: required for addition_embed_type \"image\"".into(),
+                    )
+                }
+            },
+            _ => None,
+        };
         let add_embedding = match cfg.addition_embed_type.as_deref() {
-            None => None,
+            None | Some("image") => None,
             Some("text_time") => {
                 let (Some(dim), Some(input_dim)) = (
                     cfg.addition_time_embed_dim,
@@ -602,6 +690,7 @@ impl UNet2DConditionConfig {
             time_embed_act,
             encoder_hid_proj,
             add_embedding,
+            image_time_embedding,
             groups,
             down_cross,
             up_cross,
@@ -634,6 +723,7 @@ impl DownPath {
             cfg.time_cond_proj_dim,
         );
         let context_dim = match (cfg.encoder_hid_dim, &cfg.cross_attention_dim) {
+            _ if matches!(plan.encoder_hid_proj, Some((true, _, _))) => None,
             (Some(d), _) => Some(d),
             (None, PerBlock::One(d)) => Some(*d),
             (None, PerBlock::Many(v)) => v.first().copied().filter(|f| v.iter().all(|x| x == f)),
@@ -735,12 +825,13 @@ impl DownPath {
         t.to_device_(self.device, self.kind, false, false)
     }
 
-    /// Checks the inputs both models take (sample, timestep, text and SDXL conditioning).
+    /// Checks the inputs both models take (sample, timestep, text and SDXL conditioning);
+    /// `encoder_hidden_states` is checked when given (callers check that it is given when needed).
     pub(crate) fn check_inputs(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
-        encoder_hidden_states: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
         added: Option<&SdxlConditioning>,
         timestep_cond: Option<&Tensor>,
     ) -> Result<()> {
@@ -770,15 +861,17 @@ impl DownPath {
                 "timestep: shape {t:?}, expected a scalar, [1] or [{batch}]"
             ));
         }
-        let e = encoder_hidden_states.size();
-        let e_ok = e.len() == 3 && e[0] == batch && self.context_dim.is_none_or(|d| e[2] == d);
-        if !e_ok {
-            let dim = self
-                .context_dim
-                .map_or_else(|| "dim".to_string(), |d| d.to_string());
-            return ierr(format!(
-                "encoder_hidden_states: shape {e:?}, expected [{batch}, tokens, {dim}]"
-            ));
+        if let Some(e) = encoder_hidden_states.map(Tensor::size) {
+            let e_ok =
+                e.len() == 3 && e[0] == batch && self.context_dim.is_none_or(|d| e[2] == d);
+            if !e_ok {
+                let dim = self
+                    .context_dim
+                    .map_or_else(|| "dim".to_string(), |d| d.to_string());
+                return ierr(format!(
+                    "encoder_hidden_states: shape {e:?}, expected [{batch}, tokens, {dim}]"
+                ));
+            }
         }
         if let (Some(add_proj), Some(add_emb_dim)) = (&self.add_time_proj, self.add_embedding_dim) {
             let Some(added) = added else {
@@ -922,9 +1015,18 @@ impl UNet2DConditionModel {
         let down = DownPath::new(vs, cfg, &plan);
         let n = cfg.down_block_types.len();
         let b0 = cfg.block_out_channels[0];
-        let encoder_hid_proj = plan
-            .encoder_hid_proj
-            .map(|(d, ca)| weights::linear(vs / "encoder_hid_proj", d, ca, true));
+        let time_embed_dim = cfg.time_embedding_dim.unwrap_or(b0 * 4);
+        let encoder_hid_proj = plan.encoder_hid_proj.map(|(image, d, ca)| {
+            let vs = vs / "encoder_hid_proj";
+            if image {
+                EncoderHidProj::Image(ImageProjection::new(&vs, d, ca))
+            } else {
+                EncoderHidProj::Text(weights::linear(vs, d, ca, true))
+            }
+        });
+        let image_time_embedding = plan
+            .image_time_embedding
+            .map(|d| ImageTimeEmbedding::new(&(vs / "add_embedding"), d, time_embed_dim));
         let resnet = plan.resnet_settings(cfg);
 
         // Up path: per-block lists reversed.
@@ -966,6 +1068,7 @@ impl UNet2DConditionModel {
         Ok(Self {
             down,
             encoder_hid_proj,
+            image_time_embedding,
             time_embed_act: plan.time_embed_act,
             up_blocks,
             conv_norm_out,
@@ -1034,7 +1137,7 @@ impl UNet2DConditionModel {
             added,
             ..Default::default()
         };
-        self.forward_with(sample, timestep, encoder_hidden_states, &extra)
+        self.forward_with(sample, timestep, Some(encoder_hidden_states), &extra)
     }
 
     /// [`Self::forward`] with ControlNet residuals added to the skip connections and mid block.
@@ -1049,21 +1152,23 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let extra = UNetExtraInputs {
             added,
+            image_embeds: None,
             timestep_cond: None,
             down_block_additional_residuals,
             mid_block_additional_residual,
         };
-        self.forward_with(sample, timestep, encoder_hidden_states, &extra)
+        self.forward_with(sample, timestep, Some(encoder_hidden_states), &extra)
     }
 
     /// The full forward pass. Inputs are moved to the model's device and dtype; shapes are
     /// checked first, and a libtorch failure (e.g. out of memory) comes back as
-    /// [`Error::Torch`] rather than a panic.
+    /// [`Error::Torch`] rather than a panic. `encoder_hidden_states` is `None` only for
+    /// `encoder_hid_dim_type="image_proj"` UNets, which make it from `extra.image_embeds`.
     pub fn forward_with(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
-        encoder_hidden_states: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
         extra: &UNetExtraInputs,
     ) -> Result<Tensor> {
         self.check_inputs(sample, timestep, encoder_hidden_states, extra)?;
@@ -1088,10 +1193,11 @@ impl UNet2DConditionModel {
         &self,
         sample: &Tensor,
         timestep: &Tensor,
-        encoder_hidden_states: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
         extra: &UNetExtraInputs,
     ) -> Result<()> {
         let ierr = |m: String| Err(Error::Input(m));
+        let image_proj = matches!(self.encoder_hid_proj, Some(EncoderHidProj::Image(_)));
         self.down.check_inputs(
             sample,
             timestep,
@@ -1099,6 +1205,26 @@ impl UNet2DConditionModel {
             extra.added,
             extra.timestep_cond,
         )?;
+        let batch = sample.size()[0];
+        if image_proj || self.image_time_embedding.is_some() {
+            let want = self.config.encoder_hid_dim.unwrap_or_default();
+            match extra.image_embeds.map(Tensor::size) {
+                Some(i) if i.len() == 2 && i[0] == batch && i[1] == want => {}
+                Some(i) => {
+                    return ierr(format!(
+                        "image_embeds: shape {i:?}, expected [{batch}, {want}]"
+                    ))
+                }
+                None => {
+                    return ierr(
+                        "image_embeds: this UNet (addition_embed_type \"image\" / encoder_hid_dim_type \"image_proj\") needs them".into(),
+                    )
+                }
+            }
+        }
+        if encoder_hidden_states.is_none() && !image_proj {
+            return ierr("encoder_hidden_states: required by this UNet".into());
+        }
         match (
             extra.down_block_additional_residuals,
             extra.mid_block_additional_residual,
@@ -1127,13 +1253,14 @@ impl UNet2DConditionModel {
         &self,
         sample: &Tensor,
         timestep: &Tensor,
-        encoder_hidden_states: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
         extra: &UNetExtraInputs,
     ) -> Result<Tensor> {
         let mut sample = self.down.input(sample);
         let size = sample.size();
         let (batch, height, width) = (size[0], size[2], size[3]);
-        let encoder_hidden_states = self.down.to_model(encoder_hidden_states);
+        let encoder_hidden_states = encoder_hidden_states.map(|e| self.down.to_model(e));
+        let image_embeds = extra.image_embeds.map(|e| self.down.to_model(e));
 
         // Upsampling sizes must be forced when the sample is not a multiple of the overall factor.
         let up_factor = 1i64 << self.up_blocks.len().saturating_sub(1);
@@ -1147,12 +1274,21 @@ impl UNet2DConditionModel {
         let mut emb = self
             .down
             .embed(timestep, batch, extra.added, extra.timestep_cond);
+        if let (Some(image_time), Some(image_embeds)) = (&self.image_time_embedding, &image_embeds)
+        {
+            emb += image_time.forward(image_embeds);
+        }
         if let Some(act) = self.time_embed_act {
             emb = act.forward(&emb);
         }
-        let encoder_hidden_states = match &self.encoder_hid_proj {
-            Some(proj) => proj.forward(&encoder_hidden_states),
-            None => encoder_hidden_states,
+        let encoder_hidden_states = match (&self.encoder_hid_proj, encoder_hidden_states) {
+            (Some(EncoderHidProj::Image(proj)), _) => match &image_embeds {
+                Some(image_embeds) => proj.forward(image_embeds),
+                None => return Err(Error::Input("image_embeds: required".into())),
+            },
+            (Some(EncoderHidProj::Text(proj)), Some(e)) => proj.forward(&e),
+            (None, Some(e)) => e,
+            (_, None) => return Err(Error::Input("encoder_hidden_states: required".into())),
         };
 
         // 2. pre-process

@@ -129,7 +129,7 @@ impl Default for AutoencoderKLConfig {
 }
 
 impl AutoencoderKLConfig {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(Error::Config("block_out_channels is empty".into()));
@@ -187,7 +187,7 @@ impl AutoencoderKLConfig {
         Ok(())
     }
 
-    fn resnet(&self, in_channels: i64, out_channels: i64) -> ResnetBlock2DConfig {
+    pub(crate) fn resnet(&self, in_channels: i64, out_channels: i64) -> ResnetBlock2DConfig {
         ResnetBlock2DConfig {
             in_channels,
             out_channels,
@@ -321,9 +321,10 @@ impl ResnetStack {
     }
 }
 
-/// diffusers' VAE `Encoder` with `double_z=True`.
+/// diffusers' VAE `Encoder`: `double_z=True` (mean and log-variance) for `AutoencoderKL`, false
+/// for `VQModel`.
 #[derive(Debug)]
-struct Encoder {
+pub(crate) struct Encoder {
     conv_in: nn::Conv2D,
     down_blocks: Vec<ResnetStack>,
     mid_block: UNetMidBlock2D,
@@ -332,7 +333,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Self {
+    pub(crate) fn new(vs: nn::Path, cfg: &AutoencoderKLConfig, double_z: bool) -> Self {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let mut down_blocks = Vec::with_capacity(n);
@@ -366,11 +367,18 @@ impl Encoder {
                 last,
                 VAE_EPS,
             ),
-            conv_out: weights::conv2d(&vs / "conv_out", last, 2 * cfg.latent_channels, 3, 1, 1),
+            conv_out: weights::conv2d(
+                &vs / "conv_out",
+                last,
+                if double_z { 2 } else { 1 } * cfg.latent_channels,
+                3,
+                1,
+                1,
+            ),
         }
     }
 
-    fn forward(&self, xs: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
         let mut xs = self.conv_in.forward(xs);
         for b in &self.down_blocks {
             xs = b.forward(&xs);
@@ -383,7 +391,7 @@ impl Encoder {
 
 /// diffusers' VAE `Decoder` (group-norm variant).
 #[derive(Debug)]
-struct Decoder {
+pub(crate) struct Decoder {
     conv_in: nn::Conv2D,
     mid_block: UNetMidBlock2D,
     up_blocks: Vec<ResnetStack>,
@@ -392,7 +400,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Self {
+    pub(crate) fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Self {
         let rev: Vec<i64> = cfg.block_out_channels.iter().rev().copied().collect();
         let n = rev.len();
         let mut up_blocks = Vec::with_capacity(n);
@@ -430,7 +438,7 @@ impl Decoder {
         }
     }
 
-    fn forward(&self, z: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, z: &Tensor) -> Tensor {
         let mut xs = self.mid_block.forward(&self.conv_in.forward(z));
         for b in &self.up_blocks {
             xs = b.forward(&xs);
@@ -501,7 +509,7 @@ impl AutoencoderKL {
         cfg.validate()?;
         let l = cfg.latent_channels;
         Ok(Self {
-            encoder: Encoder::new(vs / "encoder", &cfg),
+            encoder: Encoder::new(vs / "encoder", &cfg, true),
             decoder: Decoder::new(vs / "decoder", &cfg),
             quant_conv: cfg
                 .use_quant_conv

@@ -54,7 +54,7 @@ fn run(case: &str, variant: Option<&str>, kind: Kind) -> (Tensor, Tensor) {
         .forward_with(
             &g["sample"],
             &g["timestep"],
-            &g["encoder_hidden_states"],
+            Some(&g["encoder_hidden_states"]),
             &extra,
         )
         .unwrap_or_else(|e| panic!("{case}: {e}"));

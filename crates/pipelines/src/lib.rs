@@ -92,16 +92,25 @@ impl MicroConditioning {
     pub fn first_set(&self) -> Option<&'static str> {
         [
             ("original_size", self.original_size.is_some()),
-            ("crops_coords_top_left", self.crops_coords_top_left.is_some()),
+            (
+                "crops_coords_top_left",
+                self.crops_coords_top_left.is_some(),
+            ),
             ("target_size", self.target_size.is_some()),
-            ("negative_original_size", self.negative_original_size.is_some()),
+            (
+                "negative_original_size",
+                self.negative_original_size.is_some(),
+            ),
             (
                 "negative_crops_coords_top_left",
                 self.negative_crops_coords_top_left.is_some(),
             ),
             ("negative_target_size", self.negative_target_size.is_some()),
             ("aesthetic_score", self.aesthetic_score.is_some()),
-            ("negative_aesthetic_score", self.negative_aesthetic_score.is_some()),
+            (
+                "negative_aesthetic_score",
+                self.negative_aesthetic_score.is_some(),
+            ),
         ]
         .into_iter()
         .find_map(|(name, set)| set.then_some(name))
@@ -145,6 +154,10 @@ pub struct GenerateParams {
     /// The ControlNets see only the conditional half of the CFG batch, their residuals scaled
     /// from 0.1 (first skip connection) to 1 (mid block).
     pub guess_mode: bool,
+    /// A Combined pipeline's prior steps (`prior_num_inference_steps`).
+    pub prior_num_inference_steps: Option<u32>,
+    /// A Combined pipeline's prior guidance (`prior_guidance_scale`).
+    pub prior_guidance_scale: Option<f32>,
 }
 
 impl GenerateParams {
@@ -170,6 +183,16 @@ impl GenerateParams {
             return Some("controlnet");
         }
         self.guess_mode.then_some("guess_mode")
+    }
+
+    /// The first prior-only field that is set (for families without a prior).
+    pub fn first_prior_field(&self) -> Option<&'static str> {
+        if self.prior_num_inference_steps.is_some() {
+            return Some("prior_num_inference_steps");
+        }
+        self.prior_guidance_scale
+            .is_some()
+            .then_some("prior_guidance_scale")
     }
 
     /// The first SDXL-only field that is set (for families that take none of them).
@@ -329,6 +352,7 @@ pub fn registry(family: Family) -> Option<&'static dyn Pipeline> {
         &families::stable_diffusion::StableDiffusion { controlnet: true },
         &families::sdxl::StableDiffusionXL { controlnet: false },
         &families::sdxl::StableDiffusionXL { controlnet: true },
+        &families::kandinsky::Kandinsky22,
     ];
     PIPELINES.iter().copied().find(|p| p.family() == family)
 }
@@ -381,6 +405,47 @@ pub fn plan(
         }
     }
     Ok(Plan { leased, folders })
+}
+
+/// For a Combined (connected) pipeline over a decoder checkpoint that lacks the `prior_*`
+/// components: the prior reference diffusers' `load_connected_pipeline` loads, the first entry
+/// under `prior:` in the model card's front matter. A relative local path is taken relative to
+/// the checkpoint folder (diffusers resolves it against the working directory). `None` when the
+/// pipeline has no connected prior or the checkpoint is a Combined folder with its own.
+pub fn connected_prior_ref(
+    checkpoint: &Checkpoint,
+    resolution: &Resolution,
+) -> Result<Option<String>> {
+    let Some(prior_class) = resolution.connected_prior else {
+        return Ok(None);
+    };
+    let index = checkpoint.index();
+    let missing = resolution
+        .components
+        .iter()
+        .any(|slot| slot.connected().is_some() && index.component_class(slot.name).is_none());
+    if !missing {
+        return Ok(None);
+    }
+    let key = autopipe_auto::CONNECTED_PIPES_KEYS[0];
+    let reference = checkpoint
+        .model_card_list(key)?
+        .and_then(|list| list.into_iter().next())
+        .ok_or_else(|| {
+            PipelineError::invalid(
+                "model",
+                format!(
+                    "{} loads a {prior_class} beside the decoder: the checkpoint has no prior_* components and its model card (README.md) names no `{key}:` repository",
+                    resolution.pipeline
+                ),
+            )
+        })?;
+    let local = checkpoint.root().join(&reference);
+    Ok(Some(if local.is_dir() {
+        local.to_string_lossy().into_owned()
+    } else {
+        reference
+    }))
 }
 
 /// Why a pipeline run failed.

@@ -75,6 +75,10 @@ struct Case {
     control_guidance_end: Option<Vec<f32>>,
     #[serde(default)]
     guess_mode: Option<bool>,
+    #[serde(default)]
+    prior_num_inference_steps: Option<u32>,
+    #[serde(default)]
+    prior_guidance_scale: Option<f32>,
     outputs: Vec<String>,
     outputs_f32: Option<String>,
     #[serde(default)]
@@ -113,7 +117,10 @@ fn read_tensor(file: &Path, name: &str) -> Tensor {
 fn params(case: &Case, reference: &Path) -> GenerateParams {
     let image = match (&case.image, &case.image_latents) {
         (Some(p), _) => Some(InitImage::Pixels(image::open(reference.join(p)).unwrap())),
-        (None, Some(p)) => Some(InitImage::Latents(read_tensor(&reference.join(p), "latents"))),
+        (None, Some(p)) => Some(InitImage::Latents(read_tensor(
+            &reference.join(p),
+            "latents",
+        ))),
         (None, None) => None,
     };
     GenerateParams {
@@ -168,6 +175,8 @@ fn params(case: &Case, reference: &Path) -> GenerateParams {
             })
             .collect(),
         guess_mode: case.guess_mode.unwrap_or(false),
+        prior_num_inference_steps: case.prior_num_inference_steps,
+        prior_guidance_scale: case.prior_guidance_scale,
     }
 }
 
@@ -178,11 +187,18 @@ fn run_case(
     case: &Case,
 ) -> Result<Vec<(String, f64, f64)>, String> {
     let reference = fixtures().join("reference");
-    let ckpt = Checkpoint::open(fixtures().join("checkpoints").join(&case.model)).unwrap();
+    let mut ckpt = Checkpoint::open(fixtures().join("checkpoints").join(&case.model)).unwrap();
     let task: Task = case.task.parse().unwrap();
     let controlnet = !case.controlnet.is_empty();
     let resolution = autopipe_auto::resolve(&ckpt.index().class_name, task, controlnet).unwrap();
-    assert_eq!(resolution.pipeline, case.pipeline, "{}: resolution", case.name);
+    if let Some(prior) = autopipe_pipelines::connected_prior_ref(&ckpt, &resolution).unwrap() {
+        ckpt.connect("prior", Checkpoint::open(prior).unwrap());
+    }
+    assert_eq!(
+        resolution.pipeline, case.pipeline,
+        "{}: resolution",
+        case.name
+    );
     let ctx = Context {
         task,
         resolution: &resolution,
@@ -202,11 +218,23 @@ fn run_case(
     let expected_file = reference.join(case.outputs_f32.as_ref().expect("outputs_f32"));
     if let Some(latents) = &out.latents {
         let expected = read_tensor(&expected_file, "latents");
-        let diff = (latents.to_device(Device::Cpu) - expected).abs().max().double_value(&[]);
+        let diff = (latents.to_device(Device::Cpu) - expected)
+            .abs()
+            .max()
+            .double_value(&[]);
         // Latents have no PNG: report PSNR over the latent range (peak = max |expected|).
-        return Ok(vec![(format!("{} (latents)", case.name), -20.0 * diff.max(1e-30).log10(), diff)]);
+        return Ok(vec![(
+            format!("{} (latents)", case.name),
+            -20.0 * diff.max(1e-30).log10(),
+            diff,
+        )]);
     }
-    assert_eq!(out.images.len(), case.outputs.len(), "{}: image count", case.name);
+    assert_eq!(
+        out.images.len(),
+        case.outputs.len(),
+        "{}: image count",
+        case.name
+    );
     let expected_f32 = read_tensor(&expected_file, "images");
     let max_diff = (out.images_f32.as_ref().unwrap() - expected_f32.to_device(Device::Cpu))
         .abs()
@@ -228,8 +256,7 @@ fn run_case(
 fn run_cases_file(file: &str) {
     tch::set_num_threads(1);
     let path = fixtures().join("reference").join(file);
-    let cases: Vec<Case> =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let filter = std::env::var("PARITY_CASE").ok();
     let store = Store::new(StoreConfig::default());
     let tokenizers = TokenizerCache::default();
@@ -245,15 +272,24 @@ fn run_cases_file(file: &str) {
                     println!("{image:<40} {psnr:>10.2} {max_diff:>12.2e}");
                     let latent = image.ends_with("(latents)");
                     if (!latent && psnr < 40.0) || (latent && max_diff > 1e-3) {
-                        failures.push(format!("{image}: PSNR {psnr:.2} dB, max |Δ| {max_diff:.2e}"));
+                        failures.push(format!(
+                            "{image}: PSNR {psnr:.2} dB, max |Δ| {max_diff:.2e}"
+                        ));
                     }
                 }
             }
             (Err(message), Some(expected)) => {
                 let want = expected["message"].as_str().unwrap_or_default();
-                println!("{:<40} error as diffusers: {}", case.name, message.contains(want));
+                println!(
+                    "{:<40} error as diffusers: {}",
+                    case.name,
+                    message.contains(want)
+                );
                 if !message.contains(want) {
-                    failures.push(format!("{}: error {message:?}, diffusers says {want:?}", case.name));
+                    failures.push(format!(
+                        "{}: error {message:?}, diffusers says {want:?}",
+                        case.name
+                    ));
                 }
             }
             (Ok(_), Some(expected)) => failures.push(format!(
@@ -263,8 +299,16 @@ fn run_cases_file(file: &str) {
             (Err(message), None) => failures.push(format!("{}: {message}", case.name)),
         }
     }
-    assert_eq!(store.stats().active_leases, 0, "leases left after the cases");
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert_eq!(
+        store.stats().active_leases,
+        0,
+        "leases left after the cases"
+    );
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -283,6 +327,46 @@ fn controlnet_matches_diffusers() {
 }
 
 #[test]
+fn kandinsky22_matches_diffusers() {
+    run_cases_file("kandinsky_cases.json");
+}
+
+/// diffusers fails deep in the UNet (a conv shape error) when a 4-channel Kandinsky decoder is asked
+/// to inpaint; autopipe refuses the request up front, naming the model.
+#[test]
+fn kandinsky22_inpaint_on_a_4_channel_decoder_is_refused() {
+    let mut ckpt = Checkpoint::open(fixtures().join("checkpoints/kandinsky22-decoder")).unwrap();
+    let resolution =
+        autopipe_auto::resolve(&ckpt.index().class_name, Task::Inpaint, false).unwrap();
+    let prior = autopipe_pipelines::connected_prior_ref(&ckpt, &resolution)
+        .unwrap()
+        .expect("the README names a prior");
+    ckpt.connect("prior", Checkpoint::open(prior).unwrap());
+    let tokenizers = TokenizerCache::default();
+    let ctx = Context {
+        task: Task::Inpaint,
+        resolution: &resolution,
+        checkpoint: &ckpt,
+        tokenizers: &tokenizers,
+    };
+    let pipeline = autopipe_pipelines::registry(resolution.family).unwrap();
+    let image = image::DynamicImage::new_rgb8(64, 64);
+    let params = GenerateParams {
+        prompt: "a cat".into(),
+        image: Some(InitImage::Pixels(image.clone())),
+        mask_image: Some(image),
+        ..Default::default()
+    };
+    let err = pipeline.validate(&ctx, &params).unwrap_err();
+    assert_eq!(err.code(), autopipe_store::Code::InvalidArgument);
+    assert!(
+        err.to_string()
+            .starts_with("model: inpainting needs a 9-channel inpaint decoder"),
+        "{err}"
+    );
+}
+
+#[test]
 fn every_family_autopipe_resolves_to_is_registered_or_unimplemented() {
     use autopipe_auto::Family;
     for family in [
@@ -290,6 +374,7 @@ fn every_family_autopipe_resolves_to_is_registered_or_unimplemented() {
         Family::StableDiffusionXL,
         Family::StableDiffusionControlNet,
         Family::StableDiffusionXLControlNet,
+        Family::Kandinsky22,
     ] {
         let p = autopipe_pipelines::registry(family).expect("registered");
         assert_eq!(p.family(), family);

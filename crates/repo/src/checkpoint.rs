@@ -93,11 +93,16 @@ impl ModelIndex {
     }
 }
 
-/// A diffusers checkpoint folder on the local filesystem.
+/// A diffusers checkpoint folder on the local filesystem, with the connected pipelines loaded
+/// beside it (a Kandinsky decoder's prior: diffusers' `load_connected_pipeline`).
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     root: PathBuf,
     index: ModelIndex,
+    /// `(prefix, checkpoint)` of each connected pipeline.
+    connected: Vec<(String, Checkpoint)>,
+    /// Component `<prefix>_<name>` → (index into `connected`, `<name>`).
+    connected_components: BTreeMap<String, (usize, String)>,
 }
 
 impl Checkpoint {
@@ -126,7 +131,50 @@ impl Checkpoint {
             path: root.clone(),
             source: e,
         })?;
-        Ok(Self { root, index })
+        Ok(Self {
+            root,
+            index,
+            connected: Vec::new(),
+            connected_components: BTreeMap::new(),
+        })
+    }
+
+    /// Adds `other`'s components as `<prefix>_<name>` (diffusers' `load_connected_pipeline`:
+    /// `init_kwargs["prior_text_encoder"] = prior_pipe.text_encoder`, …). Components this
+    /// checkpoint already lists keep their own entry.
+    pub fn connect(&mut self, prefix: &str, other: Checkpoint) {
+        let at = self.connected.len();
+        for (name, entry) in &other.index.components {
+            let key = format!("{prefix}_{name}");
+            if let std::collections::btree_map::Entry::Vacant(v) =
+                self.index.components.entry(key.clone())
+            {
+                v.insert(entry.clone());
+                self.connected_components.insert(key, (at, name.clone()));
+            }
+        }
+        self.connected.push((prefix.to_string(), other));
+    }
+
+    /// The checkpoint connected under `prefix`, if any.
+    pub fn connected(&self, prefix: &str) -> Option<&Checkpoint> {
+        self.connected
+            .iter()
+            .find(|(p, _)| p == prefix)
+            .map(|(_, c)| c)
+    }
+
+    /// The list under `key` in the model card's (`README.md`) YAML front matter, as diffusers
+    /// reads connected pipelines from it (`ModelCard.load(...).data.prior`); `None` without a
+    /// card, front matter or key.
+    pub fn model_card_list(&self, key: &str) -> Result<Option<Vec<String>>> {
+        let path = self.root.join("README.md");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::Io { path, source: e }),
+        };
+        front_matter_list(&text, key).map_err(|reason| Error::Malformed { path, reason })
     }
 
     /// The checkpoint folder (canonical path).
@@ -139,8 +187,11 @@ impl Checkpoint {
         &self.index
     }
 
-    /// The folder of a component listed in `model_index.json`.
+    /// The folder of a component listed in `model_index.json` (or of a connected checkpoint).
     pub fn component_dir(&self, name: &str) -> Result<PathBuf> {
+        if let Some((at, inner)) = self.connected_components.get(name) {
+            return self.connected[*at].1.component_dir(inner);
+        }
         if self.index.component_class(name).is_none() {
             return Err(Error::NotFound(format!(
                 "component {name:?} is not in {}/model_index.json",
@@ -177,6 +228,46 @@ impl Checkpoint {
     }
 }
 
+/// The YAML front matter's list under `key` (`key: [a, b]`, or `key:` followed by `- a` lines).
+fn front_matter_list(text: &str, key: &str) -> std::result::Result<Option<Vec<String>>, String> {
+    let mut lines = text.lines();
+    if lines.next().map(str::trim_end) != Some("---") {
+        return Ok(None);
+    }
+    let body: Vec<&str> = lines.take_while(|l| l.trim_end() != "---").collect();
+    let unquote = |v: &str| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
+    let Some(at) = body.iter().position(|l| {
+        l.strip_prefix(key)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+    }) else {
+        return Ok(None);
+    };
+    let rest = body[at][key.len()..].trim_start()[1..].trim();
+    if let Some(inline) = rest.strip_prefix('[') {
+        let inner = inline
+            .strip_suffix(']')
+            .ok_or_else(|| format!("front matter {key:?}: unterminated list"))?;
+        return Ok(Some(
+            inner
+                .split(',')
+                .map(unquote)
+                .filter(|v| !v.is_empty())
+                .collect(),
+        ));
+    }
+    if !rest.is_empty() {
+        return Err(format!(
+            "front matter {key:?}: expected a list, got {rest:?}"
+        ));
+    }
+    let items = body[at + 1..]
+        .iter()
+        .take_while(|l| l.trim_start().starts_with("- ") || l.trim().is_empty())
+        .filter_map(|l| l.trim_start().strip_prefix("- ").map(unquote))
+        .collect();
+    Ok(Some(items))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +302,32 @@ mod tests {
             let err = ModelIndex::parse(bad, Path::new("m.json")).unwrap_err();
             assert!(matches!(err, Error::Malformed { .. }), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn front_matter_lists_parse_both_styles() {
+        let block = "---\nlicense: apache-2.0\nprior:\n- kandinsky-community/kandinsky-2-2-prior\n- other\ntags:\n- x\n---\n# card";
+        assert_eq!(
+            front_matter_list(block, "prior").unwrap(),
+            Some(vec![
+                "kandinsky-community/kandinsky-2-2-prior".to_string(),
+                "other".to_string()
+            ])
+        );
+        let inline = "---\nprior: [\"../prior\", b]\n---\n";
+        assert_eq!(
+            front_matter_list(inline, "prior").unwrap(),
+            Some(vec!["../prior".to_string(), "b".to_string()])
+        );
+        assert_eq!(
+            front_matter_list("# no front matter", "prior").unwrap(),
+            None
+        );
+        assert_eq!(
+            front_matter_list("---\ntags: [a]\n---\n", "prior").unwrap(),
+            None
+        );
+        assert!(front_matter_list("---\nprior: x\n---\n", "prior").is_err());
     }
 
     #[test]

@@ -246,4 +246,11 @@ impl Scheduler for DDPMScheduler {
     fn class_name(&self) -> &'static str {
         CLASS
     }
+
+    fn takes_predicted_variance(&self) -> bool {
+        matches!(
+            self.options.variance_type,
+            VarianceType::Learned | VarianceType::LearnedRange
+        )
+    }
 }

@@ -21,6 +21,7 @@ mod lms_discrete;
 mod pndm;
 mod scalar;
 mod schedule;
+mod unclip;
 
 pub use config::{BetaSchedule, PredictionType, SchedulerConfig, Thresholding, TimestepSpacing};
 pub use ddim::{DDIMScheduler, DDIMSchedulerConfig};
@@ -37,6 +38,7 @@ pub use euler_discrete::{
 pub use lms_discrete::{LMSDiscreteScheduler, LMSDiscreteSchedulerConfig};
 pub use pndm::{PNDMScheduler, PNDMSchedulerConfig};
 pub use schedule::{FinalSigmasType, SigmaRampConfig};
+pub use unclip::{UnCLIPScheduler, UnCLIPSchedulerConfig, UnCLIPVarianceType};
 
 use autopipe_rng::Generator;
 use tch::Tensor;
@@ -50,6 +52,7 @@ pub const SUPPORTED: &[&str] = &[
     "EulerDiscreteScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
+    "UnCLIPScheduler",
 ];
 
 /// Errors from building or stepping a scheduler.
@@ -139,6 +142,11 @@ pub trait Scheduler: Send {
     }
     /// Sets diffusers' `eta` step argument (DDIM); ignored by schedulers without it.
     fn set_eta(&mut self, _eta: f64) {}
+    /// Whether `step` reads a predicted variance from the second half of the model output's
+    /// channels (`variance_type` "learned" / "learned_range"); pipelines drop that half otherwise.
+    fn takes_predicted_variance(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the scheduler `class_name` from a `scheduler_config.json` value (diffusers' `from_config`).
@@ -155,6 +163,7 @@ pub fn from_config(class_name: &str, config: &serde_json::Value) -> Result<Box<d
         "EulerDiscreteScheduler" => Box::new(EulerDiscreteScheduler::from_config(config)?),
         "LMSDiscreteScheduler" => Box::new(LMSDiscreteScheduler::from_config(config)?),
         "PNDMScheduler" => Box::new(PNDMScheduler::from_config(config)?),
+        "UnCLIPScheduler" => Box::new(UnCLIPScheduler::from_config(config)?),
         other => return Err(Error::UnknownScheduler(other.to_string())),
     })
 }

@@ -88,6 +88,8 @@ fn tk_err(e: tokenizers::Error) -> Error {
 pub struct Encoded {
     /// BOS, tokens, EOS, padding: exactly `model_max_length` ids.
     pub input_ids: Vec<i64>,
+    /// 1 for BOS, tokens and EOS, 0 for padding (`attention_mask`).
+    pub attention_mask: Vec<i64>,
     /// Whether the prompt was cut to fit (diffusers logs a warning then).
     pub truncated: bool,
     /// Length of the ids (with BOS/EOS) without truncation or padding.
@@ -242,6 +244,11 @@ impl ClipTokenizer {
             String::new()
         };
         Ok(Encoded {
+            attention_mask: padded
+                .get_attention_mask()
+                .iter()
+                .map(|&m| i64::from(m))
+                .collect(),
             input_ids,
             truncated,
             untruncated_len: untruncated_ids.len(),

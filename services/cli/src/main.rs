@@ -193,6 +193,12 @@ struct GenerateArgs {
     /// --output-type latent).
     #[arg(long)]
     denoising_end: Option<f32>,
+    /// Combined pipelines (Kandinsky): the prior's denoising steps (diffusers' default: 25).
+    #[arg(long)]
+    prior_steps: Option<u32>,
+    /// Combined pipelines (Kandinsky): the prior's guidance scale (diffusers' default: 4.0).
+    #[arg(long)]
+    prior_guidance_scale: Option<f32>,
     /// image (PNG) or latent (a .safetensors file with tensor "latents", for --image-latents).
     #[arg(long, default_value = "image")]
     output_type: String,
@@ -358,6 +364,8 @@ fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
         control_guidance_start: a.control_guidance_start.clone(),
         control_guidance_end: a.control_guidance_end.clone(),
         guess_mode: a.guess_mode,
+        prior_num_inference_steps: a.prior_steps,
+        prior_guidance_scale: a.prior_guidance_scale,
     })
 }
 

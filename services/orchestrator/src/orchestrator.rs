@@ -60,6 +60,9 @@ fn repo_status(e: autopipe_repo::Error) -> Status {
     }
 }
 
+/// The component prefix of a connected prior (diffusers' `CONNECTED_PIPES_KEYS`).
+const CONNECTED_PREFIX: &str = autopipe_auto::CONNECTED_PIPES_KEYS[0];
+
 fn auto_status(e: autopipe_auto::Error) -> Status {
     Status::invalid_argument(format!("model: {e}"))
 }
@@ -175,9 +178,9 @@ impl Orchestrator {
         variant: Option<&str>,
         controlnet: bool,
     ) -> Result<Prepared, Status> {
-        let index = self.open(model, revision, &[], None)?;
-        let resolution = autopipe_auto::resolve(&index.index().class_name, task, controlnet)
-            .map_err(auto_status)?;
+        let mut index = self.open(model, revision, &[], None)?;
+        let resolution =
+            autopipe_auto::resolve(&index.index().class_name, task, controlnet).map_err(auto_status)?;
         let pipeline = autopipe_pipelines::registry(resolution.family).ok_or_else(|| {
             Status::unimplemented(format!(
                 "model: {} resolves to {}, which this server does not implement yet",
@@ -185,9 +188,30 @@ impl Orchestrator {
                 resolution.pipeline
             ))
         })?;
+        // A Combined pipeline over a decoder folder loads the prior its model card names.
+        let prior = autopipe_pipelines::connected_prior_ref(&index, &resolution)
+            .map_err(|e| pipeline_status(&e))?;
+        if let Some(prior) = &prior {
+            index.connect(CONNECTED_PREFIX, self.open(prior, "", &[], None)?);
+        }
         let plan = autopipe_pipelines::plan(pipeline, &resolution, index.index())
             .map_err(|e| pipeline_status(&e))?;
-        let checkpoint = self.open(model, revision, &plan.folders, variant)?;
+        let (connected, own): (Vec<&str>, Vec<&str>) = plan.folders.iter().partition(|name| {
+            prior.is_some()
+                && resolution
+                    .component(name)
+                    .and_then(|slot| slot.connected())
+                    .is_some()
+        });
+        let mut checkpoint = self.open(model, revision, &own, variant)?;
+        if let Some(prior) = &prior {
+            let folders: Vec<&str> = connected
+                .iter()
+                .filter_map(|name| resolution.component(name).and_then(|s| s.connected()))
+                .map(|(_, inner)| inner)
+                .collect();
+            checkpoint.connect(CONNECTED_PREFIX, self.open(prior, "", &folders, variant)?);
+        }
         Ok(Prepared {
             resolution,
             pipeline,

@@ -181,10 +181,22 @@ fn controlnets(req: &v1::GenerateRequest) -> Result<Vec<ControlNetInput>, Status
 fn size_pair(v: &Option<v1::Size>, field: &str) -> Result<Option<Pair>, Status> {
     match v {
         None => Ok(None),
-        Some(s) if s.height == 0 || s.width == 0 || s.height > MAX_SIDE * 4 || s.width > MAX_SIDE * 4 => Err(invalid(
-            field,
-            format!("height and width must be in 1..={}, got {}x{}", MAX_SIDE * 4, s.height, s.width),
-        )),
+        Some(s)
+            if s.height == 0
+                || s.width == 0
+                || s.height > MAX_SIDE * 4
+                || s.width > MAX_SIDE * 4 =>
+        {
+            Err(invalid(
+                field,
+                format!(
+                    "height and width must be in 1..={}, got {}x{}",
+                    MAX_SIDE * 4,
+                    s.height,
+                    s.width
+                ),
+            ))
+        }
         Some(s) => Ok(Some((s.height, s.width))),
     }
 }
@@ -195,7 +207,12 @@ fn coords_pair(v: &Option<v1::Coords>, field: &str) -> Result<Option<Pair>, Stat
         None => Ok(None),
         Some(c) if c.top > MAX_SIDE * 4 || c.left > MAX_SIDE * 4 => Err(invalid(
             field,
-            format!("top and left must be at most {}, got ({}, {})", MAX_SIDE * 4, c.top, c.left),
+            format!(
+                "top and left must be at most {}, got ({}, {})",
+                MAX_SIDE * 4,
+                c.top,
+                c.left
+            ),
         )),
         Some(c) => Ok(Some((c.top, c.left))),
     }
@@ -204,7 +221,9 @@ fn coords_pair(v: &Option<v1::Coords>, field: &str) -> Result<Option<Pair>, Stat
 /// An optional finite float.
 fn finite(v: Option<f32>, field: &str) -> Result<Option<f32>, Status> {
     match v {
-        Some(x) if !x.is_finite() => Err(invalid(field, format!("must be a finite number, got {x}"))),
+        Some(x) if !x.is_finite() => {
+            Err(invalid(field, format!("must be a finite number, got {x}")))
+        }
         v => Ok(v),
     }
 }
@@ -212,7 +231,10 @@ fn finite(v: Option<f32>, field: &str) -> Result<Option<f32>, Status> {
 /// An optional prompt: bounded; empty = not given.
 fn optional_prompt(v: &str, field: &str) -> Result<Option<String>, Status> {
     if v.len() > MAX_PROMPT_BYTES {
-        return Err(invalid(field, format!("longer than {MAX_PROMPT_BYTES} bytes")));
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_PROMPT_BYTES} bytes"),
+        ));
     }
     Ok((!v.is_empty()).then(|| v.to_string()))
 }
@@ -258,6 +280,24 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
         if !g.is_finite() || g < 0.0 {
             return Err(invalid(
                 "guidance_scale",
+                format!("must be a finite number ≥ 0, got {g}"),
+            ));
+        }
+    }
+    let prior_num_inference_steps = match req.prior_num_inference_steps {
+        Some(0) => return Err(invalid("prior_num_inference_steps", "must be at least 1")),
+        Some(n) if n > MAX_STEPS => {
+            return Err(invalid(
+                "prior_num_inference_steps",
+                format!("must be at most {MAX_STEPS}, got {n}"),
+            ))
+        }
+        n => n,
+    };
+    if let Some(g) = req.prior_guidance_scale {
+        if !g.is_finite() || g < 0.0 {
+            return Err(invalid(
+                "prior_guidance_scale",
                 format!("must be a finite number ≥ 0, got {g}"),
             ));
         }
@@ -315,15 +355,28 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
         None => None,
         Some(t) => {
             if !req.image.is_empty() {
-                return Err(invalid("image_latents", "give either image or image_latents, not both"));
+                return Err(invalid(
+                    "image_latents",
+                    "give either image or image_latents, not both",
+                ));
             }
             if task != Task::Img2Img {
                 return Err(invalid("image_latents", "is only used by img2img"));
             }
             let latents = autopipe_proto::tensor_from_wire(t, tch::Device::Cpu)
                 .map_err(|e| invalid("image_latents", e))?;
-            if latents.dim() != 4 || latents.kind() == Kind::Int64 || latents.numel() > (MAX_SIDE as usize / 8).pow(2) * 16 * MAX_IMAGES as usize {
-                return Err(invalid("image_latents", format!("must be a float tensor [batch, channels, h, w] of latents, got {:?} {:?}", latents.kind(), latents.size())));
+            if latents.dim() != 4
+                || latents.kind() == Kind::Int64
+                || latents.numel() > (MAX_SIDE as usize / 8).pow(2) * 16 * MAX_IMAGES as usize
+            {
+                return Err(invalid(
+                    "image_latents",
+                    format!(
+                        "must be a float tensor [batch, channels, h, w] of latents, got {:?} {:?}",
+                        latents.kind(),
+                        latents.size()
+                    ),
+                ));
             }
             Some(latents.to_kind(Kind::Float))
         }
@@ -411,23 +464,39 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
             num_images_per_prompt,
             micro: MicroConditioning {
                 original_size: size_pair(&req.original_size, "original_size")?,
-                crops_coords_top_left: coords_pair(&req.crops_coords_top_left, "crops_coords_top_left")?,
+                crops_coords_top_left: coords_pair(
+                    &req.crops_coords_top_left,
+                    "crops_coords_top_left",
+                )?,
                 target_size: size_pair(&req.target_size, "target_size")?,
-                negative_original_size: size_pair(&req.negative_original_size, "negative_original_size")?,
+                negative_original_size: size_pair(
+                    &req.negative_original_size,
+                    "negative_original_size",
+                )?,
                 negative_crops_coords_top_left: coords_pair(
                     &req.negative_crops_coords_top_left,
                     "negative_crops_coords_top_left",
                 )?,
                 negative_target_size: size_pair(&req.negative_target_size, "negative_target_size")?,
                 aesthetic_score: finite(req.aesthetic_score, "aesthetic_score")?,
-                negative_aesthetic_score: finite(req.negative_aesthetic_score, "negative_aesthetic_score")?,
+                negative_aesthetic_score: finite(
+                    req.negative_aesthetic_score,
+                    "negative_aesthetic_score",
+                )?,
             },
             denoising_start: finite(req.denoising_start, "denoising_start")?,
             denoising_end: finite(req.denoising_end, "denoising_end")?,
+            prior_num_inference_steps,
+            prior_guidance_scale: req.prior_guidance_scale,
             output_type: match v1::OutputType::try_from(req.output_type) {
                 Ok(v1::OutputType::Unspecified | v1::OutputType::Image) => OutputType::Image,
                 Ok(v1::OutputType::Latent) => OutputType::Latent,
-                Err(_) => return Err(invalid("output_type", format!("unknown output type {}", req.output_type))),
+                Err(_) => {
+                    return Err(invalid(
+                        "output_type",
+                        format!("unknown output type {}", req.output_type),
+                    ))
+                }
             },
             controlnets: controlnets(req)?,
             guess_mode: req.guess_mode,

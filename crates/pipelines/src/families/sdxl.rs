@@ -110,6 +110,12 @@ fn option_bool(ctx: &Context, key: &str, default: bool) -> bool {
 
 impl StableDiffusionXL {
     fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<SdxlConfigured> {
+        if let Some(field) = params.first_prior_field() {
+            return Err(PipelineError::invalid(
+                field,
+                format!("is not an argument of {}", ctx.resolution.pipeline),
+            ));
+        }
         let text2img = ctx.task == Task::Text2Img;
         let mut unknown = not_arguments(ctx.task, self.controlnet, params);
         if !self.controlnet {

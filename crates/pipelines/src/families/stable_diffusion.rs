@@ -51,7 +51,7 @@ impl StableDiffusion {
         ctx: &Context,
         params: &GenerateParams,
     ) -> Result<Configured> {
-        if let Some(field) = params.first_sdxl_field() {
+        if let Some(field) = params.first_sdxl_field().or(params.first_prior_field()) {
             return Err(PipelineError::invalid(
                 field,
                 format!("is not an argument of {}", ctx.resolution.pipeline),

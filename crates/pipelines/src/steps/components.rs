@@ -12,6 +12,7 @@ use tch::Tensor;
 /// or an image processor, which the pipeline reads from disk itself).
 pub fn holds_weights(slot: &ComponentSlot) -> bool {
     !(slot.name == "scheduler"
+        || slot.class.ends_with("Scheduler")
         || slot.class.ends_with("Tokenizer")
         || slot.class.ends_with("TokenizerFast")
         || slot.class.ends_with("Processor")
@@ -84,9 +85,9 @@ impl<'a> Components<'a> {
 
     fn invoke(&self, component: &str, method: &str, inputs: Tensors) -> Result<Outputs> {
         let handle = self.lease.handle(component)?;
-        let tensors = self
-            .store
-            .invoke(&self.lease.id, &handle.id, method, inputs, self.request_id)?;
+        let tensors =
+            self.store
+                .invoke(&self.lease.id, &handle.id, method, inputs, self.request_id)?;
         Ok(Outputs {
             component: handle.class_name.clone(),
             tensors,
@@ -95,12 +96,18 @@ impl<'a> Components<'a> {
 
     /// The CLIP text encoder leased as `name`.
     pub fn text_encoder(&'a self, name: &'a str) -> TextEncoder<'a> {
-        TextEncoder { components: self, name }
+        TextEncoder {
+            components: self,
+            name,
+        }
     }
 
     /// The UNet leased as `name`.
     pub fn unet(&'a self, name: &'a str) -> Unet<'a> {
-        Unet { components: self, name }
+        Unet {
+            components: self,
+            name,
+        }
     }
 
     /// The ControlNet leased as `name`.
@@ -110,7 +117,34 @@ impl<'a> Components<'a> {
 
     /// The VAE leased as `name`.
     pub fn vae(&'a self, name: &'a str) -> Vae<'a> {
-        Vae { components: self, name }
+        Vae {
+            components: self,
+            name,
+        }
+    }
+
+    /// The `VQModel` (MoVQ) leased as `name`.
+    pub fn movq(&'a self, name: &'a str) -> Movq<'a> {
+        Movq {
+            components: self,
+            name,
+        }
+    }
+
+    /// The `PriorTransformer` leased as `name`.
+    pub fn prior(&'a self, name: &'a str) -> Prior<'a> {
+        Prior {
+            components: self,
+            name,
+        }
+    }
+
+    /// The `CLIPVisionModelWithProjection` leased as `name`.
+    pub fn image_encoder(&'a self, name: &'a str) -> ImageEncoder<'a> {
+        ImageEncoder {
+            components: self,
+            name,
+        }
     }
 }
 
@@ -206,22 +240,27 @@ impl Residuals {
 
 impl Unet<'_> {
     /// One forward pass: the noise (or v) prediction, with ControlNet `residuals` when given.
+    /// `encoder_hidden_states` is `None` for an `image_proj` UNet (Kandinsky 2.2), which makes its
+    /// own from `image_embeds`.
     pub fn forward(
         &self,
         sample: Tensor,
         timestep: f64,
-        encoder_hidden_states: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
         added: Option<&AddedConditioning>,
+        image_embeds: Option<&Tensor>,
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
         let mut inputs = vec![
             ("sample".into(), sample),
             ("timestep".into(), Tensor::from(timestep as f32)),
-            (
-                "encoder_hidden_states".into(),
-                encoder_hidden_states.shallow_clone(),
-            ),
         ];
+        if let Some(e) = encoder_hidden_states {
+            inputs.push(("encoder_hidden_states".into(), e.shallow_clone()));
+        }
+        if let Some(e) = image_embeds {
+            inputs.push(("image_embeds".into(), e.shallow_clone()));
+        }
         if let Some(added) = added {
             inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));
             inputs.push(("time_ids".into(), added.time_ids.shallow_clone()));
@@ -299,9 +338,9 @@ pub struct Vae<'a> {
 impl Vae<'_> {
     /// Encodes images in [-1, 1] to the latent posterior.
     pub fn encode(&self, images: Tensor) -> Result<Posterior> {
-        let mut out = self
-            .components
-            .invoke(self.name, "encode", vec![("sample".into(), images)])?;
+        let mut out =
+            self.components
+                .invoke(self.name, "encode", vec![("sample".into(), images)])?;
         Ok(Posterior {
             mean: out.take("mean")?,
             logvar: out.take("logvar")?,
@@ -313,5 +352,100 @@ impl Vae<'_> {
         self.components
             .invoke(self.name, "decode", vec![("latents".into(), latents)])?
             .take("sample")
+    }
+}
+
+/// `VQModel` (Kandinsky's MoVQ).
+pub struct Movq<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl Movq<'_> {
+    /// `encode(images)["latents"]`: images in [-1, 1] to latents (not quantized, not scaled).
+    pub fn encode(&self, images: Tensor) -> Result<Tensor> {
+        self.components
+            .invoke(self.name, "encode", vec![("sample".into(), images)])?
+            .take("latents")
+    }
+
+    /// `decode(latents, force_not_quantize=True)["sample"]`: images in about [-1, 1].
+    pub fn decode(&self, latents: Tensor) -> Result<Tensor> {
+        self.components
+            .invoke(self.name, "decode", vec![("latents".into(), latents)])?
+            .take("sample")
+    }
+}
+
+/// What conditions each `PriorTransformer` call, CFG-batched (`[negative; positive]`) when guiding.
+pub struct PriorConditioning {
+    /// The CLIP text encoder's `text_embeds` (`proj_embedding`).
+    pub proj_embedding: Tensor,
+    /// Its `last_hidden_state`.
+    pub encoder_hidden_states: Tensor,
+    /// The tokenizer's attention mask (uint8, 1 = token).
+    pub attention_mask: Tensor,
+}
+
+/// `PriorTransformer`.
+pub struct Prior<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl Prior<'_> {
+    /// `prior(latents, timestep, ...).predicted_image_embedding`.
+    pub fn forward(
+        &self,
+        hidden_states: Tensor,
+        timestep: f64,
+        cond: &PriorConditioning,
+    ) -> Result<Tensor> {
+        self.components
+            .invoke(
+                self.name,
+                "forward",
+                vec![
+                    ("hidden_states".into(), hidden_states),
+                    ("timestep".into(), Tensor::from(timestep as i64)),
+                    ("proj_embedding".into(), cond.proj_embedding.shallow_clone()),
+                    (
+                        "encoder_hidden_states".into(),
+                        cond.encoder_hidden_states.shallow_clone(),
+                    ),
+                    ("attention_mask".into(), cond.attention_mask.shallow_clone()),
+                ],
+            )?
+            .take("predicted_image_embedding")
+    }
+
+    /// `post_process_latents`: un-normalises with `clip_std` / `clip_mean`.
+    pub fn post_process_latents(&self, latents: Tensor) -> Result<Tensor> {
+        self.components
+            .invoke(
+                self.name,
+                "post_process_latents",
+                vec![("latents".into(), latents)],
+            )?
+            .take("latents")
+    }
+}
+
+/// `CLIPVisionModelWithProjection`.
+pub struct ImageEncoder<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl ImageEncoder<'_> {
+    /// `image_encoder(pixel_values)["image_embeds"]`.
+    pub fn image_embeds(&self, pixel_values: Tensor) -> Result<Tensor> {
+        self.components
+            .invoke(
+                self.name,
+                "encode",
+                vec![("pixel_values".into(), pixel_values)],
+            )?
+            .take("image_embeds")
     }
 }

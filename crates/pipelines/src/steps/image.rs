@@ -22,13 +22,14 @@ pub fn default_size(img: &DynamicImage, vae_scale_factor: u32) -> (u32, u32) {
     (w - w % vae_scale_factor, h - h % vae_scale_factor)
 }
 
-fn resize_rgb(img: &DynamicImage, width: u32, height: u32) -> RgbImage {
+fn resize_rgb(img: &DynamicImage, width: u32, height: u32, filter: FilterType) -> RgbImage {
     let rgb = img.to_rgb8();
     if rgb.width() == width && rgb.height() == height {
         rgb
     } else {
-        // PIL's LANCZOS and image's Lanczos3 agree closely but not bit for bit.
-        image::imageops::resize(&rgb, width, height, FilterType::Lanczos3)
+        // PIL's LANCZOS / BICUBIC and image's Lanczos3 / CatmullRom agree closely but not bit
+        // for bit.
+        image::imageops::resize(&rgb, width, height, filter)
     }
 }
 
@@ -39,18 +40,35 @@ fn resize_rgb(img: &DynamicImage, width: u32, height: u32) -> RgbImage {
 /// regions on the request's thread, leaving a worker team there that slows the store's compute
 /// thread (see `autopipe_store`'s executor).
 pub fn preprocess(img: &DynamicImage, width: u32, height: u32) -> Tensor {
-    to_tensor(img, width, height, |v| v * 2.0 - 1.0)
+    preprocess_resampled(img, width, height, FilterType::Lanczos3)
+}
+
+/// [`preprocess`] resizing with `filter` (Kandinsky's processors resample bicubic:
+/// [`FilterType::CatmullRom`]).
+pub fn preprocess_resampled(
+    img: &DynamicImage,
+    width: u32,
+    height: u32,
+    filter: FilterType,
+) -> Tensor {
+    to_tensor(img, width, height, filter, |v| v * 2.0 - 1.0)
 }
 
 /// The ControlNet pipelines' `control_image_processor.preprocess` (`do_normalize=False`) for one
 /// image: [1, 3, H, W] float32 in [0, 1].
 pub fn preprocess_control(img: &DynamicImage, width: u32, height: u32) -> Tensor {
-    to_tensor(img, width, height, |v| v)
+    to_tensor(img, width, height, FilterType::Lanczos3, |v| v)
 }
 
-/// Resized RGB as [1, 3, H, W] float32: `v / 255`, then `normalize`.
-fn to_tensor(img: &DynamicImage, width: u32, height: u32, normalize: fn(f32) -> f32) -> Tensor {
-    let rgb = resize_rgb(img, width, height);
+/// Resized (with `filter`) RGB as [1, 3, H, W] float32: `v / 255`, then `normalize`.
+fn to_tensor(
+    img: &DynamicImage,
+    width: u32,
+    height: u32,
+    filter: FilterType,
+    normalize: fn(f32) -> f32,
+) -> Tensor {
+    let rgb = resize_rgb(img, width, height, filter);
     let (w, h) = (width as usize, height as usize);
     let mut chw = vec![0f32; 3 * h * w];
     for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {

@@ -241,8 +241,9 @@ pub fn run(
         })
         .transpose()?;
     let cond = Conditioning {
-        encoder_hidden_states: &embeds.embeds,
+        encoder_hidden_states: Some(&embeds.embeds),
         added: added.as_ref(),
+        image_embeds: None,
         guidance_scale: setup.guidance_scale,
         controlnets: controlnets.as_ref(),
     };

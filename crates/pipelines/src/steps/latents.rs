@@ -72,7 +72,8 @@ pub struct Blend {
 }
 
 impl Prepared {
-    fn plain(latents: Tensor) -> Self {
+    /// Latents with nothing else to add or blend.
+    pub fn plain(latents: Tensor) -> Self {
         Self {
             latents,
             blend: None,
@@ -140,7 +141,11 @@ pub fn img2img(
         return Ok(Prepared::plain(init));
     }
     let noise = generator.randn(&init.size(), kind, device);
-    Ok(Prepared::plain(scheduler.add_noise(&init, &noise, first_timestep)))
+    Ok(Prepared::plain(scheduler.add_noise(
+        &init,
+        &noise,
+        first_timestep,
+    )))
 }
 
 /// Repeats a batch of one (or of a divisor of `n`) up to `n`, as diffusers does per image.

@@ -10,7 +10,10 @@
 mod autoencoder_kl;
 mod clip_text;
 mod controlnet;
+mod clip_vision;
+mod prior_transformer;
 mod unet;
+mod vq_model;
 
 use crate::{Code, StoreError, Tensors};
 use std::collections::HashSet;
@@ -25,6 +28,9 @@ const CLASSES: &[Class] = &[
     Class::of::<unet::UNet2DConditionModel>(),
     Class::of::<controlnet::ControlNetModel>(),
     Class::of::<autoencoder_kl::AutoencoderKL>(),
+    Class::of::<clip_vision::CLIPVisionModelWithProjection>(),
+    Class::of::<prior_transformer::PriorTransformer>(),
+    Class::of::<vq_model::VQModel>(),
 ];
 
 /// A component class the store loads: what `model_index.json` calls it, how it loads, and what
@@ -355,7 +361,8 @@ mod tests {
     fn the_registry_lists_every_class_once() {
         assert_eq!(
             supported(),
-            "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, ControlNetModel, AutoencoderKL"
+            "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, ControlNetModel, \
+             AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel"
         );
         let names: HashSet<&str> = CLASSES.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), CLASSES.len());

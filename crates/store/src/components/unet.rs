@@ -1,7 +1,8 @@
 //! diffusers' UNet2DConditionModel (`models/unets/unet_2d_condition.py`): `forward` takes `sample`,
-//! `timestep` (a scalar or [batch]), `encoder_hidden_states`, for SDXL `text_embeds` with
-//! `time_ids`, and with a ControlNet its residuals `down_block_additional_residuals.{i}` with
-//! `mid_block_additional_residual`; it returns the predicted `sample`.
+//! `timestep` (a scalar or [batch]), `encoder_hidden_states` (not for an `image_proj` UNet), for
+//! SDXL `text_embeds` with `time_ids`, for Kandinsky 2.2 `image_embeds`, and with a ControlNet its
+//! residuals `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; it returns
+//! the predicted `sample`.
 
 use super::controlnet::{MAX_RESIDUALS, UNET_OPTIONAL};
 use super::{float_input, model_error, ComponentClass, Inputs, Method};
@@ -11,7 +12,7 @@ use tch::Tensor;
 use std::path::Path;
 use tch::{Device, Kind};
 
-/// UNet2DConditionModel: the denoiser of SD 1.x/2.x and SDXL.
+/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL and the Kandinsky 2.2 decoder.
 pub(super) struct UNet2DConditionModel(unet::UNet2DConditionModel);
 
 // SAFETY: methods only read the model (see `ComponentClass`).
@@ -21,13 +22,29 @@ impl ComponentClass for UNet2DConditionModel {
     const NAME: &'static str = "UNet2DConditionModel";
     const METHODS: &'static [Method<Self>] = &[Method {
         name: "forward",
-        required: &["sample", "timestep", "encoder_hidden_states"],
+        required: &["sample", "timestep"],
         optional: UNET_OPTIONAL,
         outputs: &["sample"],
         run: |m, inputs| {
             let (kind, device) = (m.0.kind(), m.0.device());
             let sample = inputs.with_rank("sample", 4)?;
-            let ehs = inputs.with_rank("encoder_hidden_states", 3)?;
+            let image_embeds = match inputs.optional("image_embeds") {
+                Some(_) => Some(float_input(
+                    inputs.with_rank("image_embeds", 2)?,
+                    kind,
+                    device,
+                )),
+                None => None,
+            };
+            // An image_proj UNet (Kandinsky 2.2) makes its own from `image_embeds`.
+            let ehs = match (inputs.optional("encoder_hidden_states"), &image_embeds) {
+                (None, Some(_)) => None,
+                _ => Some(float_input(
+                    inputs.with_rank("encoder_hidden_states", 3)?,
+                    kind,
+                    device,
+                )),
+            };
             let timestep = inputs.required("timestep")?;
             if timestep.dim() > 1 {
                 return Err(inputs.invalid(
@@ -55,12 +72,13 @@ impl ComponentClass for UNet2DConditionModel {
                 timestep_cond: None,
                 down_block_additional_residuals: mid.is_some().then_some(down.as_slice()),
                 mid_block_additional_residual: mid.as_ref(),
+                image_embeds: image_embeds.as_ref(),
             };
             let out =
                 m.0.forward_with(
                     &float_input(sample, kind, device),
                     &timestep,
-                    &float_input(ehs, kind, device),
+                    ehs.as_ref(),
                     &extra,
                 )
                 .map_err(model_error)?;
