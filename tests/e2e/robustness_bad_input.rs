@@ -202,6 +202,14 @@ fn generate_cases(
             Unimplemented,
             "model",
             with(text2img(), |r| {
+                r.model = scratch.checkpoint("sd3", Some(r#"{"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}"#), &[])
+            }),
+        ),
+        (
+            "Kandinsky decoder whose model card names no prior",
+            InvalidArgument,
+            "model",
+            with(text2img(), |r| {
                 r.model = scratch.checkpoint("kandinsky", Some(r#"{"_class_name": "KandinskyV22Pipeline", "unet": ["diffusers", "UNet2DConditionModel"]}"#), &[])
             }),
         ),
