@@ -36,7 +36,11 @@ fn store_stats(split: &Split, rt: &tokio::runtime::Runtime) -> v1::StatsResponse
 }
 
 /// Runs reference `cases` split and embedded: diffusers' pixels, identical bytes.
-fn split_matches_diffusers_and_embedded(split: &Split, rt: &tokio::runtime::Runtime, cases: &[&str]) {
+fn split_matches_diffusers_and_embedded(
+    split: &Split,
+    rt: &tokio::runtime::Runtime,
+    cases: &[&str],
+) {
     let embedded = Orchestrator::new(
         Arc::new(Store::new(StoreConfig::default())),
         OrchestratorConfig::default(),
@@ -45,7 +49,10 @@ fn split_matches_diffusers_and_embedded(split: &Split, rt: &tokio::runtime::Runt
         let req = reference_request(case);
         let resp = generate(split, rt, req.clone()).unwrap_or_else(|e| panic!("{case}: {e}"));
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
-        println!("{case:<20} {:<44} split vs diffusers PSNR {p:.2} dB", resp.pipeline);
+        println!(
+            "{case:<20} {:<44} split vs diffusers PSNR {p:.2} dB",
+            resp.pipeline
+        );
         assert!(p >= 40.0, "{case}: PSNR {p:.2} dB");
         let local = embedded.generate(&req, "embedded", &Silent).unwrap();
         assert!(
@@ -84,7 +91,11 @@ fn adding_a_controlnet_loads_only_the_controlnet() {
         ]
     );
     for c in &s.components {
-        assert_eq!(c.load_count, 1, "{} loaded {} times", c.class_name, c.load_count);
+        assert_eq!(
+            c.load_count, 1,
+            "{} loaded {} times",
+            c.class_name, c.load_count
+        );
     }
     assert_eq!(s.loads, 4);
     assert_eq!(s.active_leases, 0);
@@ -98,7 +109,12 @@ fn sdxl_controlnet_split_matches_diffusers_and_embedded() {
     split_matches_diffusers_and_embedded(
         &split,
         &rt,
-        &["cn_sdxl_t2i", "cn_sdxl_i2i", "cn_sdxl_inpaint9", "cn_sdxl_guess"],
+        &[
+            "cn_sdxl_t2i",
+            "cn_sdxl_i2i",
+            "cn_sdxl_inpaint9",
+            "cn_sdxl_guess",
+        ],
     );
 }
 
@@ -155,7 +171,8 @@ fn bad_controlnet_fields_are_refused_before_anything_loads() {
     let err = generate(&split, &rt, req).expect_err("control image size");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
-        err.message().starts_with("control_image: a control image is 64x48"),
+        err.message()
+            .starts_with("control_image: a control image is 64x48"),
         "{}",
         err.message()
     );

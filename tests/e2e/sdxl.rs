@@ -9,7 +9,11 @@ use autopipe_proto::v1;
 use autopipe_store::{Store, StoreConfig};
 use std::sync::Arc;
 
-fn generate(split: &Split, rt: &tokio::runtime::Runtime, req: v1::GenerateRequest) -> Result<v1::GenerateResponse, tonic::Status> {
+fn generate(
+    split: &Split,
+    rt: &tokio::runtime::Runtime,
+    req: v1::GenerateRequest,
+) -> Result<v1::GenerateResponse, tonic::Status> {
     rt.block_on(async {
         orchestrator_client(&split.orchestrator.address)
             .await
@@ -38,7 +42,10 @@ fn sdxl_split_matches_diffusers_and_embedded() {
         let req = reference_request(case);
         let resp = generate(&split, &rt, req.clone()).unwrap_or_else(|e| panic!("{case}: {e}"));
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
-        println!("{case:<24} {:<36} split vs diffusers PSNR {p:.2} dB", resp.pipeline);
+        println!(
+            "{case:<24} {:<36} split vs diffusers PSNR {p:.2} dB",
+            resp.pipeline
+        );
         assert!(p >= 40.0, "{case}: PSNR {p:.2} dB");
         let local = embedded.generate(&req, "embedded", &Silent).unwrap();
         assert!(
@@ -59,13 +66,19 @@ fn base_to_refiner_hand_off_through_the_wire() {
     let got = autopipe_proto::tensor_from_wire(&latents, tch::Device::Cpu).unwrap();
     let want = reference_tensor("sdxl_handoff_base", "latents");
     let diff = (&got - &want).abs().max().double_value(&[]);
-    println!("hand-off latents {:?}: max |Δ| vs diffusers {diff:.2e}", got.size());
+    println!(
+        "hand-off latents {:?}: max |Δ| vs diffusers {diff:.2e}",
+        got.size()
+    );
     assert!(diff < 1e-3, "latents differ from diffusers by {diff}");
 
     let mut refine = reference_request("sdxl_handoff_refiner");
     refine.image_latents = Some(latents);
     let resp = generate(&split, &rt, refine).unwrap();
-    let p = psnr(&decode(&resp.images[0]), &reference_image("sdxl_handoff_refiner", 0));
+    let p = psnr(
+        &decode(&resp.images[0]),
+        &reference_image("sdxl_handoff_refiner", 0),
+    );
     println!("hand-off refiner image PSNR {p:.2} dB ({})", resp.pipeline);
     assert!(p >= 40.0, "refiner after hand-off: PSNR {p:.2} dB");
 }
@@ -74,7 +87,12 @@ fn base_to_refiner_hand_off_through_the_wire() {
 fn sdxl_task_switching_loads_each_component_once() {
     let split = Split::start(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for case in ["sdxl_t2i_neg", "sdxl_i2i_s060", "sdxl_inpaint_base", "sdxl_t2i_neg"] {
+    for case in [
+        "sdxl_t2i_neg",
+        "sdxl_i2i_s060",
+        "sdxl_inpaint_base",
+        "sdxl_t2i_neg",
+    ] {
         let resp = generate(&split, &rt, reference_request(case)).unwrap();
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
         assert!(p >= 40.0, "{case}: PSNR {p:.2}");
@@ -100,7 +118,11 @@ fn sdxl_task_switching_loads_each_component_once() {
         ]
     );
     for c in &s.components {
-        assert_eq!(c.load_count, 1, "{} loaded {} times", c.class_name, c.load_count);
+        assert_eq!(
+            c.load_count, 1,
+            "{} loaded {} times",
+            c.class_name, c.load_count
+        );
     }
     assert_eq!(s.active_leases, 0);
 }
@@ -139,7 +161,10 @@ fn a_float16_sdxl_request_runs_the_vae_upcast_as_diffusers_does() {
     req.dtype = "float16".into();
     let resp = generate(&split, &rt, req).unwrap();
     // fp16 against diffusers' fp32 reference: close, not equal.
-    let p = psnr(&decode(&resp.images[0]), &reference_image("sdxl_t2i_neg", 0));
+    let p = psnr(
+        &decode(&resp.images[0]),
+        &reference_image("sdxl_t2i_neg", 0),
+    );
     println!("sdxl float16 vs diffusers float32: PSNR {p:.2} dB");
     assert!(p >= 30.0, "float16 SDXL image far from fp32: PSNR {p:.2}");
     let s = rt
@@ -152,7 +177,11 @@ fn a_float16_sdxl_request_runs_the_vae_upcast_as_diffusers_does() {
         .unwrap()
         .into_inner();
     for c in &s.components {
-        let want = if c.class_name == "AutoencoderKL" { "float32" } else { "float16" };
+        let want = if c.class_name == "AutoencoderKL" {
+            "float32"
+        } else {
+            "float16"
+        };
         assert_eq!(c.dtype, want, "{}", c.class_name);
     }
 }

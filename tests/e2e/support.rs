@@ -192,13 +192,13 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         "controlnet_cases.json",
         "kandinsky_cases.json",
     ]
-        .iter()
-        .flat_map(|file| {
-            let text = std::fs::read_to_string(fixtures().join("reference").join(file))
-                .unwrap_or_else(|e| panic!("{file}: {e}"));
-            serde_json::from_str::<Vec<serde_json::Value>>(&text).expect("cases parse")
-        })
-        .collect();
+    .iter()
+    .flat_map(|file| {
+        let text = std::fs::read_to_string(fixtures().join("reference").join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        serde_json::from_str::<Vec<serde_json::Value>>(&text).expect("cases parse")
+    })
+    .collect();
     let c = cases
         .iter()
         .find(|c| c["name"] == name)
@@ -268,7 +268,10 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
             .iter()
             .map(|folder| {
                 let path = fixtures().join("checkpoints").join(folder);
-                path.canonicalize().expect("controlnet").display().to_string()
+                path.canonicalize()
+                    .expect("controlnet")
+                    .display()
+                    .to_string()
             })
             .collect(),
         control_image: strings(&c["control_image"])
@@ -287,13 +290,21 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
 
 fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|f| f.as_f64().map(|f| f as f32)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_f64().map(|f| f as f32))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

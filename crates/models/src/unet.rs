@@ -862,8 +862,7 @@ impl DownPath {
             ));
         }
         if let Some(e) = encoder_hidden_states.map(Tensor::size) {
-            let e_ok =
-                e.len() == 3 && e[0] == batch && self.context_dim.is_none_or(|d| e[2] == d);
+            let e_ok = e.len() == 3 && e[0] == batch && self.context_dim.is_none_or(|d| e[2] == d);
             if !e_ok {
                 let dim = self
                     .context_dim

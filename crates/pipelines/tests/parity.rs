@@ -4,8 +4,8 @@
 //! compared pixel for pixel (or, for latent outputs, value for value).
 
 use autopipe_pipelines::{
-    Context, ControlNetInput, GenerateParams, InitImage, MicroConditioning, NoObserver, OutputType, Task,
-    TokenizerCache,
+    Context, ControlNetInput, GenerateParams, InitImage, MicroConditioning, NoObserver, OutputType,
+    Task, TokenizerCache,
 };
 use autopipe_repo::Checkpoint;
 use autopipe_store::{Store, StoreConfig};

@@ -179,8 +179,8 @@ impl Orchestrator {
         controlnet: bool,
     ) -> Result<Prepared, Status> {
         let mut index = self.open(model, revision, &[], None)?;
-        let resolution =
-            autopipe_auto::resolve(&index.index().class_name, task, controlnet).map_err(auto_status)?;
+        let resolution = autopipe_auto::resolve(&index.index().class_name, task, controlnet)
+            .map_err(auto_status)?;
         let pipeline = autopipe_pipelines::registry(resolution.family).ok_or_else(|| {
             Status::unimplemented(format!(
                 "model: {} resolves to {}, which this server does not implement yet",
@@ -380,7 +380,7 @@ impl Prepared {
             variant,
             params,
         )
-            .map_err(|e| pipeline_status(&e))
+        .map_err(|e| pipeline_status(&e))
     }
 }
 

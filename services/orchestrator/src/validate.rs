@@ -111,7 +111,10 @@ fn controlnets(req: &v1::GenerateRequest) -> Result<Vec<ControlNetInput>, Status
                 "controlnet_conditioning_scale",
                 !req.controlnet_conditioning_scale.is_empty(),
             ),
-            ("control_guidance_start", !req.control_guidance_start.is_empty()),
+            (
+                "control_guidance_start",
+                !req.control_guidance_start.is_empty(),
+            ),
             ("control_guidance_end", !req.control_guidance_end.is_empty()),
             ("guess_mode", req.guess_mode),
         ] {
@@ -637,7 +640,11 @@ mod tests {
                 "guidance_scale",
                 Box::new(|r| r.guidance_scale = Some(f32::INFINITY)),
             ),
-            (t2i, "control_image", Box::new(|r| r.control_image = vec![png(64, 64)])),
+            (
+                t2i,
+                "control_image",
+                Box::new(|r| r.control_image = vec![png(64, 64)]),
+            ),
             (t2i, "guess_mode", Box::new(|r| r.guess_mode = true)),
             (
                 t2i,

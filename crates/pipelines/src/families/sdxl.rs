@@ -51,20 +51,30 @@ fn controlnet_scale(task: Task) -> f64 {
 }
 
 /// Request fields the SDXL pipeline for `task` does not take.
-fn not_arguments(task: Task, controlnet: bool, params: &GenerateParams) -> Vec<(&'static str, bool)> {
+fn not_arguments(
+    task: Task,
+    controlnet: bool,
+    params: &GenerateParams,
+) -> Vec<(&'static str, bool)> {
     let micro = &params.micro;
     match (task, controlnet) {
         (Task::Text2Img, _) => vec![
             ("denoising_start", params.denoising_start.is_some()),
             ("aesthetic_score", micro.aesthetic_score.is_some()),
-            ("negative_aesthetic_score", micro.negative_aesthetic_score.is_some()),
+            (
+                "negative_aesthetic_score",
+                micro.negative_aesthetic_score.is_some(),
+            ),
         ],
         (Task::Img2Img, true) => vec![
             ("denoising_start", params.denoising_start.is_some()),
             ("denoising_end", params.denoising_end.is_some()),
         ],
         (Task::Inpaint, true) => vec![
-            ("negative_original_size", micro.negative_original_size.is_some()),
+            (
+                "negative_original_size",
+                micro.negative_original_size.is_some(),
+            ),
             (
                 "negative_crops_coords_top_left",
                 micro.negative_crops_coords_top_left.is_some(),
@@ -76,7 +86,10 @@ fn not_arguments(task: Task, controlnet: bool, params: &GenerateParams) -> Vec<(
 }
 
 /// (tokenizer, text encoder) pairs, in `encode_prompt`'s order; a refiner has only the second.
-const ENCODERS: [(&str, &str); 2] = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")];
+const ENCODERS: [(&str, &str); 2] = [
+    ("tokenizer", "text_encoder"),
+    ("tokenizer_2", "text_encoder_2"),
+];
 
 /// SDXL pipelines take the saved scheduler config as it is.
 fn keep_scheduler(_: &mut Map<String, Value>) {}
@@ -145,8 +158,8 @@ impl StableDiffusionXL {
         let index = ctx.checkpoint.index();
         let encoders: Vec<(&'static str, &'static str)> = ENCODERS
             .into_iter()
-        .filter(|(_, encoder)| index.component_class(encoder).is_some())
-        .collect();
+            .filter(|(_, encoder)| index.component_class(encoder).is_some())
+            .collect();
         if index.component_class("text_encoder_2").is_none() {
             return Err(PipelineError::invalid(
                 "model",
@@ -220,17 +233,23 @@ fn time_ids(
                 .unwrap_or(2.5);
             (
                 ids(&[pair(original), pair(crops)], Some(score)),
-                ids(&[pair(negative_original), pair(negative_crops)], Some(negative_score)),
+                ids(
+                    &[pair(negative_original), pair(negative_crops)],
+                    Some(negative_score),
+                ),
             )
         } else {
             (
                 ids(&[pair(original), pair(crops), pair(target)], None),
-                ids(&[pair(negative_original), pair(crops), pair(negative_target)], None),
+                ids(
+                    &[pair(negative_original), pair(crops), pair(negative_target)],
+                    None,
+                ),
             )
         }
     };
-    let passed = config.addition_time_embed_dim * positive.len() as i64
-        + config.text_encoder_projection_dim;
+    let passed =
+        config.addition_time_embed_dim * positive.len() as i64 + config.text_encoder_projection_dim;
     let expected = config.expected_add_embed_dim;
     let step = config.addition_time_embed_dim;
     if expected != passed {
@@ -326,6 +345,8 @@ impl Pipeline for StableDiffusionXL {
                 time_ids,
             })
         };
-        latent_diffusion::run(ctx, components, params, configured, &encoder, &added, observer)
+        latent_diffusion::run(
+            ctx, components, params, configured, &encoder, &added, observer,
+        )
     }
 }

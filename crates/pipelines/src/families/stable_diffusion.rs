@@ -46,11 +46,7 @@ fn rewrite_scheduler(config: &mut Map<String, Value>) {
 }
 
 impl StableDiffusion {
-    fn configure(
-        &self,
-        ctx: &Context,
-        params: &GenerateParams,
-    ) -> Result<Configured> {
+    fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<Configured> {
         if let Some(field) = params.first_sdxl_field().or(params.first_prior_field()) {
             return Err(PipelineError::invalid(
                 field,
@@ -111,6 +107,14 @@ impl Pipeline for StableDiffusion {
             encoder: "text_encoder",
         };
         let configured = self.configure(ctx, params)?;
-        latent_diffusion::run(ctx, components, params, configured, &encoder, &|_, _| None, observer)
+        latent_diffusion::run(
+            ctx,
+            components,
+            params,
+            configured,
+            &encoder,
+            &|_, _| None,
+            observer,
+        )
     }
 }

@@ -112,7 +112,10 @@ impl<'a> Components<'a> {
 
     /// The ControlNet leased as `name`.
     pub fn controlnet(&'a self, name: &'a str) -> ControlNet<'a> {
-        ControlNet { components: self, name }
+        ControlNet {
+            components: self,
+            name,
+        }
     }
 
     /// The VAE leased as `name`.
@@ -223,16 +226,29 @@ impl Residuals {
             .down
             .iter()
             .enumerate()
-            .map(|(i, t)| (format!("down_block_additional_residuals.{i}"), t.shallow_clone()))
+            .map(|(i, t)| {
+                (
+                    format!("down_block_additional_residuals.{i}"),
+                    t.shallow_clone(),
+                )
+            })
             .collect();
-        inputs.push(("mid_block_additional_residual".into(), self.mid.shallow_clone()));
+        inputs.push((
+            "mid_block_additional_residual".into(),
+            self.mid.shallow_clone(),
+        ));
         inputs
     }
 
     /// Element-wise sum (MultiControlNet adds its nets' residuals).
     pub fn add(self, other: Residuals) -> Residuals {
         Residuals {
-            down: self.down.iter().zip(&other.down).map(|(a, b)| a + b).collect(),
+            down: self
+                .down
+                .iter()
+                .zip(&other.down)
+                .map(|(a, b)| a + b)
+                .collect(),
             mid: self.mid + other.mid,
         }
     }
@@ -305,7 +321,10 @@ impl ControlNet<'_> {
                 "conditioning_scale".into(),
                 Tensor::from(call.conditioning_scale),
             ),
-            ("guess_mode".into(), Tensor::from(i64::from(call.guess_mode))),
+            (
+                "guess_mode".into(),
+                Tensor::from(i64::from(call.guess_mode)),
+            ),
         ];
         if let Some(added) = call.added {
             inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));

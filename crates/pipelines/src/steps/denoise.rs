@@ -5,8 +5,8 @@
 
 use crate::steps::components::{AddedConditioning, Components, Prior, PriorConditioning, Unet};
 use crate::steps::controlnet::ControlNets;
-use crate::PipelineError;
 use crate::steps::latents::Prepared;
+use crate::PipelineError;
 use crate::{Progress, Result, StepObserver};
 use autopipe_rng::Generator;
 use autopipe_schedulers::Scheduler;

@@ -10,8 +10,8 @@ use crate::steps::latents::{self, InpaintInputs, LatentSpace, Prepared};
 use crate::steps::prompt::{PromptEmbeds, PromptEncoder, Prompts};
 use crate::steps::schedule::Start;
 use crate::{
-    as_python_float, Context, GenerateParams, InitImage, Output, OutputType, PipelineError,
-    Result, StageTimings, StepObserver, Task,
+    as_python_float, Context, GenerateParams, InitImage, Output, OutputType, PipelineError, Result,
+    StageTimings, StepObserver, Task,
 };
 use autopipe_rng::Generator;
 use autopipe_schedulers::Scheduler;
@@ -74,10 +74,7 @@ pub fn setup(
         }
         _ => {}
     }
-    if unet
-        .get("time_cond_proj_dim")
-        .is_some_and(|v| !v.is_null())
-    {
+    if unet.get("time_cond_proj_dim").is_some_and(|v| !v.is_null()) {
         return Err(PipelineError::invalid(
             "model",
             "UNets with time_cond_proj_dim (LCM) are not supported",
@@ -114,7 +111,9 @@ pub fn setup(
             given(image::default_size(img, space.scale_factor))
         }
         // Image-to-image takes its size from the image (diffusers' `get_default_height_width`).
-        (Task::Img2Img, Some(InitImage::Pixels(img))) => image::default_size(img, space.scale_factor),
+        (Task::Img2Img, Some(InitImage::Pixels(img))) => {
+            image::default_size(img, space.scale_factor)
+        }
         (Task::Img2Img, Some(InitImage::Latents(l))) => {
             let s = l.size();
             (

@@ -22,7 +22,9 @@ pub fn build(
         .map(str::to_string);
     let Some(obj) = config.as_object_mut() else {
         return Err(PipelineError::Checkpoint(autopipe_repo::Error::Malformed {
-            path: checkpoint.component_dir("scheduler")?.join("scheduler_config.json"),
+            path: checkpoint
+                .component_dir("scheduler")?
+                .join("scheduler_config.json"),
             reason: "not a JSON object".into(),
         }));
     };
@@ -38,7 +40,9 @@ pub fn build(
         (None, Some(c)) => c,
         (None, None) => {
             return Err(PipelineError::Checkpoint(autopipe_repo::Error::Malformed {
-                path: checkpoint.component_dir("scheduler")?.join("scheduler_config.json"),
+                path: checkpoint
+                    .component_dir("scheduler")?
+                    .join("scheduler_config.json"),
                 reason: "no _class_name".into(),
             }))
         }
@@ -50,10 +54,11 @@ pub fn build(
     } else {
         None
     };
-    let mut scheduler = autopipe_schedulers::from_config(&class, &config).map_err(|e| match field {
-        Some(field) => PipelineError::invalid(field, e.to_string()),
-        None => PipelineError::Scheduler(e),
-    })?;
+    let mut scheduler =
+        autopipe_schedulers::from_config(&class, &config).map_err(|e| match field {
+            Some(field) => PipelineError::invalid(field, e.to_string()),
+            None => PipelineError::Scheduler(e),
+        })?;
     scheduler
         .set_timesteps(num_inference_steps(params))
         .map_err(|e| PipelineError::invalid("num_inference_steps", e.to_string()))?;

@@ -18,11 +18,67 @@ use tch::{Device, Kind};
 pub(super) const MAX_RESIDUALS: usize = 24;
 
 /// The ControlNet's outputs.
-const OUTPUTS: &[&str] = &["mid_block_res_sample", "down_block_res_samples.0", "down_block_res_samples.1", "down_block_res_samples.2", "down_block_res_samples.3", "down_block_res_samples.4", "down_block_res_samples.5", "down_block_res_samples.6", "down_block_res_samples.7", "down_block_res_samples.8", "down_block_res_samples.9", "down_block_res_samples.10", "down_block_res_samples.11", "down_block_res_samples.12", "down_block_res_samples.13", "down_block_res_samples.14", "down_block_res_samples.15", "down_block_res_samples.16", "down_block_res_samples.17", "down_block_res_samples.18", "down_block_res_samples.19", "down_block_res_samples.20", "down_block_res_samples.21", "down_block_res_samples.22", "down_block_res_samples.23"];
+const OUTPUTS: &[&str] = &[
+    "mid_block_res_sample",
+    "down_block_res_samples.0",
+    "down_block_res_samples.1",
+    "down_block_res_samples.2",
+    "down_block_res_samples.3",
+    "down_block_res_samples.4",
+    "down_block_res_samples.5",
+    "down_block_res_samples.6",
+    "down_block_res_samples.7",
+    "down_block_res_samples.8",
+    "down_block_res_samples.9",
+    "down_block_res_samples.10",
+    "down_block_res_samples.11",
+    "down_block_res_samples.12",
+    "down_block_res_samples.13",
+    "down_block_res_samples.14",
+    "down_block_res_samples.15",
+    "down_block_res_samples.16",
+    "down_block_res_samples.17",
+    "down_block_res_samples.18",
+    "down_block_res_samples.19",
+    "down_block_res_samples.20",
+    "down_block_res_samples.21",
+    "down_block_res_samples.22",
+    "down_block_res_samples.23",
+];
 
 /// The UNet's optional inputs: text states (not for an `image_proj` UNet), SDXL's added
 /// conditioning, Kandinsky 2.2's `image_embeds` and the residuals.
-pub(super) const UNET_OPTIONAL: &[&str] = &["encoder_hidden_states", "text_embeds", "time_ids", "image_embeds", "mid_block_additional_residual", "down_block_additional_residuals.0", "down_block_additional_residuals.1", "down_block_additional_residuals.2", "down_block_additional_residuals.3", "down_block_additional_residuals.4", "down_block_additional_residuals.5", "down_block_additional_residuals.6", "down_block_additional_residuals.7", "down_block_additional_residuals.8", "down_block_additional_residuals.9", "down_block_additional_residuals.10", "down_block_additional_residuals.11", "down_block_additional_residuals.12", "down_block_additional_residuals.13", "down_block_additional_residuals.14", "down_block_additional_residuals.15", "down_block_additional_residuals.16", "down_block_additional_residuals.17", "down_block_additional_residuals.18", "down_block_additional_residuals.19", "down_block_additional_residuals.20", "down_block_additional_residuals.21", "down_block_additional_residuals.22", "down_block_additional_residuals.23"];
+pub(super) const UNET_OPTIONAL: &[&str] = &[
+    "encoder_hidden_states",
+    "text_embeds",
+    "time_ids",
+    "image_embeds",
+    "mid_block_additional_residual",
+    "down_block_additional_residuals.0",
+    "down_block_additional_residuals.1",
+    "down_block_additional_residuals.2",
+    "down_block_additional_residuals.3",
+    "down_block_additional_residuals.4",
+    "down_block_additional_residuals.5",
+    "down_block_additional_residuals.6",
+    "down_block_additional_residuals.7",
+    "down_block_additional_residuals.8",
+    "down_block_additional_residuals.9",
+    "down_block_additional_residuals.10",
+    "down_block_additional_residuals.11",
+    "down_block_additional_residuals.12",
+    "down_block_additional_residuals.13",
+    "down_block_additional_residuals.14",
+    "down_block_additional_residuals.15",
+    "down_block_additional_residuals.16",
+    "down_block_additional_residuals.17",
+    "down_block_additional_residuals.18",
+    "down_block_additional_residuals.19",
+    "down_block_additional_residuals.20",
+    "down_block_additional_residuals.21",
+    "down_block_additional_residuals.22",
+    "down_block_additional_residuals.23",
+];
 
 /// ControlNetModel: UNet residuals from a control image.
 pub(super) struct ControlNetModel(controlnet::ControlNetModel);
@@ -34,7 +90,10 @@ unsafe impl Sync for ControlNetModel {}
 fn scalar(inputs: &Inputs, name: &str) -> Result<f64, StoreError> {
     let t = inputs.required(name)?;
     if t.numel() != 1 {
-        return Err(inputs.invalid(name, format_args!("needs one value, got shape {:?}", t.size())));
+        return Err(inputs.invalid(
+            name,
+            format_args!("needs one value, got shape {:?}", t.size()),
+        ));
     }
     Ok(t.to_kind(Kind::Double).double_value(&[]))
 }
@@ -79,9 +138,8 @@ impl ComponentClass for ControlNetModel {
                     ),
                 ));
             }
-            let out = m
-                .0
-                .forward(
+            let out =
+                m.0.forward(
                     &float_input(sample, kind, device),
                     &timestep.to_device(device),
                     &float_input(ehs, kind, device),

@@ -9,8 +9,8 @@
 
 mod autoencoder_kl;
 mod clip_text;
-mod controlnet;
 mod clip_vision;
+mod controlnet;
 mod prior_transformer;
 mod unet;
 mod vq_model;

@@ -8,8 +8,8 @@ use super::controlnet::{MAX_RESIDUALS, UNET_OPTIONAL};
 use super::{float_input, model_error, ComponentClass, Inputs, Method};
 use crate::StoreError;
 use autopipe_models::unet;
-use tch::Tensor;
 use std::path::Path;
+use tch::Tensor;
 use tch::{Device, Kind};
 
 /// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL and the Kandinsky 2.2 decoder.
