@@ -221,35 +221,31 @@ pub fn vae_legacy_rename(key: &str) -> String {
     key.to_string()
 }
 
-/// The mid block's single-head self-attention over pixels: group norm, SDPA, output projection, residual.
+/// The projections of diffusers' single-head spatial self-attention (`Attention` with one head of
+/// width C over the H×W positions), shared by the VAE and the MoVQ decoder.
 #[derive(Debug)]
-struct VaeAttention {
-    group_norm: nn::GroupNorm,
+pub(crate) struct SpatialSelfAttention {
     to_q: nn::Linear,
     to_k: nn::Linear,
     to_v: nn::Linear,
     to_out: nn::Linear,
 }
 
-impl VaeAttention {
-    fn new(vs: nn::Path, channels: i64, groups: i64) -> Self {
+impl SpatialSelfAttention {
+    pub(crate) fn new(vs: &nn::Path, channels: i64) -> Self {
         Self {
-            group_norm: weights::group_norm(&vs / "group_norm", groups, channels, VAE_EPS),
-            to_q: weights::linear(&vs / "to_q", channels, channels, true),
-            to_k: weights::linear(&vs / "to_k", channels, channels, true),
-            to_v: weights::linear(&vs / "to_v", channels, channels, true),
-            to_out: weights::linear(&vs / "to_out" / 0, channels, channels, true),
+            to_q: weights::linear(vs / "to_q", channels, channels, true),
+            to_k: weights::linear(vs / "to_k", channels, channels, true),
+            to_v: weights::linear(vs / "to_v", channels, channels, true),
+            to_out: weights::linear(vs / "to_out" / 0, channels, channels, true),
         }
     }
 
-    fn forward(&self, xs: &Tensor) -> Tensor {
+    /// Attention over `normed` (the normalised `xs`), plus the residual `xs`.
+    pub(crate) fn forward(&self, xs: &Tensor, normed: &Tensor) -> Tensor {
         let (b, c, h, w) = xs.size4().unwrap_or((0, 0, 0, 0));
         // [B, C, H, W] -> [B, HW, C]; one head of width C.
-        let hs = self
-            .group_norm
-            .forward(xs)
-            .view([b, c, h * w])
-            .transpose(1, 2);
+        let hs = normed.view([b, c, h * w]).transpose(1, 2);
         let q = self.to_q.forward(&hs).unsqueeze(1);
         let k = self.to_k.forward(&hs).unsqueeze(1);
         let v = self.to_v.forward(&hs).unsqueeze(1);
@@ -265,6 +261,26 @@ impl VaeAttention {
         );
         let out = self.to_out.forward(&attn.squeeze_dim(1));
         out.transpose(1, 2).reshape([b, c, h, w]) + xs
+    }
+}
+
+/// The VAE's attention: group norm, then [`SpatialSelfAttention`].
+#[derive(Debug)]
+struct VaeAttention {
+    group_norm: nn::GroupNorm,
+    attention: SpatialSelfAttention,
+}
+
+impl VaeAttention {
+    fn new(vs: nn::Path, channels: i64, groups: i64) -> Self {
+        Self {
+            group_norm: weights::group_norm(&vs / "group_norm", groups, channels, VAE_EPS),
+            attention: SpatialSelfAttention::new(&vs, channels),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.attention.forward(xs, &self.group_norm.forward(xs))
     }
 }
 

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::resnet::Upsample2D;
-use crate::vae::{AutoencoderKLConfig, Decoder, Encoder, SampleSize};
+use crate::vae::{AutoencoderKLConfig, Decoder, Encoder, SampleSize, SpatialSelfAttention};
 use crate::weights;
 
 /// Epsilon diffusers hard-codes for every norm of the decoder.
@@ -183,45 +183,20 @@ impl CondResnet {
 #[derive(Debug)]
 struct SpatialAttention {
     spatial_norm: SpatialNorm,
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    attention: SpatialSelfAttention,
 }
 
 impl SpatialAttention {
     fn new(vs: &nn::Path, channels: i64, zq_c: i64) -> Self {
         Self {
             spatial_norm: SpatialNorm::new(&(vs / "spatial_norm"), channels, zq_c),
-            to_q: weights::linear(vs / "to_q", channels, channels, true),
-            to_k: weights::linear(vs / "to_k", channels, channels, true),
-            to_v: weights::linear(vs / "to_v", channels, channels, true),
-            to_out: weights::linear(vs / "to_out" / 0, channels, channels, true),
+            attention: SpatialSelfAttention::new(vs, channels),
         }
     }
 
     fn forward(&self, xs: &Tensor, zq: &Tensor) -> Tensor {
-        let (b, c, h, w) = xs.size4().unwrap_or((0, 0, 0, 0));
-        let hs = self
-            .spatial_norm
-            .forward(xs, zq)
-            .view([b, c, h * w])
-            .transpose(1, 2);
-        let q = self.to_q.forward(&hs).unsqueeze(1);
-        let k = self.to_k.forward(&hs).unsqueeze(1);
-        let v = self.to_v.forward(&hs).unsqueeze(1);
-        let attn = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        let out = self.to_out.forward(&attn.squeeze_dim(1));
-        out.transpose(1, 2).reshape([b, c, h, w]) + xs
+        self.attention
+            .forward(xs, &self.spatial_norm.forward(xs, zq))
     }
 }
 
