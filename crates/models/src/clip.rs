@@ -67,7 +67,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn forward(self, xs: &Tensor) -> Tensor {
+    pub(crate) fn forward(self, xs: &Tensor) -> Tensor {
         match self {
             Activation::QuickGelu => xs * (xs * 1.702).sigmoid(),
             Activation::Gelu => xs.gelu("none"),

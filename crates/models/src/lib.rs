@@ -13,5 +13,6 @@ pub mod unet_blocks;
 pub mod vae;
 pub mod vq_model;
 pub mod weights;
+pub mod xlm_roberta;
 
 pub use error::{Error, Result};

@@ -193,11 +193,12 @@ pub struct UNet2DConditionConfig {
     /// Per-block, per-layer transformer depths of the up path, for asymmetric UNets.
     #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<Vec<PerBlock<i64>>>,
-    /// Width of `encoder_hidden_states` before `encoder_hid_proj` (`text_proj`), or of the image
-    /// embeddings (`image_proj`, Kandinsky 2.2).
+    /// Width of `encoder_hidden_states` before `encoder_hid_proj` (`text_proj`, `text_image_proj`),
+    /// or of the image embeddings (`image_proj`, Kandinsky 2.2).
     #[serde(default)]
     pub encoder_hid_dim: Option<i64>,
-    /// How `encoder_hidden_states` is made: `text_proj` (a linear projection of the text states) or
+    /// How `encoder_hidden_states` is made: `text_proj` (a linear projection of the text states),
+    /// `text_image_proj` (Kandinsky 2.1: image tokens before the projected text states) or
     /// `image_proj` (Kandinsky 2.2: tokens projected from the image embeddings).
     #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
@@ -216,8 +217,8 @@ pub struct UNet2DConditionConfig {
     /// Class conditioning (not supported).
     #[serde(default)]
     pub class_embed_type: Option<String>,
-    /// Extra conditioning added to the time embedding: `null`, `"text_time"` (SDXL) or `"image"`
-    /// (Kandinsky 2.2).
+    /// Extra conditioning added to the time embedding: `null`, `"text_time"` (SDXL), `"text_image"`
+    /// (Kandinsky 2.1) or `"image"` (Kandinsky 2.2).
     #[serde(default)]
     pub addition_embed_type: Option<String>,
     /// Width of each SDXL `time_ids` embedding.
@@ -303,12 +304,58 @@ pub struct SdxlConditioning {
     pub time_ids: Tensor,
 }
 
-/// `encoder_hid_proj`: a linear projection of the text states (`text_proj`) or diffusers'
-/// `ImageProjection` (`image_proj`).
+/// `encoder_hid_proj`: a linear projection of the text states (`text_proj`), diffusers'
+/// `TextImageProjection` (`text_image_proj`) or `ImageProjection` (`image_proj`).
 #[derive(Debug)]
 enum EncoderHidProj {
     Text(nn::Linear),
+    TextImage(TextImageProjection),
     Image(ImageProjection),
+}
+
+/// Which `encoder_hid_proj` a config asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HidProjType {
+    Text,
+    TextImage,
+    Image,
+}
+
+/// diffusers' `TextImageProjection` (models/embeddings.py): `num_image_text_embeds` (10) tokens
+/// projected from the image embeddings, then the projected text states.
+#[derive(Debug)]
+struct TextImageProjection {
+    image_embeds: nn::Linear,
+    text_proj: nn::Linear,
+    tokens: i64,
+}
+
+impl TextImageProjection {
+    const NUM_IMAGE_TEXT_EMBEDS: i64 = 10;
+
+    /// `image_embed_dim` is the cross-attention width, as diffusers' UNet builds it.
+    fn new(vs: &nn::Path, text_embed_dim: i64, cross_attention_dim: i64) -> Self {
+        let tokens = Self::NUM_IMAGE_TEXT_EMBEDS;
+        Self {
+            image_embeds: weights::linear(
+                vs / "image_embeds",
+                cross_attention_dim,
+                tokens * cross_attention_dim,
+                true,
+            ),
+            text_proj: weights::linear(vs / "text_proj", text_embed_dim, cross_attention_dim, true),
+            tokens,
+        }
+    }
+
+    fn forward(&self, text_states: &Tensor, image_embeds: &Tensor) -> Tensor {
+        let batch = text_states.size()[0];
+        let image_tokens =
+            self.image_embeds
+                .forward(image_embeds)
+                .reshape([batch, self.tokens, -1]);
+        Tensor::cat(&[image_tokens, self.text_proj.forward(text_states)], 1)
+    }
 }
 
 /// diffusers' `ImageProjection` (models/embeddings.py): image embeddings to
@@ -347,12 +394,43 @@ impl ImageProjection {
     }
 }
 
-/// diffusers' `ImageTimeEmbedding` (`addition_embed_type="image"`): `image_norm(image_proj(x))`,
-/// added to the time embedding.
+/// The image-conditioned embedding added to the time embedding: diffusers' `ImageTimeEmbedding`
+/// (`addition_embed_type="image"`) or `TextImageTimeEmbedding` (`"text_image"`).
+#[derive(Debug)]
+enum ImageAddEmbedding {
+    Image(ImageTimeEmbedding),
+    TextImage(TextImageTimeEmbedding),
+}
+
+/// diffusers' `ImageTimeEmbedding`: `image_norm(image_proj(x))`.
 #[derive(Debug)]
 struct ImageTimeEmbedding {
     image_proj: nn::Linear,
     image_norm: nn::LayerNorm,
+}
+
+/// diffusers' `TextImageTimeEmbedding`: `image_proj(image) + text_norm(text_proj(text))`.
+#[derive(Debug)]
+struct TextImageTimeEmbedding {
+    text_proj: nn::Linear,
+    text_norm: nn::LayerNorm,
+    image_proj: nn::Linear,
+}
+
+impl TextImageTimeEmbedding {
+    /// Both embedding widths are the cross-attention width, as diffusers' UNet builds it.
+    fn new(vs: &nn::Path, embed_dim: i64, time_embed_dim: i64) -> Self {
+        Self {
+            text_proj: weights::linear(vs / "text_proj", embed_dim, time_embed_dim, true),
+            text_norm: weights::layer_norm(vs / "text_norm", time_embed_dim, 1e-5),
+            image_proj: weights::linear(vs / "image_proj", embed_dim, time_embed_dim, true),
+        }
+    }
+
+    fn forward(&self, text_embeds: &Tensor, image_embeds: &Tensor) -> Tensor {
+        self.image_proj.forward(image_embeds)
+            + self.text_norm.forward(&self.text_proj.forward(text_embeds))
+    }
 }
 
 impl ImageTimeEmbedding {
@@ -374,9 +452,13 @@ impl ImageTimeEmbedding {
 pub struct UNetExtraInputs<'a> {
     /// SDXL micro-conditioning; required when the config has `addition_embed_type="text_time"`.
     pub added: Option<&'a SdxlConditioning>,
-    /// CLIP image embeddings `[batch, encoder_hid_dim]` (`added_cond_kwargs["image_embeds"]`);
-    /// required by `addition_embed_type="image"` / `encoder_hid_dim_type="image_proj"`.
+    /// CLIP image embeddings (`added_cond_kwargs["image_embeds"]`): `[batch, encoder_hid_dim]`
+    /// for `addition_embed_type="image"` / `encoder_hid_dim_type="image_proj"` (Kandinsky 2.2),
+    /// `[batch, cross_attention_dim]` for `"text_image"` / `"text_image_proj"` (Kandinsky 2.1).
     pub image_embeds: Option<&'a Tensor>,
+    /// Pooled text embeddings `[batch, cross_attention_dim]` (`added_cond_kwargs["text_embeds"]`)
+    /// for `addition_embed_type="text_image"` (Kandinsky 2.1).
+    pub text_embeds: Option<&'a Tensor>,
     /// Guidance embedding for `time_cond_proj_dim` UNets (LCM), `[batch, time_cond_proj_dim]`.
     pub timestep_cond: Option<&'a Tensor>,
     /// ControlNet residuals added to each skip connection (conv_in output first).
@@ -392,7 +474,7 @@ pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
     down: DownPath,
     encoder_hid_proj: Option<EncoderHidProj>,
-    image_time_embedding: Option<ImageTimeEmbedding>,
+    image_add_embedding: Option<ImageAddEmbedding>,
     time_embed_act: Option<Activation>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
@@ -428,12 +510,12 @@ pub(crate) struct BlockPlan {
     act: Activation,
     post_act: Option<Activation>,
     time_embed_act: Option<Activation>,
-    /// `encoder_hid_proj`: whether it projects image embeddings, its input and output widths.
-    encoder_hid_proj: Option<(bool, i64, i64)>,
+    /// `encoder_hid_proj`: its type, input and output widths.
+    encoder_hid_proj: Option<(HidProjType, i64, i64)>,
     /// SDXL `add_time_proj` width and `add_embedding` input width.
     add_embedding: Option<(i64, i64)>,
-    /// `addition_embed_type="image"`: the image embedding width.
-    image_time_embedding: Option<i64>,
+    /// `addition_embed_type="image"` (false) or `"text_image"` (true) and the embedding width.
+    image_add_embedding: Option<(bool, i64)>,
     groups: i64,
     down_cross: Vec<bool>,
     up_cross: Vec<bool>,
@@ -637,9 +719,14 @@ impl UNet2DConditionConfig {
             .transpose()?;
         let encoder_hid_proj = match (cfg.encoder_hid_dim_type.as_deref(), cfg.encoder_hid_dim) {
             (None, None) => None,
-            (t @ (None | Some("text_proj") | Some("image_proj")), Some(d)) => {
+            (t @ (None | Some("text_proj" | "text_image_proj" | "image_proj")), Some(d)) => {
+                let kind = match t {
+                    Some("image_proj") => HidProjType::Image,
+                    Some("text_image_proj") => HidProjType::TextImage,
+                    _ => HidProjType::Text,
+                };
                 match cfg.cross_attention_dim {
-                    PerBlock::One(ca) => Some((t == Some("image_proj"), d, ca)),
+                    PerBlock::One(ca) => Some((kind, d, ca)),
                     PerBlock::Many(_) => {
                         return unsupported(
                             "cross_attention_dim",
@@ -655,19 +742,28 @@ impl UNet2DConditionConfig {
             }
             (Some(t), Some(_)) => return unsupported("encoder_hid_dim_type", &t),
         };
-        let image_time_embedding = match cfg.addition_embed_type.as_deref() {
+        let image_add_embedding = match cfg.addition_embed_type.as_deref() {
             Some("image") => match cfg.encoder_hid_dim {
-                Some(d) => Some(d),
+                Some(d) => Some((false, d)),
                 None => {
                     return cerr(
                         "encoder_hid_dim: required for addition_embed_type \"image\"".into(),
                     )
                 }
             },
+            Some("text_image") => match cfg.cross_attention_dim {
+                PerBlock::One(ca) => Some((true, ca)),
+                PerBlock::Many(_) => {
+                    return unsupported(
+                        "cross_attention_dim",
+                        &"a per-block list with addition_embed_type \"text_image\"",
+                    )
+                }
+            },
             _ => None,
         };
         let add_embedding = match cfg.addition_embed_type.as_deref() {
-            None | Some("image") => None,
+            None | Some("image" | "text_image") => None,
             Some("text_time") => {
                 let (Some(dim), Some(input_dim)) = (
                     cfg.addition_time_embed_dim,
@@ -690,7 +786,7 @@ impl UNet2DConditionConfig {
             time_embed_act,
             encoder_hid_proj,
             add_embedding,
-            image_time_embedding,
+            image_add_embedding,
             groups,
             down_cross,
             up_cross,
@@ -723,7 +819,7 @@ impl DownPath {
             cfg.time_cond_proj_dim,
         );
         let context_dim = match (cfg.encoder_hid_dim, &cfg.cross_attention_dim) {
-            _ if matches!(plan.encoder_hid_proj, Some((true, _, _))) => None,
+            _ if matches!(plan.encoder_hid_proj, Some((HidProjType::Image, _, _))) => None,
             (Some(d), _) => Some(d),
             (None, PerBlock::One(d)) => Some(*d),
             (None, PerBlock::Many(v)) => v.first().copied().filter(|f| v.iter().all(|x| x == f)),
@@ -1015,17 +1111,24 @@ impl UNet2DConditionModel {
         let n = cfg.down_block_types.len();
         let b0 = cfg.block_out_channels[0];
         let time_embed_dim = cfg.time_embedding_dim.unwrap_or(b0 * 4);
-        let encoder_hid_proj = plan.encoder_hid_proj.map(|(image, d, ca)| {
+        let encoder_hid_proj = plan.encoder_hid_proj.map(|(kind, d, ca)| {
             let vs = vs / "encoder_hid_proj";
-            if image {
-                EncoderHidProj::Image(ImageProjection::new(&vs, d, ca))
-            } else {
-                EncoderHidProj::Text(weights::linear(vs, d, ca, true))
+            match kind {
+                HidProjType::Image => EncoderHidProj::Image(ImageProjection::new(&vs, d, ca)),
+                HidProjType::TextImage => {
+                    EncoderHidProj::TextImage(TextImageProjection::new(&vs, d, ca))
+                }
+                HidProjType::Text => EncoderHidProj::Text(weights::linear(vs, d, ca, true)),
             }
         });
-        let image_time_embedding = plan
-            .image_time_embedding
-            .map(|d| ImageTimeEmbedding::new(&(vs / "add_embedding"), d, time_embed_dim));
+        let image_add_embedding = plan.image_add_embedding.map(|(text, d)| {
+            let vs = vs / "add_embedding";
+            if text {
+                ImageAddEmbedding::TextImage(TextImageTimeEmbedding::new(&vs, d, time_embed_dim))
+            } else {
+                ImageAddEmbedding::Image(ImageTimeEmbedding::new(&vs, d, time_embed_dim))
+            }
+        });
         let resnet = plan.resnet_settings(cfg);
 
         // Up path: per-block lists reversed.
@@ -1067,7 +1170,7 @@ impl UNet2DConditionModel {
         Ok(Self {
             down,
             encoder_hid_proj,
-            image_time_embedding,
+            image_add_embedding,
             time_embed_act: plan.time_embed_act,
             up_blocks,
             conv_norm_out,
@@ -1151,10 +1254,9 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let extra = UNetExtraInputs {
             added,
-            image_embeds: None,
-            timestep_cond: None,
             down_block_additional_residuals,
             mid_block_additional_residual,
+            ..Default::default()
         };
         self.forward_with(sample, timestep, Some(encoder_hidden_states), &extra)
     }
@@ -1205,21 +1307,39 @@ impl UNet2DConditionModel {
             extra.timestep_cond,
         )?;
         let batch = sample.size()[0];
-        if image_proj || self.image_time_embedding.is_some() {
-            let want = self.config.encoder_hid_dim.unwrap_or_default();
-            match extra.image_embeds.map(Tensor::size) {
-                Some(i) if i.len() == 2 && i[0] == batch && i[1] == want => {}
-                Some(i) => {
-                    return ierr(format!(
-                        "image_embeds: shape {i:?}, expected [{batch}, {want}]"
-                    ))
-                }
-                None => {
-                    return ierr(
-                        "image_embeds: this UNet (addition_embed_type \"image\" / encoder_hid_dim_type \"image_proj\") needs them".into(),
-                    )
-                }
-            }
+        let text_image = matches!(
+            self.image_add_embedding,
+            Some(ImageAddEmbedding::TextImage(_))
+        ) || matches!(self.encoder_hid_proj, Some(EncoderHidProj::TextImage(_)));
+        // Kandinsky 2.1's embeddings have the cross-attention width, 2.2's `encoder_hid_dim`.
+        let embed_dim = match &self.config.cross_attention_dim {
+            PerBlock::One(ca) if text_image => *ca,
+            _ => self.config.encoder_hid_dim.unwrap_or_default(),
+        };
+        let check_embeds =
+            |name: &str, given: Option<&Tensor>, needed_by: &str| match given.map(Tensor::size) {
+                Some(i) if i.len() == 2 && i[0] == batch && i[1] == embed_dim => Ok(()),
+                Some(i) => ierr(format!(
+                    "{name}: shape {i:?}, expected [{batch}, {embed_dim}]"
+                )),
+                None => ierr(format!("{name}: this UNet ({needed_by}) needs them")),
+            };
+        if image_proj || text_image || self.image_add_embedding.is_some() {
+            check_embeds(
+                "image_embeds",
+                extra.image_embeds,
+                "addition_embed_type \"image\"/\"text_image\" or encoder_hid_dim_type \"image_proj\"/\"text_image_proj\"",
+            )?;
+        }
+        if matches!(
+            self.image_add_embedding,
+            Some(ImageAddEmbedding::TextImage(_))
+        ) {
+            check_embeds(
+                "text_embeds",
+                extra.text_embeds,
+                "addition_embed_type \"text_image\"",
+            )?;
         }
         if encoder_hidden_states.is_none() && !image_proj {
             return ierr("encoder_hidden_states: required by this UNet".into());
@@ -1273,9 +1393,15 @@ impl UNet2DConditionModel {
         let mut emb = self
             .down
             .embed(timestep, batch, extra.added, extra.timestep_cond);
-        if let (Some(image_time), Some(image_embeds)) = (&self.image_time_embedding, &image_embeds)
-        {
-            emb += image_time.forward(image_embeds);
+        match (&self.image_add_embedding, &image_embeds, extra.text_embeds) {
+            (Some(ImageAddEmbedding::Image(add)), Some(image_embeds), _) => {
+                emb += add.forward(image_embeds);
+            }
+            (Some(ImageAddEmbedding::TextImage(add)), Some(image_embeds), Some(text_embeds)) => {
+                emb += add.forward(&self.down.to_model(text_embeds), image_embeds);
+            }
+            (None, _, _) => {}
+            _ => return Err(Error::Input("image_embeds, text_embeds: required".into())),
         }
         if let Some(act) = self.time_embed_act {
             emb = act.forward(&emb);
@@ -1283,6 +1409,10 @@ impl UNet2DConditionModel {
         let encoder_hidden_states = match (&self.encoder_hid_proj, encoder_hidden_states) {
             (Some(EncoderHidProj::Image(proj)), _) => match &image_embeds {
                 Some(image_embeds) => proj.forward(image_embeds),
+                None => return Err(Error::Input("image_embeds: required".into())),
+            },
+            (Some(EncoderHidProj::TextImage(proj)), Some(e)) => match &image_embeds {
+                Some(image_embeds) => proj.forward(&e, image_embeds),
                 None => return Err(Error::Input("image_embeds: required".into())),
             },
             (Some(EncoderHidProj::Text(proj)), Some(e)) => proj.forward(&e),

@@ -1,7 +1,8 @@
-//! Kandinsky 2.2's model classes against diffusers 0.42 / transformers 5.24 goldens from
-//! `scripts/fixtures/kandinsky.py` (`component_goldens`), on the fixture checkpoints' weights:
+//! Kandinsky's model classes against diffusers 0.42 / transformers 5.24 goldens on the fixture
+//! checkpoints' weights: 2.2's (`scripts/fixtures/kandinsky.py`, `component_goldens`)
 //! PriorTransformer (masked), CLIPVisionModelWithProjection, VQModel (MoVQ, spatial norm) and the
-//! image-conditioned UNet2DConditionModel.
+//! image-conditioned UNet2DConditionModel; 2.1's (`kandinsky21.py`) MultilingualCLIP and the
+//! text_image UNet.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use autopipe_models::clip::CLIPVisionModelWithProjection;
 use autopipe_models::prior_transformer::PriorTransformer;
 use autopipe_models::unet::{UNet2DConditionModel, UNetExtraInputs};
 use autopipe_models::vq_model::VQModel;
+use autopipe_models::xlm_roberta::MultilingualCLIP;
 use tch::{Device, Kind, Tensor};
 
 fn fixtures() -> PathBuf {
@@ -147,4 +149,88 @@ fn image_conditioned_unet_matches_diffusers() {
         missing.unwrap_err().to_string().contains("image_embeds"),
         "an image_proj UNet without image_embeds must say so"
     );
+}
+
+/// Kandinsky 2.1's goldens (`scripts/fixtures/kandinsky21.py`, `component_goldens`).
+fn golden21() -> HashMap<String, Tensor> {
+    let path = fixtures().join("components/kandinsky21_golden.safetensors");
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn multilingual_clip_matches_diffusers() {
+    tch::set_num_threads(1);
+    let g = golden21();
+    let model = MultilingualCLIP::load(
+        &checkpoint("kandinsky21-decoder/text_encoder"),
+        None,
+        Kind::Float,
+        Device::Cpu,
+    )
+    .unwrap();
+    let out = model
+        .forward(&g["mclip.input_ids"], &g["mclip.attention_mask"])
+        .unwrap();
+    assert_close(
+        "mclip text_embeds",
+        &out.text_embeds,
+        &g["mclip.text_embeds"],
+        1e-4,
+    );
+    assert_close(
+        "mclip last_hidden_state",
+        &out.last_hidden_state,
+        &g["mclip.last_hidden_state"],
+        1e-4,
+    );
+    let short = g["mclip.attention_mask"].narrow(1, 0, 10);
+    let err = model
+        .forward(&g["mclip.input_ids"], &short)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("attention_mask: shape"), "{err}");
+}
+
+#[test]
+fn text_image_unet_matches_diffusers() {
+    tch::set_num_threads(1);
+    let g = golden21();
+    let unet = UNet2DConditionModel::load(
+        &checkpoint("kandinsky21-decoder/unet"),
+        None,
+        Kind::Float,
+        Device::Cpu,
+    )
+    .unwrap();
+    let extra = UNetExtraInputs {
+        image_embeds: Some(&g["unet.image_embeds"]),
+        text_embeds: Some(&g["unet.text_embeds"]),
+        ..Default::default()
+    };
+    let out = unet
+        .forward_with(
+            &g["unet.sample"],
+            &g["unet.timestep"],
+            Some(&g["unet.encoder_hidden_states"]),
+            &extra,
+        )
+        .unwrap();
+    assert_close("unet (text_image)", &out, &g["unet.out"], 1e-4);
+    let without_text = UNetExtraInputs {
+        image_embeds: Some(&g["unet.image_embeds"]),
+        ..Default::default()
+    };
+    let err = unet
+        .forward_with(
+            &g["unet.sample"],
+            &g["unet.timestep"],
+            Some(&g["unet.encoder_hidden_states"]),
+            &without_text,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("text_embeds"), "{err}");
 }

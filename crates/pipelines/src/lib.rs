@@ -352,7 +352,8 @@ pub fn registry(family: Family) -> Option<&'static dyn Pipeline> {
         &families::stable_diffusion::StableDiffusion { controlnet: true },
         &families::sdxl::StableDiffusionXL { controlnet: false },
         &families::sdxl::StableDiffusionXL { controlnet: true },
-        &families::kandinsky::Kandinsky22,
+        &families::kandinsky::Kandinsky::V21,
+        &families::kandinsky::Kandinsky::V22,
     ];
     PIPELINES.iter().copied().find(|p| p.family() == family)
 }

@@ -331,6 +331,11 @@ fn kandinsky22_matches_diffusers() {
     run_cases_file("kandinsky_cases.json");
 }
 
+#[test]
+fn kandinsky21_matches_diffusers() {
+    run_cases_file("kandinsky21_cases.json");
+}
+
 /// diffusers fails deep in the UNet (a conv shape error) when a 4-channel Kandinsky decoder is asked
 /// to inpaint; autopipe refuses the request up front, naming the model.
 #[test]
@@ -374,6 +379,7 @@ fn every_family_autopipe_resolves_to_is_registered_or_unimplemented() {
         Family::StableDiffusionXL,
         Family::StableDiffusionControlNet,
         Family::StableDiffusionXLControlNet,
+        Family::Kandinsky21,
         Family::Kandinsky22,
     ] {
         let p = autopipe_pipelines::registry(family).expect("registered");

@@ -1,4 +1,5 @@
-//! autopipe-tokenizer: the CLIP tokenizer exactly as Stable Diffusion pipelines call it.
+//! autopipe-tokenizer: the CLIP tokenizer exactly as Stable Diffusion pipelines call it, and the
+//! other tokenizers-backed transformers tokenizers (`PretrainedTokenizer`, `pretrained.rs`).
 //!
 //! Follows transformers 5.24 `models/clip/tokenization_clip.py` (`CLIPTokenizer`, a `tokenizers` backend:
 //! NFC + `\s+`→" " + lowercase, CLIP's split regex + byte-level, BPE with "</w>", BOS/EOS post-processor),
@@ -8,6 +9,7 @@
 //! No ftfy or HTML unescaping is involved: transformers 5's CLIPTokenizer has no such step.
 
 mod files;
+mod pretrained;
 mod special;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +31,7 @@ use tokenizers::{
 };
 
 pub use files::{CONFIG_FILE, MERGES_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, VOCAB_FILE};
+pub use pretrained::{PretrainedTokenizer, TokenizerClass};
 
 /// CLIP's pre-tokenizer split pattern (`CLIPTokenizer.__init__`).
 const CLIP_SPLIT_PATTERN: &str =
@@ -83,10 +86,10 @@ fn tk_err(e: tokenizers::Error) -> Error {
     Error::Tokenizers(e.to_string())
 }
 
-/// One prompt tokenized as diffusers tokenizes it.
+/// One prompt tokenized as diffusers tokenizes it (CLIP or a [`PretrainedTokenizer`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Encoded {
-    /// BOS, tokens, EOS, padding: exactly `model_max_length` ids.
+    /// BOS, tokens, EOS, padding: exactly `model_max_length` (or the requested max_length) ids.
     pub input_ids: Vec<i64>,
     /// 1 for BOS, tokens and EOS, 0 for padding (`attention_mask`).
     pub attention_mask: Vec<i64>,
@@ -145,6 +148,7 @@ impl ClipTokenizer {
             config: (&located.config, &config),
             special_tokens_map: special_map.as_ref().map(|(p, m)| (*p, m)),
             tokenizer_json_added: json_added.as_ref().map(|(p, t)| (*p, t.as_slice())),
+            class_default: special::clip_default,
         })?;
 
         let model_max_length = config_usize(&located.config, &config, "model_max_length")?

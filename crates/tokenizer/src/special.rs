@@ -1,6 +1,6 @@
 //! Special and added tokens, resolved the way transformers 5.24 resolves them when diffusers calls
-//! `CLIPTokenizer.from_pretrained(folder)`: `PreTrainedTokenizerBase.from_pretrained` (tokenizer_config.json,
-//! legacy special_tokens_map.json / tokenizer.json `added_tokens`), `CLIPTokenizer.__init__` defaults and
+//! `CLIPTokenizer.from_pretrained(folder)` (or another tokenizers-backed class): `PreTrainedTokenizerBase.from_pretrained` (tokenizer_config.json,
+//! legacy special_tokens_map.json / tokenizer.json `added_tokens`), the class's `__init__` defaults and
 //! `TokenizersBackend.__init__` (which tokens get added to the backend, with which flags).
 
 use std::path::Path;
@@ -23,7 +23,7 @@ pub(crate) const SPECIAL_TOKEN_KEYS: [&str; 7] = [
 ];
 
 /// `CLIPTokenizer.__init__` defaults for the keys it names.
-fn clip_default(key: &str) -> Option<&'static str> {
+pub(crate) fn clip_default(key: &str) -> Option<&'static str> {
     match key {
         "bos_token" => Some("<|startoftext|>"),
         "eos_token" | "unk_token" | "pad_token" => Some("<|endoftext|>"),
@@ -137,6 +137,8 @@ pub(crate) struct SpecialSources<'a> {
     pub special_tokens_map: Option<(&'a Path, &'a Map<String, Value>)>,
     /// tokenizer.json's `added_tokens`, if a tokenizer.json is present.
     pub tokenizer_json_added: Option<(&'a Path, &'a [Value])>,
+    /// The tokenizer class's `__init__` default for a special-token key.
+    pub class_default: fn(&str) -> Option<&'static str>,
 }
 
 /// Resolves named special tokens and the backend's added tokens as transformers 5.24 does.
@@ -192,13 +194,13 @@ pub(crate) fn resolve(src: &SpecialSources<'_>) -> Result<SpecialTokens> {
     }
     decoder.sort_by_key(|(id, _)| *id);
 
-    // Named special tokens: config value, legacy override, CLIPTokenizer default; then mapped onto the
+    // Named special tokens: config value, legacy override, the class's default; then mapped onto the
     // decoder's AddedToken of the same content (transformers' `added_tokens_map`).
     let mut named = Vec::new();
     for key in SPECIAL_TOKEN_KEYS {
         let mut value = match config.get(key) {
             Some(v) => special_value(config_path, key, v, false)?,
-            None => clip_default(key).map(|s| SpecialValue::Str(s.to_owned())),
+            None => (src.class_default)(key).map(|s| SpecialValue::Str(s.to_owned())),
         };
         if let Some((_, v)) = overrides.iter().find(|(k, _)| k == key) {
             value = v.clone();

@@ -1,9 +1,15 @@
-//! Kandinsky 2.2: diffusers' `KandinskyV22CombinedPipeline`, `KandinskyV22Img2ImgCombinedPipeline`
-//! and `KandinskyV22InpaintCombinedPipeline` (diffusers/pipelines/kandinsky2_2/, 0.42.1): the
-//! prior (`KandinskyV22PriorPipeline`: prompt → CLIP image embeddings) then the decoder
-//! (`KandinskyV22Pipeline` / `Img2Img` / `Inpaint`: image embeddings → MoVQ latents → image).
-//! The prior's components are the checkpoint's `prior_*` slots (a Combined folder, or the prior
-//! connected from the decoder's model card, see `autopipe_repo::Checkpoint::connect`).
+//! Kandinsky 2.1 and 2.2: diffusers' `KandinskyCombinedPipeline`, `KandinskyImg2ImgCombinedPipeline`,
+//! `KandinskyInpaintCombinedPipeline` (diffusers/pipelines/kandinsky/, 0.42.1) and their V22
+//! equivalents (diffusers/pipelines/kandinsky2_2/): the prior (`KandinskyPriorPipeline` /
+//! `KandinskyV22PriorPipeline`, the same computation: prompt → CLIP image embeddings) then the
+//! decoder (image embeddings → MoVQ latents → image). The prior's components are the checkpoint's
+//! `prior_*` slots (a Combined folder, or the prior connected from the decoder's model card, see
+//! `autopipe_repo::Checkpoint::connect`).
+//!
+//! Where 2.1's decoder differs: it also reads the prompt (XLM-R tokenizer + `MultilingualCLIP`;
+//! the Combined pipeline passes it no negative prompt, so its negative text is ""), its UNet adds
+//! `text_image` embeddings, img2img noises the image latents on a fixed linear schedule of its own
+//! (`KandinskyImg2ImgPipeline.add_noise`), and inpainting has no per-step blend.
 
 use crate::steps::components::{Components, PriorConditioning};
 use crate::steps::denoise::{denoise, denoise_with, Conditioning, PriorDenoiser};
@@ -17,12 +23,17 @@ use crate::{
 use autopipe_auto::Family;
 use autopipe_rng::Generator;
 use autopipe_schedulers::Scheduler;
-use autopipe_tokenizer::ClipTokenizer;
+use autopipe_tokenizer::{ClipTokenizer, PretrainedTokenizer};
 use serde_json::Value;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-/// The Kandinsky 2.2 family.
-pub struct Kandinsky22;
+/// The Kandinsky family of one version.
+pub enum Kandinsky {
+    /// Kandinsky 2.1 (`KandinskyCombinedPipeline`, …).
+    V21,
+    /// Kandinsky 2.2 (`KandinskyV22CombinedPipeline`, …).
+    V22,
+}
 
 /// The Combined pipelines' call defaults.
 const STEPS: u32 = 100;
@@ -31,6 +42,8 @@ const SIZE: u32 = 512;
 const IMG2IMG_STRENGTH: f64 = 0.3;
 const PRIOR_STEPS: u32 = 25;
 const PRIOR_GUIDANCE: f64 = 4.0;
+/// `KandinskyPipeline._encode_prompt`'s `max_length`.
+const DECODER_MAX_LENGTH: usize = 77;
 
 /// What a request resolves to before any component runs.
 struct Configured {
@@ -47,6 +60,8 @@ struct Configured {
     embedding_dim: i64,
     /// `image_encoder.config.image_size` (for the zero image).
     image_size: i64,
+    /// 2.1 img2img: the timestep `add_noise` noises the image latents to.
+    latent_timestep: i64,
 }
 
 /// `downscale_height_and_width`: the latent side for a pixel side (rounded up to whole
@@ -77,7 +92,15 @@ fn prior_scheduler(ctx: &Context, steps: u32) -> Result<Box<dyn Scheduler>> {
     Ok(scheduler)
 }
 
-impl Kandinsky22 {
+impl Kandinsky {
+    /// The UNet's `addition_embed_type` for this version.
+    fn addition_embed_type(&self) -> &'static str {
+        match self {
+            Self::V21 => "text_image",
+            Self::V22 => "image",
+        }
+    }
+
     fn configure(&self, ctx: &Context, params: &GenerateParams) -> Result<Configured> {
         let pipeline = ctx.resolution.pipeline;
         let not_an_argument =
@@ -98,10 +121,26 @@ impl Kandinsky22 {
             ));
         }
         let unet = ctx.checkpoint.read_json("unet", "config.json")?;
-        if unet.get("addition_embed_type").and_then(Value::as_str) != Some("image") {
+        let embed_type = self.addition_embed_type();
+        if unet.get("addition_embed_type").and_then(Value::as_str) != Some(embed_type) {
+            let version = match self {
+                Self::V21 => "2.1",
+                Self::V22 => "2.2",
+            };
             return Err(PipelineError::invalid(
                 "model",
-                "a Kandinsky 2.2 unet must have addition_embed_type \"image\"",
+                format!(
+                    "a Kandinsky {version} unet must have addition_embed_type \"{embed_type}\""
+                ),
+            ));
+        }
+        let num_images = params.num_images_per_prompt.unwrap_or(1).max(1) as i64;
+        if matches!(self, Self::V21) && ctx.task == Task::Img2Img && num_images > 1 {
+            // KandinskyImg2ImgCombinedPipeline hands its decoder one image for several embeddings,
+            // whose latents then fail `prepare_latents`' shape check.
+            return Err(PipelineError::invalid(
+                "num_images_per_prompt",
+                format!("{pipeline} makes one image per prompt (diffusers fails on more), got {num_images}"),
             ));
         }
         let space = LatentSpace::read(ctx.checkpoint, "movq")?;
@@ -170,6 +209,8 @@ impl Kandinsky22 {
             _ => Start::Full,
         };
         let timesteps = schedule::select(scheduler.as_mut(), &params, start, None)?;
+        // `int(num_train_timesteps * strength) - 2`, from the original Kandinsky repo.
+        let latent_timestep = (scheduler.config().num_train_timesteps as f64 * strength) as i64 - 2;
         let prior_steps = params.prior_num_inference_steps.unwrap_or(PRIOR_STEPS);
         let prior_scheduler = prior_scheduler(ctx, prior_steps)?;
         let prior = ctx.checkpoint.read_json("prior_prior", "config.json")?;
@@ -179,7 +220,7 @@ impl Kandinsky22 {
         Ok(Configured {
             space,
             size,
-            num_images: params.num_images_per_prompt.unwrap_or(1).max(1) as i64,
+            num_images,
             guidance_scale: params
                 .guidance_scale
                 .map(as_python_float)
@@ -193,6 +234,7 @@ impl Kandinsky22 {
             prior_scheduler,
             embedding_dim: int(&prior, "embedding_dim").unwrap_or(768),
             image_size: int(&image_encoder, "image_size").unwrap_or(224),
+            latent_timestep,
         })
     }
 }
@@ -280,6 +322,67 @@ fn encode_prior_prompt(
     })
 }
 
+/// `KandinskyPipeline._encode_prompt` for the Combined pipeline's decoder call: `prompt` for each
+/// of `n` images (and "" as each negative when guiding) through the XLM-R tokenizer and
+/// `MultilingualCLIP`; (text_embeds, hidden states), each `[negative; positive]` when guiding.
+fn encode_decoder_prompt(
+    components: &Components,
+    tokenizer: &PretrainedTokenizer,
+    prompt: &str,
+    n: i64,
+    guide: bool,
+    warnings: &mut Vec<String>,
+) -> Result<(Tensor, Tensor)> {
+    let texts: &[&str] = if guide { &["", prompt] } else { &[prompt] };
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for text in texts {
+        let enc = tokenizer.encode(text, DECODER_MAX_LENGTH)?;
+        if enc.truncated && *text == prompt {
+            let warning = format!(
+                "The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {}",
+                tokenizer.model_max_length(),
+                enc.removed_text
+            );
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+        }
+        ids.extend(enc.input_ids);
+        mask.extend(enc.attention_mask);
+    }
+    let shape = [texts.len() as i64, DECODER_MAX_LENGTH as i64];
+    let out = components
+        .multilingual_text_encoder("text_encoder")
+        .encode(
+            Tensor::from_slice(&ids).reshape(shape),
+            Tensor::from_slice(&mask).reshape(shape),
+        )?;
+    Ok((
+        per_image(&out.text_embeds, n),
+        per_image(&out.last_hidden_state, n),
+    ))
+}
+
+/// `KandinskyImg2ImgPipeline.add_noise`: noising on the original repo's linear betas
+/// (0.0001 to 0.02 over 1000 steps, float32), whatever the checkpoint's scheduler; a negative
+/// `timestep` counts from the end, as Python indexing does.
+fn add_noise_v21(original: &Tensor, noise: &Tensor, timestep: i64) -> Tensor {
+    let betas = Tensor::linspace(0.0001, 0.02, 1000, (Kind::Float, Device::Cpu));
+    let alphas_cumprod = (betas.neg() + 1.0).cumprod(0, Kind::Float);
+    let index = if timestep < 0 {
+        1000 + timestep
+    } else {
+        timestep
+    };
+    let alpha = alphas_cumprod
+        .get(index)
+        .to_device(original.device())
+        .to_kind(original.kind());
+    let sqrt_alpha = alpha.pow_tensor_scalar(0.5);
+    let sqrt_one_minus_alpha = (alpha.neg() + 1.0).pow_tensor_scalar(0.5);
+    sqrt_alpha * original + sqrt_one_minus_alpha * noise
+}
+
 /// `prepare_mask` of the inpaint decoder: every pixel to repaint (0 in the keep-mask) also
 /// clears its neighbours above, left, above-left, below, right and below-right.
 fn erode_keep_mask(mask: &Tensor) -> Result<Tensor> {
@@ -319,14 +422,20 @@ fn erode_keep_mask(mask: &Tensor) -> Result<Tensor> {
         .to_device(mask.device()))
 }
 
-impl Pipeline for Kandinsky22 {
+impl Pipeline for Kandinsky {
     fn family(&self) -> Family {
-        Family::Kandinsky22
+        match self {
+            Self::V21 => Family::Kandinsky21,
+            Self::V22 => Family::Kandinsky22,
+        }
     }
 
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()> {
         self.configure(ctx, params)?;
         ctx.tokenizers.clip(ctx.checkpoint, "prior_tokenizer")?;
+        if matches!(self, Self::V21) {
+            ctx.tokenizers.pretrained(ctx.checkpoint, "tokenizer")?;
+        }
         Ok(())
     }
 
@@ -348,6 +457,7 @@ impl Pipeline for Kandinsky22 {
             mut prior_scheduler,
             embedding_dim,
             image_size,
+            latent_timestep,
         } = self.configure(ctx, params)?;
         let mut generator = Generator::new(params.seed);
         let mut timings = StageTimings::default();
@@ -413,6 +523,22 @@ impl Pipeline for Kandinsky22 {
         let guide = guidance_scale > 1.0;
         let n = image_embeds.size()[0];
         let at = (image_embeds.kind(), image_embeds.device());
+        let text = match self {
+            Self::V21 => {
+                let tokenizer = ctx.tokenizers.pretrained(ctx.checkpoint, "tokenizer")?;
+                Some(timings.time("encode_prompt", || {
+                    encode_decoder_prompt(
+                        components,
+                        &tokenizer,
+                        &params.prompt,
+                        n,
+                        guide,
+                        &mut warnings,
+                    )
+                })?)
+            }
+            Self::V22 => None,
+        };
         let embeds = if guide {
             Tensor::cat(&[&negative_embeds, &image_embeds], 0)
         } else {
@@ -444,8 +570,17 @@ impl Pipeline for Kandinsky22 {
                     .encode(pixels.to_device(at.1).to_kind(at.0))?
                     .to_kind(at.0);
                 let init = init.repeat([n, 1, 1, 1]);
-                let noise = generator.randn(&init.size(), at.0, at.1);
-                Prepared::plain(scheduler.add_noise(&init, &noise, timesteps[0]))
+                match self {
+                    Self::V21 => {
+                        let init = init * scheduler.init_noise_sigma();
+                        let noise = generator.randn(&init.size(), at.0, at.1);
+                        Prepared::plain(add_noise_v21(&init, &noise, latent_timestep))
+                    }
+                    Self::V22 => {
+                        let noise = generator.randn(&init.size(), at.0, at.1);
+                        Prepared::plain(scheduler.add_noise(&init, &noise, timesteps[0]))
+                    }
+                }
             }
             Task::Inpaint => {
                 let mask_image = params.mask_image.as_ref().ok_or_else(|| {
@@ -483,21 +618,26 @@ impl Pipeline for Kandinsky22 {
                     downscale(width, space.scale_factor),
                 ];
                 let latents = generator.randn(&shape, at.0, at.1) * scheduler.init_noise_sigma();
-                Prepared {
-                    blend: Some(Blend {
+                let blend = match self {
+                    Self::V21 => None,
+                    Self::V22 => Some(Blend {
                         image_latents,
                         noise: latents.shallow_clone(),
                         mask: 1.0 - keep,
                     }),
+                };
+                Prepared {
+                    blend,
                     latents,
                     unet_extra: Some(extra),
                 }
             }
         };
         let cond = Conditioning {
-            encoder_hidden_states: None,
+            encoder_hidden_states: text.as_ref().map(|(_, hidden)| hidden),
             added: None,
             image_embeds: Some(&embeds),
+            text_embeds: text.as_ref().map(|(embeds, _)| embeds),
             guidance_scale,
             controlnets: None,
         };

@@ -102,6 +102,14 @@ impl<'a> Components<'a> {
         }
     }
 
+    /// The `MultilingualCLIP` text encoder (Kandinsky 2.1) leased as `name`.
+    pub fn multilingual_text_encoder(&'a self, name: &'a str) -> MultilingualTextEncoder<'a> {
+        MultilingualTextEncoder {
+            components: self,
+            name,
+        }
+    }
+
     /// The UNet leased as `name`.
     pub fn unet(&'a self, name: &'a str) -> Unet<'a> {
         Unet {
@@ -201,6 +209,41 @@ impl TextEncoder<'_> {
     }
 }
 
+/// What `MultilingualCLIP` returns.
+pub struct MultilingualTextEncoding {
+    /// The projected masked mean of the hidden states, `[B, numDims]`.
+    pub text_embeds: Tensor,
+    pub last_hidden_state: Tensor,
+}
+
+/// `MultilingualCLIP` (Kandinsky 2.1's text encoder).
+pub struct MultilingualTextEncoder<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl MultilingualTextEncoder<'_> {
+    /// Encodes `input_ids` with its `attention_mask` (both [B, T] int64).
+    pub fn encode(
+        &self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+    ) -> Result<MultilingualTextEncoding> {
+        let mut out = self.components.invoke(
+            self.name,
+            "encode",
+            vec![
+                ("input_ids".into(), input_ids),
+                ("attention_mask".into(), attention_mask),
+            ],
+        )?;
+        Ok(MultilingualTextEncoding {
+            text_embeds: out.take("text_embeds")?,
+            last_hidden_state: out.take("last_hidden_state")?,
+        })
+    }
+}
+
 /// SDXL's added conditioning (`added_cond_kwargs`): pooled text embeddings and time ids.
 pub struct AddedConditioning {
     pub text_embeds: Tensor,
@@ -257,7 +300,8 @@ impl Residuals {
 impl Unet<'_> {
     /// One forward pass: the noise (or v) prediction, with ControlNet `residuals` when given.
     /// `encoder_hidden_states` is `None` for an `image_proj` UNet (Kandinsky 2.2), which makes its
-    /// own from `image_embeds`.
+    /// own from `image_embeds`; `text_embeds` is Kandinsky 2.1's pooled text embedding.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         sample: Tensor,
@@ -265,6 +309,7 @@ impl Unet<'_> {
         encoder_hidden_states: Option<&Tensor>,
         added: Option<&AddedConditioning>,
         image_embeds: Option<&Tensor>,
+        text_embeds: Option<&Tensor>,
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
         let mut inputs = vec![
@@ -276,6 +321,9 @@ impl Unet<'_> {
         }
         if let Some(e) = image_embeds {
             inputs.push(("image_embeds".into(), e.shallow_clone()));
+        }
+        if let Some(e) = text_embeds {
+            inputs.push(("text_embeds".into(), e.shallow_clone()));
         }
         if let Some(added) = added {
             inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));

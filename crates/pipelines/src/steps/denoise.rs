@@ -17,8 +17,10 @@ pub struct Conditioning<'a> {
     /// Text conditioning; `None` for a UNet that makes its own from `image_embeds`.
     pub encoder_hidden_states: Option<&'a Tensor>,
     pub added: Option<&'a AddedConditioning>,
-    /// Kandinsky 2.2's `added_cond_kwargs["image_embeds"]`.
+    /// Kandinsky's `added_cond_kwargs["image_embeds"]`.
     pub image_embeds: Option<&'a Tensor>,
+    /// Kandinsky 2.1's `added_cond_kwargs["text_embeds"]` (the pooled text embedding).
+    pub text_embeds: Option<&'a Tensor>,
     /// `guidance_scale`; guidance runs when it is above 1.
     pub guidance_scale: f64,
     /// ControlNets whose residuals the UNet adds (ControlNet pipelines).
@@ -82,6 +84,7 @@ impl Denoiser for UnetDenoiser<'_> {
             self.cond.encoder_hidden_states,
             self.cond.added,
             self.cond.image_embeds,
+            self.cond.text_embeds,
             residuals.as_ref(),
         )
     }

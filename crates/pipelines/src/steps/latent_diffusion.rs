@@ -243,6 +243,7 @@ pub fn run(
         encoder_hidden_states: Some(&embeds.embeds),
         added: added.as_ref(),
         image_embeds: None,
+        text_embeds: None,
         guidance_scale: setup.guidance_scale,
         controlnets: controlnets.as_ref(),
     };

@@ -3,35 +3,62 @@
 
 use crate::{PipelineError, Result};
 use autopipe_repo::Checkpoint;
-use autopipe_tokenizer::ClipTokenizer;
+use autopipe_tokenizer::{ClipTokenizer, PretrainedTokenizer};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Tokenizers by folder.
 #[derive(Default)]
 pub struct TokenizerCache {
     clip: Mutex<HashMap<PathBuf, Arc<ClipTokenizer>>>,
+    pretrained: Mutex<HashMap<PathBuf, Arc<PretrainedTokenizer>>>,
 }
 
 impl TokenizerCache {
     /// The CLIP tokenizer in `checkpoint`'s `component` folder (`tokenizer`, `tokenizer_2`).
     pub fn clip(&self, checkpoint: &Checkpoint, component: &str) -> Result<Arc<ClipTokenizer>> {
-        let dir = checkpoint.component_dir(component)?;
-        if let Some(t) = self.lock().get(&dir) {
-            return Ok(t.clone());
-        }
-        let t = Arc::new(ClipTokenizer::from_folder(&dir).map_err(|e| {
-            PipelineError::Checkpoint(autopipe_repo::Error::Malformed {
-                path: dir.clone(),
-                reason: format!("{component}: {e}"),
-            })
-        })?);
-        self.lock().insert(dir, t.clone());
-        Ok(t)
+        cached(
+            &self.clip,
+            checkpoint,
+            component,
+            ClipTokenizer::from_folder,
+        )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Arc<ClipTokenizer>>> {
-        self.clip.lock().unwrap_or_else(|p| p.into_inner())
+    /// The tokenizers-backed tokenizer (XLM-RoBERTa, …) in `checkpoint`'s `component` folder.
+    pub fn pretrained(
+        &self,
+        checkpoint: &Checkpoint,
+        component: &str,
+    ) -> Result<Arc<PretrainedTokenizer>> {
+        cached(
+            &self.pretrained,
+            checkpoint,
+            component,
+            PretrainedTokenizer::from_folder,
+        )
     }
+}
+
+/// The tokenizer of `component`'s folder from `cache`, loaded by `load` on first use.
+fn cached<T>(
+    cache: &Mutex<HashMap<PathBuf, Arc<T>>>,
+    checkpoint: &Checkpoint,
+    component: &str,
+    load: fn(&Path) -> autopipe_tokenizer::Result<T>,
+) -> Result<Arc<T>> {
+    let lock = || cache.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = checkpoint.component_dir(component)?;
+    if let Some(t) = lock().get(&dir) {
+        return Ok(t.clone());
+    }
+    let t = Arc::new(load(&dir).map_err(|e| {
+        PipelineError::Checkpoint(autopipe_repo::Error::Malformed {
+            path: dir.clone(),
+            reason: format!("{component}: {e}"),
+        })
+    })?);
+    lock().insert(dir, t.clone());
+    Ok(t)
 }

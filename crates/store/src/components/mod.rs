@@ -11,6 +11,7 @@ mod autoencoder_kl;
 mod clip_text;
 mod clip_vision;
 mod controlnet;
+mod multilingual_clip;
 mod prior_transformer;
 mod unet;
 mod vq_model;
@@ -31,6 +32,7 @@ const CLASSES: &[Class] = &[
     Class::of::<clip_vision::CLIPVisionModelWithProjection>(),
     Class::of::<prior_transformer::PriorTransformer>(),
     Class::of::<vq_model::VQModel>(),
+    Class::of::<multilingual_clip::MultilingualCLIP>(),
 ];
 
 /// A component class the store loads: what `model_index.json` calls it, how it loads, and what
@@ -362,7 +364,7 @@ mod tests {
         assert_eq!(
             supported(),
             "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, ControlNetModel, \
-             AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel"
+             AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel, MultilingualCLIP"
         );
         let names: HashSet<&str> = CLASSES.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), CLASSES.len());

@@ -1,6 +1,7 @@
 //! diffusers' UNet2DConditionModel (`models/unets/unet_2d_condition.py`): `forward` takes `sample`,
 //! `timestep` (a scalar or [batch]), `encoder_hidden_states` (not for an `image_proj` UNet), for
-//! SDXL `text_embeds` with `time_ids`, for Kandinsky 2.2 `image_embeds`, and with a ControlNet its
+//! SDXL `text_embeds` with `time_ids`, for Kandinsky 2.2 `image_embeds`, for Kandinsky 2.1
+//! `image_embeds` with `text_embeds`, and with a ControlNet its
 //! residuals `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; it returns
 //! the predicted `sample`.
 
@@ -12,7 +13,7 @@ use std::path::Path;
 use tch::Tensor;
 use tch::{Device, Kind};
 
-/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL and the Kandinsky 2.2 decoder.
+/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL and the Kandinsky decoders.
 pub(super) struct UNet2DConditionModel(unet::UNet2DConditionModel);
 
 // SAFETY: methods only read the model (see `ComponentClass`).
@@ -53,7 +54,20 @@ impl ComponentClass for UNet2DConditionModel {
                 ));
             }
             let timestep = timestep.to_device(device);
-            let added = added_conditioning(inputs, kind, device)?;
+            // A text_image UNet (Kandinsky 2.1) takes `text_embeds` alone: the pooled text
+            // embedding; others only with SDXL's `time_ids`.
+            let text_image = m.0.config().addition_embed_type.as_deref() == Some("text_image");
+            let (added, text_embeds) = match inputs.optional("text_embeds") {
+                Some(_) if text_image => (
+                    None,
+                    Some(float_input(
+                        inputs.with_rank("text_embeds", 2)?,
+                        kind,
+                        device,
+                    )),
+                ),
+                _ => (added_conditioning(inputs, kind, device)?, None),
+            };
             let down: Vec<Tensor> = (0..MAX_RESIDUALS)
                 .map_while(|i| inputs.optional(&format!("down_block_additional_residuals.{i}")))
                 .map(|t| float_input(t, kind, device))
@@ -73,6 +87,7 @@ impl ComponentClass for UNet2DConditionModel {
                 down_block_additional_residuals: mid.is_some().then_some(down.as_slice()),
                 mid_block_additional_residual: mid.as_ref(),
                 image_embeds: image_embeds.as_ref(),
+                text_embeds: text_embeds.as_ref(),
             };
             let out =
                 m.0.forward_with(
