@@ -1,7 +1,8 @@
 //! diffusers' UNet2DConditionModel (`models/unets/unet_2d_condition.py`): `forward` takes `sample`,
 //! `timestep` (a scalar or [batch]), `encoder_hidden_states` (not for an `image_proj` UNet), for
 //! SDXL `text_embeds` with `time_ids`, for Kandinsky 2.2 `image_embeds`, for Kandinsky 2.1
-//! `image_embeds` with `text_embeds`, and with a ControlNet its
+//! `image_embeds` with `text_embeds`, for DeepFloyd IF stage II `class_labels` (the noise level,
+//! [batch]), and with a ControlNet its
 //! residuals `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; it returns
 //! the predicted `sample`.
 
@@ -13,7 +14,8 @@ use std::path::Path;
 use tch::Tensor;
 use tch::{Device, Kind};
 
-/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL and the Kandinsky decoders.
+/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL, the Kandinsky decoders and both
+/// DeepFloyd IF stages.
 pub(super) struct UNet2DConditionModel(unet::UNet2DConditionModel);
 
 // SAFETY: methods only read the model (see `ComponentClass`).
@@ -68,6 +70,10 @@ impl ComponentClass for UNet2DConditionModel {
                 ),
                 _ => (added_conditioning(inputs, kind, device)?, None),
             };
+            let class_labels = match inputs.optional("class_labels") {
+                Some(_) => Some(inputs.with_rank("class_labels", 1)?.to_device(device)),
+                None => None,
+            };
             let down: Vec<Tensor> = (0..MAX_RESIDUALS)
                 .map_while(|i| inputs.optional(&format!("down_block_additional_residuals.{i}")))
                 .map(|t| float_input(t, kind, device))
@@ -84,6 +90,7 @@ impl ComponentClass for UNet2DConditionModel {
             let extra = unet::UNetExtraInputs {
                 added: added.as_ref(),
                 timestep_cond: None,
+                class_labels: class_labels.as_ref(),
                 down_block_additional_residuals: mid.is_some().then_some(down.as_slice()),
                 mid_block_additional_residual: mid.as_ref(),
                 image_embeds: image_embeds.as_ref(),
