@@ -2,7 +2,8 @@
 //! and `StableDiffusionInpaintPipeline` (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion*.py),
 //! and with ControlNet conditioning ([`crate::steps::controlnet`]) `StableDiffusionControlNetPipeline`,
 //! `…ControlNetImg2ImgPipeline` and `…ControlNetInpaintPipeline`
-//! (diffusers/pipelines/controlnet/pipeline_controlnet{,_img2img,_inpaint}.py).
+//! (diffusers/pipelines/controlnet/pipeline_controlnet{,_img2img,_inpaint}.py). All six run the
+//! checkpoint's safety checker on their decoded images ([`crate::steps::safety_checker`]).
 
 use crate::steps::components::Components;
 use crate::steps::controlnet;
