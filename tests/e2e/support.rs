@@ -192,6 +192,7 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         "controlnet_cases.json",
         "kandinsky_cases.json",
         "kandinsky21_cases.json",
+        "safety_cases.json",
     ]
     .iter()
     .flat_map(|file| {

@@ -659,6 +659,7 @@ impl Pipeline for Kandinsky {
                 images: Vec::new(),
                 images_f32: None,
                 latents: Some(latents),
+                nsfw_content_detected: None,
                 timings,
                 warnings,
             });
@@ -669,6 +670,7 @@ impl Pipeline for Kandinsky {
             images,
             images_f32: Some(images_f32),
             latents: None,
+            nsfw_content_detected: None,
             timings,
             warnings,
         })

@@ -13,6 +13,7 @@ mod clip_vision;
 mod controlnet;
 mod multilingual_clip;
 mod prior_transformer;
+mod safety_checker;
 mod t5;
 mod unet;
 mod vq_model;
@@ -34,6 +35,7 @@ const CLASSES: &[Class] = &[
     Class::of::<prior_transformer::PriorTransformer>(),
     Class::of::<vq_model::VQModel>(),
     Class::of::<t5::T5EncoderModel>(),
+    Class::of::<safety_checker::StableDiffusionSafetyChecker>(),
     Class::of::<multilingual_clip::MultilingualCLIP>(),
 ];
 
@@ -367,7 +369,7 @@ mod tests {
             supported(),
             "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, ControlNetModel, \
              AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel, T5EncoderModel, \
-             MultilingualCLIP"
+             StableDiffusionSafetyChecker, MultilingualCLIP"
         );
         let names: HashSet<&str> = CLASSES.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), CLASSES.len());
