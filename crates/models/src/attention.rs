@@ -1,7 +1,8 @@
 //! Attention and transformer blocks of the diffusers UNet, following diffusers
 //! `models/attention_processor.py` (`Attention` with `AttnProcessor2_0`), `models/attention.py`
 //! (`BasicTransformerBlock`, `FeedForward`), `models/activations.py` (`GEGLU`) and
-//! `models/transformers/transformer_2d.py` (`Transformer2DModel`, continuous input).
+//! `models/transformers/transformer_2d.py` (`Transformer2DModel`, continuous input); the added-KV
+//! attention of the `SimpleCrossAttn` blocks follows `AttnAddedKVProcessor2_0`.
 
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -91,6 +92,114 @@ impl Attention {
             .transpose(1, 2)
             .reshape([batch, -1, self.heads * head_dim]);
         self.to_out.forward(&out)
+    }
+}
+
+/// diffusers' `Attention` with `added_kv_proj_dim` run by `AttnAddedKVProcessor2_0` (the
+/// `SimpleCrossAttn` blocks of DeepFloyd IF and unCLIP UNets): group-normed pixels attend to the
+/// projected text tokens (`add_k_proj`/`add_v_proj`) followed, unless `only_cross_attention`, by
+/// themselves; the output is added back onto the `[batch, channels, height, width]` input.
+#[derive(Debug)]
+pub struct AddedKvAttention {
+    group_norm: nn::GroupNorm,
+    norm_cross: Option<nn::GroupNorm>,
+    to_q: nn::Linear,
+    /// `to_k`, `to_v`: absent with `only_cross_attention`.
+    self_kv: Option<(nn::Linear, nn::Linear)>,
+    add_k_proj: nn::Linear,
+    add_v_proj: nn::Linear,
+    to_out: nn::Linear,
+    heads: i64,
+}
+
+/// Construction parameters of an [`AddedKvAttention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AddedKvAttentionConfig {
+    /// Channels of the feature map (`query_dim`).
+    pub query_dim: i64,
+    /// Attention heads.
+    pub heads: i64,
+    /// Width of each head.
+    pub dim_head: i64,
+    /// Feature width of `encoder_hidden_states` (`added_kv_proj_dim`).
+    pub added_kv_proj_dim: i64,
+    /// Groups of the input `group_norm` (eps 1e-5).
+    pub norm_num_groups: i64,
+    /// Keys and values come from the text tokens only.
+    pub only_cross_attention: bool,
+    /// `cross_attention_norm="group_norm"`: 32-group norm of the text tokens.
+    pub group_norm_cross: bool,
+}
+
+impl AddedKvAttention {
+    /// Builds the attention under `vs` (`group_norm`, `norm_cross`, `to_q`, `to_k`, `to_v`,
+    /// `add_k_proj`, `add_v_proj`, `to_out.0`; every projection with a bias).
+    pub fn new(vs: &nn::Path, cfg: &AddedKvAttentionConfig) -> Self {
+        let inner_dim = cfg.heads * cfg.dim_head;
+        let dim = cfg.query_dim;
+        let added = cfg.added_kv_proj_dim;
+        Self {
+            group_norm: group_norm(vs / "group_norm", cfg.norm_num_groups, dim, 1e-5),
+            norm_cross: cfg
+                .group_norm_cross
+                .then(|| group_norm(vs / "norm_cross", 32, added, 1e-5)),
+            to_q: linear(vs / "to_q", dim, inner_dim, true),
+            self_kv: (!cfg.only_cross_attention).then(|| {
+                (
+                    linear(vs / "to_k", dim, inner_dim, true),
+                    linear(vs / "to_v", dim, inner_dim, true),
+                )
+            }),
+            add_k_proj: linear(vs / "add_k_proj", added, inner_dim, true),
+            add_v_proj: linear(vs / "add_v_proj", added, inner_dim, true),
+            to_out: linear(vs / "to_out" / "0", inner_dim, dim, true),
+            heads: cfg.heads,
+        }
+    }
+
+    /// Runs on `xs` (`[batch, channels, height, width]`) attending to `encoder_hidden_states`
+    /// (`[batch, tokens, added_kv_proj_dim]`); returns the same shape as `xs`.
+    pub fn forward(&self, xs: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+        let size = xs.size();
+        let (batch, channels) = (size[0], size[1]);
+        let context = match &self.norm_cross {
+            // GroupNorm over the feature dimension: tokens as the spatial axis.
+            Some(norm) => norm
+                .forward(&encoder_hidden_states.transpose(1, 2))
+                .transpose(1, 2),
+            None => encoder_hidden_states.shallow_clone(),
+        };
+        let hs = self
+            .group_norm
+            .forward(&xs.reshape([batch, channels, -1]))
+            .transpose(1, 2);
+        let split = |t: Tensor| {
+            let inner = t.size()[2];
+            t.reshape([batch, -1, self.heads, inner / self.heads])
+                .transpose(1, 2)
+        };
+        let query = split(self.to_q.forward(&hs));
+        let mut key = split(self.add_k_proj.forward(&context));
+        let mut value = split(self.add_v_proj.forward(&context));
+        if let Some((to_k, to_v)) = &self.self_kv {
+            key = Tensor::cat(&[key, split(to_k.forward(&hs))], 2);
+            value = Tensor::cat(&[value, split(to_v.forward(&hs))], 2);
+        }
+        let out = Tensor::scaled_dot_product_attention(
+            &query,
+            &key,
+            &value,
+            None::<&Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        let inner = out.size()[1] * out.size()[3];
+        let out = self
+            .to_out
+            .forward(&out.transpose(1, 2).reshape([batch, -1, inner]));
+        out.transpose(1, 2).reshape(size.as_slice()) + xs
     }
 }
 

@@ -296,8 +296,14 @@ impl ControlNetModel {
         added: Option<&SdxlConditioning>,
         guess_mode: bool,
     ) -> Result<ControlNetOutput> {
-        self.down
-            .check_inputs(sample, timestep, Some(encoder_hidden_states), added, None)?;
+        self.down.check_inputs(
+            sample,
+            timestep,
+            Some(encoder_hidden_states),
+            added,
+            None,
+            None,
+        )?;
         let (s, c) = (sample.size(), controlnet_cond.size());
         let f = self.cond_embedding.factor();
         let want = [s[0], self.config.conditioning_channels, s[2] * f, s[3] * f];
@@ -348,7 +354,7 @@ impl ControlNetModel {
         }
 
         // 1. time
-        let emb = self.down.embed(timestep, batch, added, None);
+        let emb = self.down.embed(timestep, batch, added, None, None);
         // 2. pre-process: the control image's features join after conv_in.
         let xs = self.down.conv_in(&sample) + self.cond_embedding.forward(&cond);
         // 3. down, 4. mid

@@ -1,10 +1,11 @@
 //! Timestep embeddings, following diffusers `models/embeddings.py` (`get_timestep_embedding`,
-//! `Timesteps`, `TimestepEmbedding`) and the activations of `models/activations.py`.
+//! `Timesteps`, `TimestepEmbedding`, `TextTimeEmbedding`, `AttentionPooling`) and the activations of
+//! `models/activations.py`.
 
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::weights::linear;
+use crate::weights::{layer_norm, linear};
 use crate::{Error, Result};
 
 /// An activation named as diffusers' `get_activation` names it.
@@ -160,5 +161,83 @@ impl TimestepEmbedding {
             Some(a) => a.forward(&xs),
             None => xs,
         }
+    }
+}
+
+/// diffusers' `AttentionPooling` (from DeepFloyd IF): one query, the mean token plus a learned
+/// position, attends over itself and the tokens; returns `[batch, dim]`.
+#[derive(Debug)]
+struct AttentionPooling {
+    positional_embedding: Tensor,
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    num_heads: i64,
+}
+
+impl AttentionPooling {
+    fn new(vs: &nn::Path, num_heads: i64, dim: i64) -> Self {
+        Self {
+            positional_embedding: vs.var("positional_embedding", &[1, dim], nn::Init::Const(0.0)),
+            q_proj: linear(vs / "q_proj", dim, dim, true),
+            k_proj: linear(vs / "k_proj", dim, dim, true),
+            v_proj: linear(vs / "v_proj", dim, dim, true),
+            num_heads,
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let size = xs.size();
+        let (batch, dim) = (size[0], size[2]);
+        let per_head = dim / self.num_heads;
+        // [batch, len, dim] -> [batch * heads, per_head, len], as diffusers' `shape`.
+        let shape = |t: Tensor| {
+            t.reshape([batch, -1, self.num_heads, per_head])
+                .transpose(1, 2)
+                .reshape([batch * self.num_heads, -1, per_head])
+                .transpose(1, 2)
+        };
+        let class_token = xs.mean_dim(1, true, None) + self.positional_embedding.to_kind(xs.kind());
+        let xs = Tensor::cat(&[&class_token, xs], 1);
+        let q = shape(self.q_proj.forward(&class_token));
+        let k = shape(self.k_proj.forward(&xs));
+        let v = shape(self.v_proj.forward(&xs));
+        // Scaling both sides is more stable in half precision than scaling the product.
+        let scale = 1.0 / (per_head as f64).sqrt().sqrt();
+        let weight = Tensor::einsum("bct,bcs->bts", &[q * scale, k * scale], None::<i64>);
+        let weight = weight
+            .to_kind(Kind::Float)
+            .softmax(-1, Kind::Float)
+            .to_kind(weight.kind());
+        let a = Tensor::einsum("bts,bcs->bct", &[weight, v], None::<i64>);
+        a.reshape([batch, -1, 1]).transpose(1, 2).select(1, 0)
+    }
+}
+
+/// diffusers' `TextTimeEmbedding` (`addition_embed_type="text"`): layer norm, attention pooling
+/// of the text tokens, projection to the time-embedding width, layer norm.
+#[derive(Debug)]
+pub struct TextTimeEmbedding {
+    norm1: nn::LayerNorm,
+    pool: AttentionPooling,
+    proj: nn::Linear,
+    norm2: nn::LayerNorm,
+}
+
+impl TextTimeEmbedding {
+    /// Builds the embedding under `vs` from `encoder_dim`-wide tokens to `time_embed_dim`.
+    pub fn new(vs: &nn::Path, encoder_dim: i64, time_embed_dim: i64, num_heads: i64) -> Self {
+        Self {
+            norm1: layer_norm(vs / "norm1", encoder_dim, 1e-5),
+            pool: AttentionPooling::new(&(vs / "pool"), num_heads, encoder_dim),
+            proj: linear(vs / "proj", encoder_dim, time_embed_dim, true),
+            norm2: layer_norm(vs / "norm2", time_embed_dim, 1e-5),
+        }
+    }
+
+    /// Embeds `[batch, tokens, encoder_dim]` text states as `[batch, time_embed_dim]`.
+    pub fn forward(&self, hidden_states: &Tensor) -> Tensor {
+        let xs = self.pool.forward(&self.norm1.forward(hidden_states));
+        self.norm2.forward(&self.proj.forward(&xs))
     }
 }

@@ -5,7 +5,27 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use crate::embeddings::Activation;
 use crate::weights;
+
+/// How a [`ResnetBlock2D`] applies the timestep embedding (diffusers' `time_embedding_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeEmbeddingNorm {
+    /// `"default"`: added after `conv1`, before `norm2`.
+    Default,
+    /// `"scale_shift"`: `norm2(h) * (1 + scale) + shift`, the projection twice as wide (DeepFloyd IF).
+    ScaleShift,
+}
+
+/// A resampling step inside a [`ResnetBlock2D`] (diffusers' `up=True` / `down=True`), applied to
+/// both the input and the normed hidden states before `conv1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// Nearest-neighbour 2x (`Upsample2D(use_conv=False)`).
+    Up,
+    /// 2x2 average pooling (`Downsample2D(use_conv=False)`).
+    Down,
+}
 
 /// Construction parameters of a [`ResnetBlock2D`] (the subset of diffusers' arguments used by SD models).
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +46,14 @@ pub struct ResnetBlock2DConfig {
     pub output_scale_factor: f64,
     /// Forces the 1x1 `conv_shortcut` on or off; `None` means "when `in_channels != out_channels`".
     pub use_in_shortcut: Option<bool>,
+    /// The block's non-linearity (diffusers' `non_linearity`, `"swish"` by default).
+    pub non_linearity: Activation,
+    /// How the timestep embedding enters.
+    pub time_embedding_norm: TimeEmbeddingNorm,
+    /// The timestep embedding goes into `time_emb_proj` without the non-linearity first.
+    pub skip_time_act: bool,
+    /// Up- or downsampling inside the block.
+    pub resample: Option<Resample>,
 }
 
 impl ResnetBlock2DConfig {
@@ -40,11 +68,15 @@ impl ResnetBlock2DConfig {
             eps: 1e-6,
             output_scale_factor: 1.0,
             use_in_shortcut: None,
+            non_linearity: Activation::Silu,
+            time_embedding_norm: TimeEmbeddingNorm::Default,
+            skip_time_act: false,
+            resample: None,
         }
     }
 }
 
-/// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"` and the SiLU non-linearity.
+/// diffusers' `ResnetBlock2D` (`pre_norm`, no FIR kernels).
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
@@ -54,6 +86,10 @@ pub struct ResnetBlock2D {
     conv2: nn::Conv2D,
     conv_shortcut: Option<nn::Conv2D>,
     output_scale_factor: f64,
+    act: Activation,
+    time_embedding_norm: TimeEmbeddingNorm,
+    skip_time_act: bool,
+    resample: Option<Resample>,
 }
 
 impl ResnetBlock2D {
@@ -62,9 +98,13 @@ impl ResnetBlock2D {
         let groups_out = cfg.groups_out.unwrap_or(cfg.groups);
         let norm1 = weights::group_norm(vs / "norm1", cfg.groups, cfg.in_channels, cfg.eps);
         let conv1 = weights::conv2d(vs / "conv1", cfg.in_channels, cfg.out_channels, 3, 1, 1);
+        let temb_width = match cfg.time_embedding_norm {
+            TimeEmbeddingNorm::Default => cfg.out_channels,
+            TimeEmbeddingNorm::ScaleShift => 2 * cfg.out_channels,
+        };
         let time_emb_proj = cfg
             .temb_channels
-            .map(|t| weights::linear(vs / "time_emb_proj", t, cfg.out_channels, true));
+            .map(|t| weights::linear(vs / "time_emb_proj", t, temb_width, true));
         let norm2 = weights::group_norm(vs / "norm2", groups_out, cfg.out_channels, cfg.eps);
         let conv2 = weights::conv2d(vs / "conv2", cfg.out_channels, cfg.out_channels, 3, 1, 1);
         let use_in_shortcut = cfg
@@ -88,20 +128,49 @@ impl ResnetBlock2D {
             conv2,
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
+            act: cfg.non_linearity,
+            time_embedding_norm: cfg.time_embedding_norm,
+            skip_time_act: cfg.skip_time_act,
+            resample: cfg.resample,
         }
     }
 
-    /// Applies the block to `xs` (`[B, C, H, W]`); `temb` (`[B, temb_channels]`) is added after `conv1` when the block has a projection.
+    /// Applies the block to `xs` (`[B, C, H, W]`); `temb` (`[B, temb_channels]`) conditions it
+    /// after `conv1` when the block has a projection.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let mut hs = self.conv1.forward(&self.norm1.forward(xs).silu());
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-            hs += t;
-        }
-        let hs = self.conv2.forward(&self.norm2.forward(&hs).silu());
+        let hs = self.act.forward(&self.norm1.forward(xs));
+        let (input, hs) = match self.resample {
+            None => (xs.shallow_clone(), hs),
+            Some(Resample::Up) => (upsample_nearest_2x(xs), upsample_nearest_2x(&hs)),
+            Some(Resample::Down) => (avg_pool_2x(xs), avg_pool_2x(&hs)),
+        };
+        let mut hs = self.conv1.forward(&hs);
+        let temb = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let temb = if self.skip_time_act {
+                    temb.shallow_clone()
+                } else {
+                    self.act.forward(temb)
+                };
+                Some(proj.forward(&temb).unsqueeze(-1).unsqueeze(-1))
+            }
+            _ => None,
+        };
+        let hs = match (self.time_embedding_norm, temb) {
+            (TimeEmbeddingNorm::ScaleShift, Some(temb)) => {
+                let chunks = temb.chunk(2, 1);
+                self.norm2.forward(&hs) * (chunks[0].shallow_clone() + 1.0) + &chunks[1]
+            }
+            (_, Some(temb)) => {
+                hs += temb;
+                self.norm2.forward(&hs)
+            }
+            (_, None) => self.norm2.forward(&hs),
+        };
+        let hs = self.conv2.forward(&self.act.forward(&hs));
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(xs),
-            None => xs.shallow_clone(),
+            Some(conv) => conv.forward(&input),
+            None => input,
         };
         let out = shortcut + hs;
         if self.output_scale_factor == 1.0 {
@@ -110,6 +179,20 @@ impl ResnetBlock2D {
             out / self.output_scale_factor
         }
     }
+}
+
+/// `F.interpolate(scale_factor=2.0, mode="nearest")` on `[B, C, H, W]`.
+fn upsample_nearest_2x(xs: &Tensor) -> Tensor {
+    let (h, w) = match xs.size()[..] {
+        [_, _, h, w] => (h, w),
+        _ => (0, 0),
+    };
+    xs.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0)
+}
+
+/// `F.avg_pool2d(kernel_size=2, stride=2)` on `[B, C, H, W]`.
+fn avg_pool_2x(xs: &Tensor) -> Tensor {
+    xs.avg_pool2d([2i64, 2], [2i64, 2], [0i64, 0], false, true, None::<i64>)
 }
 
 /// diffusers' `Downsample2D`: a stride-2 3x3 conv named `conv` (or 2x2 average pooling without conv).
@@ -138,7 +221,7 @@ impl Downsample2D {
         match &self.conv {
             Some(conv) if self.padding == 0 => conv.forward(&xs.constant_pad_nd([0i64, 1, 0, 1])),
             Some(conv) => conv.forward(xs),
-            None => xs.avg_pool2d([2i64, 2], [2i64, 2], [0i64, 0], false, true, None::<i64>),
+            None => avg_pool_2x(xs),
         }
     }
 }
@@ -161,13 +244,7 @@ impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, output_size: Option<(i64, i64)>) -> Tensor {
         let up = match output_size {
             Some((h, w)) => xs.upsample_nearest2d([h, w], None, None),
-            None => {
-                let (h, w) = match xs.size()[..] {
-                    [_, _, h, w] => (h, w),
-                    _ => (0, 0),
-                };
-                xs.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0)
-            }
+            None => upsample_nearest_2x(xs),
         };
         self.conv.forward(&up)
     }

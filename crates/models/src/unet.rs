@@ -1,5 +1,7 @@
 //! The conditional denoising UNet of Stable Diffusion 1.x/2.x/XL (and their inpainting
-//! variants) and the Kandinsky 2.2 decoder (image-embedding conditioning), following diffusers `models/unets/unet_2d_condition.py` (`UNet2DConditionModel`).
+//! variants), the Kandinsky 2.2 decoder (image-embedding conditioning) and DeepFloyd IF stages I
+//! and II (pixel space, `SimpleCrossAttn` blocks, text-pooled and noise-level embeddings),
+//! following diffusers `models/unets/unet_2d_condition.py` (`UNet2DConditionModel`).
 //!
 //! Parameters live at the checkpoint's own key paths (`down_blocks.0.attentions.0...`), so
 //! loading `diffusion_pytorch_model.safetensors` is a lookup by name.
@@ -11,9 +13,11 @@ use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::embeddings::{Activation, TimestepEmbedding, Timesteps};
+use crate::embeddings::{Activation, TextTimeEmbedding, TimestepEmbedding, Timesteps};
+use crate::resnet::TimeEmbeddingNorm;
 use crate::unet_blocks::{
-    CrossAttnSettings, DownBlock, DownBlockConfig, MidBlock, ResnetSettings, UpBlock, UpBlockConfig,
+    BlockAttention, BlockType, CrossAttnSettings, DownBlock, DownBlockConfig, MidBlock,
+    ResnetSettings, SimpleCrossAttnSettings, UpBlock, UpBlockConfig,
 };
 use crate::weights;
 use crate::{Error, Result};
@@ -213,11 +217,12 @@ pub struct UNet2DConditionConfig {
     /// `proj_in`/`proj_out` are `Linear` rather than 1x1 `Conv2d`.
     #[serde(default, deserialize_with = "bool_or_null")]
     pub use_linear_projection: bool,
-    /// Class conditioning (not supported).
+    /// Class conditioning: `null` or `"timestep"` (IF stage II: the noise level, embedded like a
+    /// timestep, is added to the time embedding).
     #[serde(default)]
     pub class_embed_type: Option<String>,
-    /// Extra conditioning added to the time embedding: `null`, `"text_time"` (SDXL) or `"image"`
-    /// (Kandinsky 2.2).
+    /// Extra conditioning added to the time embedding: `null`, `"text_time"` (SDXL), `"image"`
+    /// (Kandinsky 2.2) or `"text"` (DeepFloyd IF: attention-pooled text states).
     #[serde(default)]
     pub addition_embed_type: Option<String>,
     /// Width of each SDXL `time_ids` embedding.
@@ -229,13 +234,14 @@ pub struct UNet2DConditionConfig {
     /// Compute attention in f32 (SD 2.x).
     #[serde(default, deserialize_with = "bool_or_null")]
     pub upcast_attention: bool,
-    /// Resnet time-embedding mode; only `"default"` is supported.
+    /// Resnet time-embedding mode: `"default"` or `"scale_shift"`.
     #[serde(default = "default_resnet_time_scale_shift")]
     pub resnet_time_scale_shift: String,
-    /// Only used by block types not supported here.
+    /// Resnets of the `ResnetDownsample`/`SimpleCrossAttn` blocks skip the activation before
+    /// their time projection.
     #[serde(default, deserialize_with = "bool_or_null")]
     pub resnet_skip_time_act: bool,
-    /// Only used by block types not supported here.
+    /// Output scale of the resnets of the `ResnetDownsample`/`SimpleCrossAttn` down and up blocks.
     #[serde(default = "default_one_f64")]
     pub resnet_out_scale_factor: f64,
     /// Timestep embedding kind; only `"positional"` is supported.
@@ -268,30 +274,30 @@ pub struct UNet2DConditionConfig {
     /// Concatenate class embeddings (not supported).
     #[serde(default, deserialize_with = "bool_or_null")]
     pub class_embeddings_concat: bool,
-    /// Only used by `UNetMidBlock2DSimpleCrossAttn`, not supported here.
+    /// `only_cross_attention` of `UNetMidBlock2DSimpleCrossAttn`; `null` means the single
+    /// `only_cross_attention` bool, or false when that is a list.
     #[serde(default)]
     pub mid_block_only_cross_attention: Option<bool>,
-    /// Only used by `SimpleCrossAttn` blocks, not supported here.
+    /// Norm of the text states in `SimpleCrossAttn` attention: `null` or `"group_norm"`.
     #[serde(default)]
     pub cross_attention_norm: Option<String>,
-    /// Only used by `addition_embed_type="text"`, not supported here.
+    /// Heads of the attention pooling of `addition_embed_type="text"`.
     #[serde(default = "default_addition_embed_type_num_heads")]
     pub addition_embed_type_num_heads: i64,
 }
 
-/// Which of the two supported block flavours a block type name denotes.
-fn block_has_cross_attention(name: &str, plain: &str, cross: &str, field: &str) -> Result<bool> {
-    // diffusers' get_down_block/get_up_block accept a "UNetRes" prefix.
-    let name = name.strip_prefix("UNetRes").unwrap_or(name);
-    if name == plain {
-        Ok(false)
-    } else if name == cross {
-        Ok(true)
-    } else {
-        Err(Error::Config(format!(
-            "{field}: unsupported block type {name:?} (supported: {plain}, {cross})"
-        )))
-    }
+/// The [`BlockType`] a down (`up == false`) or up block type name denotes.
+fn parse_block_type(name: &str, up: bool, field: &str) -> Result<BlockType> {
+    BlockType::parse(name, up).ok_or_else(|| {
+        let supported = if up {
+            "UpBlock2D, CrossAttnUpBlock2D, ResnetUpsampleBlock2D, SimpleCrossAttnUpBlock2D"
+        } else {
+            "DownBlock2D, CrossAttnDownBlock2D, ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D"
+        };
+        Error::Config(format!(
+            "{field}: unsupported block type {name:?} (supported: {supported})"
+        ))
+    })
 }
 
 /// The SDXL micro-conditioning (`added_cond_kwargs`) for `addition_embed_type="text_time"`.
@@ -369,6 +375,16 @@ impl ImageTimeEmbedding {
     }
 }
 
+/// diffusers' `add_embedding` for the conditioning `get_aug_embed` adds to the time embedding
+/// in the model (SDXL's `text_time` lives in the shared down path).
+#[derive(Debug)]
+enum AugEmbedding {
+    /// `addition_embed_type="image"`.
+    Image(ImageTimeEmbedding),
+    /// `addition_embed_type="text"`, on the text states before `encoder_hid_proj`.
+    Text(Box<TextTimeEmbedding>),
+}
+
 /// Optional inputs of [`UNet2DConditionModel::forward_with`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct UNetExtraInputs<'a> {
@@ -379,6 +395,9 @@ pub struct UNetExtraInputs<'a> {
     pub image_embeds: Option<&'a Tensor>,
     /// Guidance embedding for `time_cond_proj_dim` UNets (LCM), `[batch, time_cond_proj_dim]`.
     pub timestep_cond: Option<&'a Tensor>,
+    /// Class labels, `[batch]` or `[1]`; required by `class_embed_type="timestep"` (IF stage II's
+    /// noise level).
+    pub class_labels: Option<&'a Tensor>,
     /// ControlNet residuals added to each skip connection (conv_in output first).
     pub down_block_additional_residuals: Option<&'a [Tensor]>,
     /// ControlNet residual added to the mid block output.
@@ -392,7 +411,7 @@ pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
     down: DownPath,
     encoder_hid_proj: Option<EncoderHidProj>,
-    image_time_embedding: Option<ImageTimeEmbedding>,
+    aug_embedding: Option<AugEmbedding>,
     time_embed_act: Option<Activation>,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
@@ -413,6 +432,8 @@ pub(crate) struct DownPath {
     add_embedding: Option<TimestepEmbedding>,
     /// `projection_class_embeddings_input_dim` when `add_embedding` exists.
     add_embedding_dim: Option<i64>,
+    /// `class_embed_type="timestep"`.
+    class_embedding: Option<TimestepEmbedding>,
     time_cond_proj_dim: Option<i64>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
@@ -434,13 +455,21 @@ pub(crate) struct BlockPlan {
     add_embedding: Option<(i64, i64)>,
     /// `addition_embed_type="image"`: the image embedding width.
     image_time_embedding: Option<i64>,
+    /// `addition_embed_type="text"`: the text state width and the pooling heads.
+    text_time_embedding: Option<(i64, i64)>,
+    time_embedding_norm: TimeEmbeddingNorm,
     groups: i64,
-    down_cross: Vec<bool>,
-    up_cross: Vec<bool>,
-    /// `None`: no mid block; `Some(true)`: `UNetMidBlock2DCrossAttn`.
-    mid_cross: Option<bool>,
+    down_types: Vec<BlockType>,
+    up_types: Vec<BlockType>,
+    /// `None`: no mid block.
+    mid_type: Option<BlockType>,
     only_cross: Vec<bool>,
+    mid_only_cross: bool,
+    /// `cross_attention_norm="group_norm"`.
+    group_norm_cross: bool,
     heads: Vec<i64>,
+    /// `attention_head_dim` per block: the head width of `SimpleCrossAttn` blocks.
+    head_dims: Vec<i64>,
     cross_dims: Vec<i64>,
     layers: Vec<i64>,
     /// Transformer depth per layer of each down block, each up block (in up order), the mid block.
@@ -479,29 +508,32 @@ impl UNet2DConditionConfig {
         if cfg.time_embedding_type != "positional" {
             return unsupported("time_embedding_type", &cfg.time_embedding_type);
         }
-        if cfg.resnet_time_scale_shift != "default" {
-            return unsupported("resnet_time_scale_shift", &cfg.resnet_time_scale_shift);
-        }
+        let time_embedding_norm = match cfg.resnet_time_scale_shift.as_str() {
+            "default" => TimeEmbeddingNorm::Default,
+            "scale_shift" => TimeEmbeddingNorm::ScaleShift,
+            other => return unsupported("resnet_time_scale_shift", &other),
+        };
         if cfg.attention_type != "default" {
             return unsupported("attention_type", &cfg.attention_type);
         }
         if cfg.dual_cross_attention {
             return unsupported("dual_cross_attention", &true);
         }
-        if cfg.class_embed_type.is_some() {
+        if !matches!(cfg.class_embed_type.as_deref(), None | Some("timestep")) {
             return unsupported("class_embed_type", &cfg.class_embed_type);
         }
+        let group_norm_cross = match cfg.cross_attention_norm.as_deref() {
+            None => false,
+            Some("group_norm") => true,
+            Some(other) => return unsupported("cross_attention_norm", &other),
+        };
         if cfg.num_class_embeds.is_some() {
             return unsupported("num_class_embeds", &cfg.num_class_embeds);
         }
         if cfg.class_embeddings_concat {
             return unsupported("class_embeddings_concat", &true);
         }
-        // Resnets hard-wire SiLU, as every Stable Diffusion checkpoint uses.
         let act = Activation::from_name(&cfg.act_fn, "act_fn")?;
-        if act != Activation::Silu {
-            return unsupported("act_fn", &cfg.act_fn);
-        }
         let Some(groups) = cfg.norm_num_groups else {
             return unsupported("norm_num_groups", &cfg.norm_num_groups);
         };
@@ -532,50 +564,82 @@ impl UNet2DConditionConfig {
             }
         }
 
-        let down_cross = cfg
+        let down_types = cfg
             .down_block_types
             .iter()
-            .map(|t| {
-                block_has_cross_attention(
-                    t,
-                    "DownBlock2D",
-                    "CrossAttnDownBlock2D",
-                    "down_block_types",
-                )
-            })
+            .map(|t| parse_block_type(t, false, "down_block_types"))
             .collect::<Result<Vec<_>>>()?;
-        let up_cross = cfg
+        let up_types = cfg
             .up_block_types
             .iter()
-            .map(|t| {
-                block_has_cross_attention(t, "UpBlock2D", "CrossAttnUpBlock2D", "up_block_types")
-            })
+            .map(|t| parse_block_type(t, true, "up_block_types"))
             .collect::<Result<Vec<_>>>()?;
-        let mid_cross = match cfg.mid_block_type.as_deref() {
+        let mid_type = match cfg.mid_block_type.as_deref() {
             None => None,
-            Some("UNetMidBlock2DCrossAttn") => Some(true),
-            Some("UNetMidBlock2D") => Some(false),
-            Some(other) => return unsupported("mid_block_type", &other),
+            Some(name) => match BlockType::parse_mid(name) {
+                Some(t) => Some(t),
+                None => return unsupported("mid_block_type", &name),
+            },
         };
 
         let only_cross = cfg.only_cross_attention.expand(n, "only_cross_attention")?;
+        let mid_only_cross = match (
+            cfg.mid_block_only_cross_attention,
+            &cfg.only_cross_attention,
+        ) {
+            (Some(m), _) => m,
+            (None, PerBlock::One(b)) => *b,
+            (None, PerBlock::Many(_)) => false,
+        };
         let heads = match &cfg.num_attention_heads {
             Some(h) => h.expand(n, "num_attention_heads")?,
             None => cfg.attention_head_dim.expand(n, "attention_head_dim")?,
         };
+        let head_dims = cfg.attention_head_dim.expand(n, "attention_head_dim")?;
         let cross_dims = cfg.cross_attention_dim.expand(n, "cross_attention_dim")?;
         let layers = cfg.layers_per_block.expand(n, "layers_per_block")?;
         let transformer_layers = cfg
             .transformer_layers_per_block
             .expand(n, "transformer_layers_per_block")?;
+        // Whether block level `i` builds an attention of type `t` from the per-block lists in
+        // down order (the up path of `CrossAttn` blocks reads them reversed).
+        let uses = |t: BlockType, i: usize| {
+            down_types[i] == t
+                || (i == n - 1 && mid_type == Some(t))
+                || (t == BlockType::CrossAttn && up_types[n - 1 - i] == t)
+        };
         for (i, (&h, &c)) in heads.iter().zip(&cfg.block_out_channels).enumerate() {
-            let attends =
-                down_cross[i] || up_cross[n - 1 - i] || (i == n - 1 && mid_cross == Some(true));
-            if attends && (h <= 0 || c % h != 0) {
+            if uses(BlockType::CrossAttn, i) && (h <= 0 || c % h != 0) {
                 return cerr(format!(
                     "attention_head_dim: {h} heads do not divide the {c} channels of block {i}"
                 ));
             }
+        }
+        // SimpleCrossAttn blocks take `attention_head_dim` as the head width; the up path reads
+        // the list in down order (diffusers does not reverse it).
+        for (i, &c) in cfg.block_out_channels.iter().enumerate() {
+            let d = head_dims[i];
+            let up_c = cfg.block_out_channels[n - 1 - i];
+            let bad = |ch: i64| d <= 0 || ch % d != 0;
+            if (uses(BlockType::SimpleCrossAttn, i) && bad(c))
+                || (up_types[i] == BlockType::SimpleCrossAttn && bad(up_c))
+            {
+                return cerr(format!(
+                    "attention_head_dim: head width {d} does not divide the channels of block {i}"
+                ));
+            }
+        }
+        if (down_types
+            .iter()
+            .chain(&up_types)
+            .any(|&t| t == BlockType::SimpleCrossAttn)
+            || mid_type == Some(BlockType::SimpleCrossAttn))
+            && group_norm_cross
+            && cross_dims.iter().any(|d| d % 32 != 0)
+        {
+            return cerr(format!(
+                "cross_attention_dim: {cross_dims:?} must be multiples of 32 for cross_attention_norm \"group_norm\""
+            ));
         }
         if layers.iter().any(|&l| l <= 0) {
             return cerr(format!("layers_per_block: {layers:?} must be positive"));
@@ -655,6 +719,28 @@ impl UNet2DConditionConfig {
             }
             (Some(t), Some(_)) => return unsupported("encoder_hid_dim_type", &t),
         };
+        let text_time_embedding = match cfg.addition_embed_type.as_deref() {
+            Some("text") => {
+                let dim = match (cfg.encoder_hid_dim, &cfg.cross_attention_dim) {
+                    (Some(d), _) => d,
+                    (None, PerBlock::One(d)) => *d,
+                    (None, PerBlock::Many(_)) => {
+                        return unsupported(
+                            "cross_attention_dim",
+                            &"a per-block list with addition_embed_type \"text\"",
+                        )
+                    }
+                };
+                let heads = cfg.addition_embed_type_num_heads;
+                if heads <= 0 || dim % heads != 0 {
+                    return cerr(format!(
+                        "addition_embed_type_num_heads: {heads} heads do not divide the text width {dim}"
+                    ));
+                }
+                Some((dim, heads))
+            }
+            _ => None,
+        };
         let image_time_embedding = match cfg.addition_embed_type.as_deref() {
             Some("image") => match cfg.encoder_hid_dim {
                 Some(d) => Some(d),
@@ -667,7 +753,7 @@ impl UNet2DConditionConfig {
             _ => None,
         };
         let add_embedding = match cfg.addition_embed_type.as_deref() {
-            None | Some("image") => None,
+            None | Some("image") | Some("text") => None,
             Some("text_time") => {
                 let (Some(dim), Some(input_dim)) = (
                     cfg.addition_time_embed_dim,
@@ -691,12 +777,17 @@ impl UNet2DConditionConfig {
             encoder_hid_proj,
             add_embedding,
             image_time_embedding,
+            text_time_embedding,
+            time_embedding_norm,
             groups,
-            down_cross,
-            up_cross,
-            mid_cross,
+            down_types,
+            up_types,
+            mid_type,
             only_cross,
+            mid_only_cross,
+            group_norm_cross,
             heads,
+            head_dims,
             cross_dims,
             layers,
             down_tl,
@@ -743,6 +834,17 @@ impl DownPath {
                 None,
             )
         });
+        let class_embedding = (cfg.class_embed_type.as_deref() == Some("timestep")).then(|| {
+            TimestepEmbedding::new(
+                &(vs / "class_embedding"),
+                b0,
+                time_embed_dim,
+                plan.act,
+                None,
+                None,
+                None,
+            )
+        });
         let conv_in = weights::conv2d(
             vs / "conv_in",
             cfg.in_channels,
@@ -757,11 +859,19 @@ impl DownPath {
         for i in 0..n {
             let input_channel = output_channel;
             output_channel = cfg.block_out_channels[i];
-            let settings = plan.down_cross[i]
-                .then(|| plan.cross(cfg, i, plan.down_tl[i].clone(), plan.only_cross[i]));
+            let block = plan.down_types[i];
+            let attention = plan.attention(
+                cfg,
+                block,
+                i,
+                i,
+                plan.down_tl[i].clone(),
+                plan.only_cross[i],
+            );
             down_blocks.push(DownBlock::new(
                 &(vs / "down_blocks" / i),
                 &DownBlockConfig {
+                    block,
                     in_channels: input_channel,
                     out_channels: output_channel,
                     num_layers: plan.layers[i],
@@ -769,19 +879,21 @@ impl DownPath {
                     downsample_padding: cfg.downsample_padding,
                 },
                 &resnet,
-                settings.as_ref(),
+                attention.as_ref(),
             ));
         }
         // Mid block. diffusers builds the mid transformer without `only_cross_attention`.
         let last = n - 1;
-        let mid_block = plan.mid_cross.map(|has_cross| {
-            let settings = has_cross.then(|| plan.cross(cfg, last, plan.mid_tl.clone(), false));
+        let mid_block = plan.mid_type.map(|block| {
+            let only_cross = block == BlockType::SimpleCrossAttn && plan.mid_only_cross;
+            let attention = plan.attention(cfg, block, last, last, plan.mid_tl.clone(), only_cross);
             MidBlock::new(
                 &(vs / "mid_block"),
                 cfg.block_out_channels[last],
                 cfg.mid_block_scale_factor,
+                block,
                 &resnet,
-                settings.as_ref(),
+                attention.as_ref(),
             )
         });
         Self {
@@ -792,6 +904,7 @@ impl DownPath {
             add_time_proj,
             add_embedding_dim: plan.add_embedding.map(|(_, d)| d),
             add_embedding,
+            class_embedding,
             time_cond_proj_dim: cfg.time_cond_proj_dim,
             down_blocks,
             mid_block,
@@ -825,7 +938,7 @@ impl DownPath {
         t.to_device_(self.device, self.kind, false, false)
     }
 
-    /// Checks the inputs both models take (sample, timestep, text and SDXL conditioning);
+    /// Checks the inputs both models take (sample, timestep, text, SDXL and class conditioning);
     /// `encoder_hidden_states` is checked when given (callers check that it is given when needed).
     pub(crate) fn check_inputs(
         &self,
@@ -834,6 +947,7 @@ impl DownPath {
         encoder_hidden_states: Option<&Tensor>,
         added: Option<&SdxlConditioning>,
         timestep_cond: Option<&Tensor>,
+        class_labels: Option<&Tensor>,
     ) -> Result<()> {
         let ierr = |m: String| Err(Error::Input(m));
         let s = sample.size();
@@ -902,16 +1016,34 @@ impl DownPath {
                 ));
             }
         }
+        if self.class_embedding.is_some() {
+            match class_labels.map(Tensor::size) {
+                Some(c) if c.len() == 1 && (c[0] == batch || c[0] == 1) => {}
+                Some(c) => {
+                    return ierr(format!(
+                        "class_labels: shape {c:?}, expected [{batch}] or [1]"
+                    ))
+                }
+                None => {
+                    return ierr(
+                        "class_labels: this model (class_embed_type \"timestep\") needs them"
+                            .into(),
+                    )
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The time embedding plus, for SDXL, the added `text_time` embedding.
+    /// The time embedding plus the class embedding (`class_embed_type="timestep"`) and, for
+    /// SDXL, the added `text_time` embedding.
     pub(crate) fn embed(
         &self,
         timestep: &Tensor,
         batch: i64,
         added: Option<&SdxlConditioning>,
         timestep_cond: Option<&Tensor>,
+        class_labels: Option<&Tensor>,
     ) -> Tensor {
         let (kind, device) = (self.kind, self.device);
         let timesteps = timestep
@@ -921,6 +1053,13 @@ impl DownPath {
         let t_emb = self.time_proj.forward(&timesteps).to_kind(kind);
         let timestep_cond = timestep_cond.map(|t| self.to_model(t));
         let mut emb = self.time_embedding.forward(&t_emb, timestep_cond.as_ref());
+        if let (Some(class_embedding), Some(labels)) = (&self.class_embedding, class_labels) {
+            let labels = self
+                .time_proj
+                .forward(&labels.to_device(device))
+                .to_kind(kind);
+            emb += class_embedding.forward(&labels, None);
+        }
         if let (Some(add_proj), Some(add_emb), Some(added)) =
             (&self.add_time_proj, &self.add_embedding, added)
         {
@@ -984,23 +1123,41 @@ impl BlockPlan {
             temb_channels: cfg.time_embedding_dim.unwrap_or(b0 * 4),
             groups: self.groups,
             eps: cfg.norm_eps,
+            act: self.act,
+            time_embedding_norm: self.time_embedding_norm,
+            skip_time_act: cfg.resnet_skip_time_act,
+            out_scale_factor: cfg.resnet_out_scale_factor,
         }
     }
 
-    fn cross(
+    /// The attention settings of a `block` at level `i` (per-block lists in down order);
+    /// `head_index` picks `attention_head_dim` for `SimpleCrossAttn` blocks, which diffusers
+    /// indexes by the block's position in its own path.
+    fn attention(
         &self,
         cfg: &UNet2DConditionConfig,
+        block: BlockType,
         i: usize,
+        head_index: usize,
         transformer_layers: Vec<i64>,
         only_cross_attention: bool,
-    ) -> CrossAttnSettings {
-        CrossAttnSettings {
-            transformer_layers,
-            num_attention_heads: self.heads[i],
-            cross_attention_dim: self.cross_dims[i],
-            use_linear_projection: cfg.use_linear_projection,
-            only_cross_attention,
-            upcast_attention: cfg.upcast_attention,
+    ) -> Option<BlockAttention> {
+        match block {
+            BlockType::CrossAttn => Some(BlockAttention::Transformer(CrossAttnSettings {
+                transformer_layers,
+                num_attention_heads: self.heads[i],
+                cross_attention_dim: self.cross_dims[i],
+                use_linear_projection: cfg.use_linear_projection,
+                only_cross_attention,
+                upcast_attention: cfg.upcast_attention,
+            })),
+            BlockType::SimpleCrossAttn => Some(BlockAttention::Simple(SimpleCrossAttnSettings {
+                attention_head_dim: self.head_dims[head_index],
+                cross_attention_dim: self.cross_dims[i],
+                only_cross_attention,
+                group_norm_cross: self.group_norm_cross,
+            })),
+            BlockType::Plain | BlockType::ResnetResample => None,
         }
     }
 }
@@ -1023,9 +1180,18 @@ impl UNet2DConditionModel {
                 EncoderHidProj::Text(weights::linear(vs, d, ca, true))
             }
         });
-        let image_time_embedding = plan
-            .image_time_embedding
-            .map(|d| ImageTimeEmbedding::new(&(vs / "add_embedding"), d, time_embed_dim));
+        let aug_embedding =
+            match (plan.image_time_embedding, plan.text_time_embedding) {
+                (Some(d), _) => Some(AugEmbedding::Image(ImageTimeEmbedding::new(
+                    &(vs / "add_embedding"),
+                    d,
+                    time_embed_dim,
+                ))),
+                (None, Some((d, heads))) => Some(AugEmbedding::Text(Box::new(
+                    TextTimeEmbedding::new(&(vs / "add_embedding"), d, time_embed_dim, heads),
+                ))),
+                (None, None) => None,
+            };
         let resnet = plan.resnet_settings(cfg);
 
         // Up path: per-block lists reversed.
@@ -1037,11 +1203,13 @@ impl UNet2DConditionModel {
             output_channel = rev_channels[i];
             let input_channel = rev_channels[(i + 1).min(n - 1)];
             let j = n - 1 - i;
-            let settings = plan.up_cross[i]
-                .then(|| plan.cross(cfg, j, plan.up_tl[i].clone(), plan.only_cross[j]));
+            let block = plan.up_types[i];
+            let attention =
+                plan.attention(cfg, block, j, i, plan.up_tl[i].clone(), plan.only_cross[j]);
             up_blocks.push(UpBlock::new(
                 &(vs / "up_blocks" / i),
                 &UpBlockConfig {
+                    block,
                     in_channels: input_channel,
                     prev_output_channel,
                     out_channels: output_channel,
@@ -1049,7 +1217,7 @@ impl UNet2DConditionModel {
                     add_upsample: i + 1 < n,
                 },
                 &resnet,
-                settings.as_ref(),
+                attention.as_ref(),
             ));
         }
 
@@ -1067,7 +1235,7 @@ impl UNet2DConditionModel {
         Ok(Self {
             down,
             encoder_hid_proj,
-            image_time_embedding,
+            aug_embedding,
             time_embed_act: plan.time_embed_act,
             up_blocks,
             conv_norm_out,
@@ -1151,10 +1319,9 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let extra = UNetExtraInputs {
             added,
-            image_embeds: None,
-            timestep_cond: None,
             down_block_additional_residuals,
             mid_block_additional_residual,
+            ..Default::default()
         };
         self.forward_with(sample, timestep, Some(encoder_hidden_states), &extra)
     }
@@ -1203,9 +1370,11 @@ impl UNet2DConditionModel {
             encoder_hidden_states,
             extra.added,
             extra.timestep_cond,
+            extra.class_labels,
         )?;
         let batch = sample.size()[0];
-        if image_proj || self.image_time_embedding.is_some() {
+        let image_time = matches!(self.aug_embedding, Some(AugEmbedding::Image(_)));
+        if image_proj || image_time {
             let want = self.config.encoder_hid_dim.unwrap_or_default();
             match extra.image_embeds.map(Tensor::size) {
                 Some(i) if i.len() == 2 && i[0] == batch && i[1] == want => {}
@@ -1270,12 +1439,21 @@ impl UNet2DConditionModel {
         }
 
         // 1. time
-        let mut emb = self
-            .down
-            .embed(timestep, batch, extra.added, extra.timestep_cond);
-        if let (Some(image_time), Some(image_embeds)) = (&self.image_time_embedding, &image_embeds)
-        {
-            emb += image_time.forward(image_embeds);
+        let mut emb = self.down.embed(
+            timestep,
+            batch,
+            extra.added,
+            extra.timestep_cond,
+            extra.class_labels,
+        );
+        match (&self.aug_embedding, &image_embeds, &encoder_hidden_states) {
+            (Some(AugEmbedding::Image(image_time)), Some(image_embeds), _) => {
+                emb += image_time.forward(image_embeds);
+            }
+            (Some(AugEmbedding::Text(text_time)), _, Some(text)) => {
+                emb += text_time.forward(text);
+            }
+            _ => {}
         }
         if let Some(act) = self.time_embed_act {
             emb = act.forward(&emb);
@@ -1396,13 +1574,14 @@ mod tests {
         assert!(!cfg.upcast_attention);
         let plan = cfg.plan().expect("plan");
         assert_eq!(plan.heads, vec![5, 10, 20]);
-        assert_eq!(plan.down_cross, vec![false, true, true]);
-        assert_eq!(plan.up_cross, vec![true, true, false]);
+        use BlockType::{CrossAttn, Plain};
+        assert_eq!(plan.down_types, vec![Plain, CrossAttn, CrossAttn]);
+        assert_eq!(plan.up_types, vec![CrossAttn, CrossAttn, Plain]);
         assert_eq!(plan.down_tl, vec![vec![1, 1], vec![2, 2], vec![10, 10]]);
         assert_eq!(plan.up_tl, vec![vec![10; 3], vec![2; 3], vec![1; 3]]);
         assert_eq!(plan.mid_tl, vec![10]);
         assert_eq!(plan.add_embedding, Some((256, 2816)));
-        assert_eq!(plan.mid_cross, Some(true));
+        assert_eq!(plan.mid_type, Some(CrossAttn));
     }
 
     #[test]
@@ -1425,6 +1604,6 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(SD14_OLD).expect("parse");
         v["mid_block_type"] = serde_json::Value::Null;
         let cfg: UNet2DConditionConfig = serde_json::from_value(v).expect("parse");
-        assert_eq!(cfg.plan().expect("plan").mid_cross, None);
+        assert_eq!(cfg.plan().expect("plan").mid_type, None);
     }
 }

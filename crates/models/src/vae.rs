@@ -189,14 +189,10 @@ impl AutoencoderKLConfig {
 
     pub(crate) fn resnet(&self, in_channels: i64, out_channels: i64) -> ResnetBlock2DConfig {
         ResnetBlock2DConfig {
-            in_channels,
-            out_channels,
             temb_channels: None,
             groups: self.norm_num_groups,
-            groups_out: None,
             eps: VAE_EPS,
-            output_scale_factor: 1.0,
-            use_in_shortcut: None,
+            ..ResnetBlock2DConfig::new(in_channels, out_channels)
         }
     }
 }

@@ -48,6 +48,7 @@ fn run(case: &str, variant: Option<&str>, kind: Kind) -> (Tensor, Tensor) {
     let extra = UNetExtraInputs {
         added: added.as_ref(),
         timestep_cond: g.get("timestep_cond"),
+        class_labels: g.get("class_labels"),
         ..Default::default()
     };
     let out = model
@@ -119,6 +120,51 @@ fn sdxl_bf16_close_to_fp32_reference() {
 #[test]
 fn misc_config_paths_match_diffusers() {
     check_fp32("misc", None);
+}
+
+#[test]
+fn if_stage1_simple_cross_attn_matches_diffusers() {
+    check_fp32("if1", None);
+}
+
+#[test]
+fn if_stage1_bf16_close_to_fp32_reference() {
+    check_bf16("if1", None);
+}
+
+#[test]
+fn if_stage2_class_labels_match_diffusers() {
+    check_fp32("if2", None);
+}
+
+#[test]
+fn if_stage2_needs_class_labels_of_the_batch() {
+    let g = golden("if2");
+    let model = load("if2", None, Kind::Float);
+    let forward = |class_labels: Option<&Tensor>| {
+        model.forward_with(
+            &g["sample"],
+            &g["timestep"],
+            Some(&g["encoder_hidden_states"]),
+            &UNetExtraInputs {
+                class_labels,
+                ..Default::default()
+            },
+        )
+    };
+    for (what, labels) in [
+        ("missing", None),
+        ("wrong batch", Some(Tensor::from_slice(&[1i64, 2, 3]))),
+        ("2-d", Some(Tensor::from_slice(&[1i64, 2]).reshape([1, 2]))),
+    ] {
+        match forward(labels.as_ref()) {
+            Err(Error::Input(msg)) => assert!(msg.contains("class_labels"), "{what}: {msg}"),
+            other => panic!("{what}: expected Error::Input, got {:?}", other.map(|_| ())),
+        }
+    }
+    // The noise level must matter, or the parity test could not catch a dropped class embedding.
+    let other = forward(Some(&Tensor::from_slice(&[900i64, 900]))).expect("forward");
+    assert!(max_abs_diff(&other, &g["out"]) > 1e-2);
 }
 
 #[test]
@@ -238,21 +284,26 @@ fn unsupported_config_values_are_rejected_by_name() {
     let base = std::fs::read_to_string(fixtures().join("unet_sd1/config.json")).expect("config");
     let base: serde_json::Value = serde_json::from_str(&base).expect("json");
     for (field, value) in [
-        ("class_embed_type", serde_json::json!("timestep")),
-        ("resnet_time_scale_shift", serde_json::json!("scale_shift")),
+        ("class_embed_type", serde_json::json!("projection")),
+        ("resnet_time_scale_shift", serde_json::json!("ada_group")),
         ("time_embedding_type", serde_json::json!("fourier")),
-        ("addition_embed_type", serde_json::json!("text")),
+        ("addition_embed_type", serde_json::json!("image_hint")),
+        ("cross_attention_norm", serde_json::json!("layer_norm")),
         (
             "mid_block_type",
-            serde_json::json!("UNetMidBlock2DSimpleCrossAttn"),
+            serde_json::json!("UNetMidBlock3DCrossAttn"),
         ),
         (
             "down_block_types",
             serde_json::json!(["AttnDownBlock2D", "DownBlock2D"]),
         ),
+        (
+            "up_block_types",
+            serde_json::json!(["UpBlock2D", "AttnUpBlock2D"]),
+        ),
         ("attention_head_dim", serde_json::json!([2, 4, 8])),
         ("dual_cross_attention", serde_json::json!(true)),
-        ("act_fn", serde_json::json!("gelu")),
+        ("act_fn", serde_json::json!("tanh")),
     ] {
         let mut cfg = base.clone();
         cfg[field] = value;

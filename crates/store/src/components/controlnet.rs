@@ -53,6 +53,7 @@ pub(super) const UNET_OPTIONAL: &[&str] = &[
     "text_embeds",
     "time_ids",
     "image_embeds",
+    "class_labels",
     "mid_block_additional_residual",
     "down_block_additional_residuals.0",
     "down_block_additional_residuals.1",

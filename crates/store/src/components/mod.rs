@@ -12,6 +12,8 @@ mod clip_text;
 mod clip_vision;
 mod controlnet;
 mod prior_transformer;
+mod safety_checker;
+mod t5;
 mod unet;
 mod vq_model;
 
@@ -31,6 +33,8 @@ const CLASSES: &[Class] = &[
     Class::of::<clip_vision::CLIPVisionModelWithProjection>(),
     Class::of::<prior_transformer::PriorTransformer>(),
     Class::of::<vq_model::VQModel>(),
+    Class::of::<t5::T5EncoderModel>(),
+    Class::of::<safety_checker::StableDiffusionSafetyChecker>(),
 ];
 
 /// A component class the store loads: what `model_index.json` calls it, how it loads, and what
@@ -362,13 +366,15 @@ mod tests {
         assert_eq!(
             supported(),
             "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, ControlNetModel, \
-             AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel"
+             AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel, T5EncoderModel, \
+             StableDiffusionSafetyChecker"
         );
         let names: HashSet<&str> = CLASSES.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), CLASSES.len());
         assert!(find("UNet2DConditionModel").is_some());
         assert!(find("ControlNetModel").is_some());
-        assert!(find("T5EncoderModel").is_none());
+        assert!(find("T5EncoderModel").is_some());
+        assert!(find("Kandinsky3UNet").is_none());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! diffusers' UNet2DConditionModel (`models/unets/unet_2d_condition.py`): `forward` takes `sample`,
 //! `timestep` (a scalar or [batch]), `encoder_hidden_states` (not for an `image_proj` UNet), for
-//! SDXL `text_embeds` with `time_ids`, for Kandinsky 2.2 `image_embeds`, and with a ControlNet its
+//! SDXL `text_embeds` with `time_ids`, for Kandinsky 2.2 `image_embeds`, for DeepFloyd IF stage II
+//! `class_labels` (the noise level, [batch]), and with a ControlNet its
 //! residuals `down_block_additional_residuals.{i}` with `mid_block_additional_residual`; it returns
 //! the predicted `sample`.
 
@@ -12,7 +13,8 @@ use std::path::Path;
 use tch::Tensor;
 use tch::{Device, Kind};
 
-/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL and the Kandinsky 2.2 decoder.
+/// UNet2DConditionModel: the denoiser of SD 1.x/2.x, SDXL, the Kandinsky 2.2 decoder and both
+/// DeepFloyd IF stages.
 pub(super) struct UNet2DConditionModel(unet::UNet2DConditionModel);
 
 // SAFETY: methods only read the model (see `ComponentClass`).
@@ -54,6 +56,10 @@ impl ComponentClass for UNet2DConditionModel {
             }
             let timestep = timestep.to_device(device);
             let added = added_conditioning(inputs, kind, device)?;
+            let class_labels = match inputs.optional("class_labels") {
+                Some(_) => Some(inputs.with_rank("class_labels", 1)?.to_device(device)),
+                None => None,
+            };
             let down: Vec<Tensor> = (0..MAX_RESIDUALS)
                 .map_while(|i| inputs.optional(&format!("down_block_additional_residuals.{i}")))
                 .map(|t| float_input(t, kind, device))
@@ -70,6 +76,7 @@ impl ComponentClass for UNet2DConditionModel {
             let extra = unet::UNetExtraInputs {
                 added: added.as_ref(),
                 timestep_cond: None,
+                class_labels: class_labels.as_ref(),
                 down_block_additional_residuals: mid.is_some().then_some(down.as_slice()),
                 mid_block_additional_residual: mid.as_ref(),
                 image_embeds: image_embeds.as_ref(),
