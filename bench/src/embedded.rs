@@ -55,7 +55,7 @@ pub fn worker(dtype: &str, threads: i32) -> Result<()> {
         store.clone(),
         OrchestratorConfig {
             default_kind: Some(kind),
-            hub: None,
+            ..Default::default()
         },
     );
     let mut stdout = std::io::stdout().lock();

@@ -191,6 +191,7 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         "sdxl_cases.json",
         "controlnet_cases.json",
         "kandinsky_cases.json",
+        "safety_cases.json",
     ]
     .iter()
     .flat_map(|file| {

@@ -1,5 +1,6 @@
 //! CLIP text and image encoders, following transformers' `models/clip/modeling_clip.py`
-//! (`CLIPTextModel`, `CLIPTextModelWithProjection`, `CLIPVisionModelWithProjection`) and
+//! (`CLIPTextModel`, `CLIPTextModelWithProjection`, `CLIPVisionTransformer` (= `CLIPVisionModel`),
+//! `CLIPVisionModelWithProjection`) and
 //! `configuration_clip.py` (`CLIPTextConfig`, `CLIPVisionConfig`).
 //!
 //! Forward passes take `&self` and never mutate weights, so one loaded model serves many threads;
@@ -631,45 +632,26 @@ pub struct CLIPVisionModelOutput {
     pub last_hidden_state: Tensor,
 }
 
-/// transformers' `CLIPVisionModelWithProjection`: patch embeddings plus a class token through
-/// the (non-causal) encoder; the class token, post-layer-normed and projected, is `image_embeds`.
+/// transformers' `CLIPVisionTransformer` (what `CLIPVisionModel` is): patch embeddings plus a class
+/// token through the (non-causal) encoder.
 #[derive(Debug)]
-pub struct CLIPVisionModelWithProjection {
+pub struct CLIPVisionTransformer {
     class_embedding: Tensor,
     patch_embedding: nn::Conv2D,
     position_embedding: nn::Embedding,
     pre_layrnorm: nn::LayerNorm,
     layers: Vec<CLIPEncoderLayer>,
     post_layernorm: nn::LayerNorm,
-    visual_projection: nn::Linear,
     config: CLIPVisionConfig,
     device: Device,
     kind: Kind,
-    _vs: Option<VarStore>,
 }
 
-// SAFETY: as for `CLIPTextModel`, only read-only tensors.
-unsafe impl Sync for CLIPVisionModelWithProjection {}
-
-/// Drops the non-persistent `position_ids` buffer some exports carry.
-fn vision_rename(key: &str) -> String {
-    if key.ends_with("embeddings.position_ids") {
-        String::new()
-    } else {
-        key.to_string()
-    }
-}
-
-impl CLIPVisionModelWithProjection {
-    /// Declares the parameters under `vs` (`vision_model.…`, `visual_projection`).
+impl CLIPVisionTransformer {
+    /// Declares the parameters under `vs` (`embeddings`, `pre_layrnorm`, `encoder`, `post_layernorm`).
     pub fn new(vs: &nn::Path, cfg: CLIPVisionConfig) -> Result<Self> {
         cfg.validate()?;
-        let projection_dim = cfg
-            .projection_dim
-            .filter(|d| *d > 0)
-            .ok_or_else(|| Error::Config("projection_dim must be a positive integer".into()))?;
-        let vm = vs / "vision_model";
-        let emb = &vm / "embeddings";
+        let emb = vs / "embeddings";
         let d = cfg.hidden_size;
         let patches = (cfg.image_size / cfg.patch_size).pow(2);
         let dims = LayerDims {
@@ -696,34 +678,15 @@ impl CLIPVisionModelWithProjection {
                 conv,
             ),
             position_embedding: weights::embedding(&emb / "position_embedding", patches + 1, d),
-            pre_layrnorm: weights::layer_norm(&vm / "pre_layrnorm", d, cfg.layer_norm_eps),
+            pre_layrnorm: weights::layer_norm(vs / "pre_layrnorm", d, cfg.layer_norm_eps),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| CLIPEncoderLayer::new(&vm / "encoder" / "layers" / i, &dims))
+                .map(|i| CLIPEncoderLayer::new(vs / "encoder" / "layers" / i, &dims))
                 .collect(),
-            post_layernorm: weights::layer_norm(&vm / "post_layernorm", d, cfg.layer_norm_eps),
-            visual_projection: weights::linear(vs / "visual_projection", d, projection_dim, false),
+            post_layernorm: weights::layer_norm(vs / "post_layernorm", d, cfg.layer_norm_eps),
             device: vs.device(),
             kind: vs.kind(),
             config: cfg,
-            _vs: None,
         })
-    }
-
-    /// Loads `config.json` and the weights of `component_dir` (e.g. `<prior>/image_encoder`).
-    pub fn load(
-        component_dir: &Path,
-        variant: Option<&str>,
-        kind: Kind,
-        device: Device,
-    ) -> Result<Self> {
-        let cfg: CLIPVisionConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &vision_rename)?;
-        vs.freeze();
-        model._vs = Some(vs);
-        Ok(model)
     }
 
     /// The configuration the model was built from.
@@ -732,8 +695,9 @@ impl CLIPVisionModelWithProjection {
     }
 
     /// Encodes `pixel_values` (`[batch, num_channels, image_size, image_size]`, already
-    /// preprocessed by the image processor).
-    pub fn forward(&self, pixel_values: &Tensor) -> Result<CLIPVisionModelOutput> {
+    /// preprocessed by the image processor): `(last_hidden_state, pooled_output)`, the pooled
+    /// output being the post-layer-normed class token.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
         let size = pixel_values.size();
         let side = self.config.image_size;
         match size[..] {
@@ -772,9 +736,75 @@ impl CLIPVisionModelWithProjection {
             xs = layer.forward(&xs);
         }
         let pooled = self.post_layernorm.forward(&xs.select(1, 0));
+        Ok((xs, pooled))
+    }
+}
+
+/// transformers' `CLIPVisionModelWithProjection`: the vision transformer's pooled output through
+/// `visual_projection` is `image_embeds`.
+#[derive(Debug)]
+pub struct CLIPVisionModelWithProjection {
+    vision_model: CLIPVisionTransformer,
+    visual_projection: nn::Linear,
+    _vs: Option<VarStore>,
+}
+
+// SAFETY: as for `CLIPTextModel`, only read-only tensors.
+unsafe impl Sync for CLIPVisionModelWithProjection {}
+
+/// Drops the non-persistent `position_ids` buffer some exports carry.
+pub fn vision_rename(key: &str) -> String {
+    if key.ends_with("embeddings.position_ids") {
+        String::new()
+    } else {
+        key.to_string()
+    }
+}
+
+impl CLIPVisionModelWithProjection {
+    /// Declares the parameters under `vs` (`vision_model.…`, `visual_projection`).
+    pub fn new(vs: &nn::Path, cfg: CLIPVisionConfig) -> Result<Self> {
+        let projection_dim = cfg
+            .projection_dim
+            .filter(|d| *d > 0)
+            .ok_or_else(|| Error::Config("projection_dim must be a positive integer".into()))?;
+        let d = cfg.hidden_size;
+        Ok(Self {
+            vision_model: CLIPVisionTransformer::new(&(vs / "vision_model"), cfg)?,
+            visual_projection: weights::linear(vs / "visual_projection", d, projection_dim, false),
+            _vs: None,
+        })
+    }
+
+    /// Loads `config.json` and the weights of `component_dir` (e.g. `<prior>/image_encoder`).
+    pub fn load(
+        component_dir: &Path,
+        variant: Option<&str>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let cfg: CLIPVisionConfig = weights::read_config(component_dir)?;
+        let files = weights::weight_files(component_dir, variant)?;
+        let mut vs = weights::var_store(kind, device);
+        let mut model = Self::new(&vs.root(), cfg)?;
+        weights::load(&mut vs, &files, &vision_rename)?;
+        vs.freeze();
+        model._vs = Some(vs);
+        Ok(model)
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &CLIPVisionConfig {
+        self.vision_model.config()
+    }
+
+    /// Encodes `pixel_values` (`[batch, num_channels, image_size, image_size]`, already
+    /// preprocessed by the image processor).
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<CLIPVisionModelOutput> {
+        let (last_hidden_state, pooled) = self.vision_model.forward(pixel_values)?;
         Ok(CLIPVisionModelOutput {
             image_embeds: self.visual_projection.forward(&pooled),
-            last_hidden_state: xs,
+            last_hidden_state,
         })
     }
 }

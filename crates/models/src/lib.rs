@@ -8,6 +8,7 @@ pub mod embeddings;
 pub mod error;
 pub mod prior_transformer;
 pub mod resnet;
+pub mod safety_checker;
 pub mod t5;
 pub mod unet;
 pub mod unet_blocks;

@@ -158,6 +158,9 @@ pub struct GenerateParams {
     pub prior_num_inference_steps: Option<u32>,
     /// A Combined pipeline's prior guidance (`prior_guidance_scale`).
     pub prior_guidance_scale: Option<f32>,
+    /// Run without the checkpoint's safety checker (diffusers' `safety_checker=None`); by default
+    /// a checkpoint that names one runs it.
+    pub skip_safety_checker: bool,
 }
 
 impl GenerateParams {
@@ -270,6 +273,9 @@ pub struct Output {
     pub images_f32: Option<tch::Tensor>,
     /// The denoised latents, for [`OutputType::Latent`].
     pub latents: Option<tch::Tensor>,
+    /// Per image, whether the safety checker flagged it (and blacked it out); `None` when no
+    /// checker ran (diffusers' `nsfw_content_detected`).
+    pub nsfw_content_detected: Option<Vec<bool>>,
     pub timings: StageTimings,
     pub warnings: Vec<String>,
 }
@@ -373,12 +379,15 @@ pub struct Plan {
 }
 
 /// The plan for `resolution` over a checkpoint whose `model_index.json` is `index`: every required
-/// weight slot, and the optional ones `pipeline` uses where the checkpoint has them.
+/// weight slot, and the optional ones `pipeline` uses where the checkpoint has them (the safety
+/// checker and its feature extractor only unless `skip_safety_checker`).
 pub fn plan(
     pipeline: &dyn Pipeline,
     resolution: &Resolution,
     index: &autopipe_repo::ModelIndex,
+    skip_safety_checker: bool,
 ) -> Result<Plan> {
+    use steps::safety_checker::{FEATURE_EXTRACTOR, SAFETY_CHECKER};
     let mut leased = Vec::new();
     let mut folders = Vec::new();
     for slot in resolution.components {
@@ -387,7 +396,11 @@ pub fn plan(
             continue;
         }
         let present = index.component_class(slot.name).is_some();
-        if slot.optional && !(present && pipeline.optional_components().contains(&slot.name)) {
+        let skipped =
+            skip_safety_checker && [SAFETY_CHECKER, FEATURE_EXTRACTOR].contains(&slot.name);
+        if slot.optional
+            && (skipped || !(present && pipeline.optional_components().contains(&slot.name)))
+        {
             continue;
         }
         if !present {
@@ -529,7 +542,12 @@ pub fn generate(
     let pipeline = registry(ctx.resolution.family).ok_or_else(|| {
         PipelineError::Internal(format!("{} is not implemented", ctx.resolution.pipeline))
     })?;
-    let plan = plan(pipeline, ctx.resolution, ctx.checkpoint.index())?;
+    let plan = plan(
+        pipeline,
+        ctx.resolution,
+        ctx.checkpoint.index(),
+        params.skip_safety_checker,
+    )?;
     pipeline.validate(ctx, params)?;
     let lease = store.acquire(&autopipe_store_api::AcquireRequest {
         components: steps::components::specs(pipeline, ctx.checkpoint, &plan, variant, params)?,

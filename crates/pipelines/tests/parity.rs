@@ -83,6 +83,9 @@ struct Case {
     outputs_f32: Option<String>,
     #[serde(default)]
     error: Option<serde_json::Value>,
+    /// diffusers' per-image safety checker flags (safety_cases.json); absent = no checker ran.
+    #[serde(default)]
+    nsfw_content_detected: Option<Vec<bool>>,
 }
 
 fn fixtures() -> PathBuf {
@@ -177,6 +180,7 @@ fn params(case: &Case, reference: &Path) -> GenerateParams {
         guess_mode: case.guess_mode.unwrap_or(false),
         prior_num_inference_steps: case.prior_num_inference_steps,
         prior_guidance_scale: case.prior_guidance_scale,
+        skip_safety_checker: false,
     }
 }
 
@@ -235,6 +239,29 @@ fn run_case(
         "{}: image count",
         case.name
     );
+    if out.nsfw_content_detected != case.nsfw_content_detected {
+        return Err(format!(
+            "nsfw_content_detected {:?}, diffusers {:?}",
+            out.nsfw_content_detected, case.nsfw_content_detected
+        ));
+    }
+    for (i, flagged) in case.nsfw_content_detected.iter().flatten().enumerate() {
+        let black = image::load_from_memory(&out.images[i].png)
+            .unwrap()
+            .to_rgb8()
+            .as_raw()
+            .iter()
+            .all(|&v| v == 0);
+        if black != *flagged {
+            return Err(format!("image {i}: flagged {flagged}, black {black}"));
+        }
+    }
+    if let Some(flags) = &case.nsfw_content_detected {
+        println!(
+            "{:<40} nsfw_content_detected {flags:?} (as diffusers)",
+            case.name
+        );
+    }
     let expected_f32 = read_tensor(&expected_file, "images");
     let max_diff = (out.images_f32.as_ref().unwrap() - expected_f32.to_device(Device::Cpu))
         .abs()
@@ -324,6 +351,13 @@ fn sdxl_matches_diffusers() {
 #[test]
 fn controlnet_matches_diffusers() {
     run_cases_file("controlnet_cases.json");
+}
+
+/// A checkpoint with a StableDiffusionSafetyChecker: the flags per image equal diffusers', the
+/// flagged images are black and the others match.
+#[test]
+fn safety_checker_matches_diffusers() {
+    run_cases_file("safety_cases.json");
 }
 
 #[test]

@@ -4,7 +4,9 @@
 
 use anyhow::{bail, Context};
 use autopipe_orchestrator::metrics::{Histogram, LATENCY_BUCKETS};
-use autopipe_orchestrator::{serve, Orchestrator, OrchestratorConfig, ServeOptions};
+use autopipe_orchestrator::{
+    serve, Orchestrator, OrchestratorConfig, SafetyCheckerMode, ServeOptions,
+};
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1;
@@ -103,6 +105,14 @@ struct ServeArgs {
     /// components are loaded into the store before the Orchestrator service reports SERVING.
     #[arg(long, env = "AUTOPIPE_PRELOAD", value_delimiter = ',')]
     preload: Vec<String>,
+    /// Checkpoints' safety checkers: auto (run the one model_index.json names, as diffusers does)
+    /// or off (never).
+    #[arg(long, env = "AUTOPIPE_SAFETY_CHECKER", default_value = "auto")]
+    safety_checker: SafetyCheckerMode,
+    /// Let requests skip the safety checker (GenerateRequest.skip_safety_checker); otherwise
+    /// such requests are PERMISSION_DENIED.
+    #[arg(long, env = "AUTOPIPE_ALLOW_REQUEST_SAFETY_OFF")]
+    allow_request_safety_off: bool,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +166,10 @@ struct GenerateArgs {
     /// Images to generate.
     #[arg(long)]
     num_images: Option<u32>,
+    /// Ask to run without the checkpoint's safety checker (a server refuses unless started with
+    /// --allow-request-safety-off; --embedded runs as its own operator and allows it).
+    #[arg(long)]
+    skip_safety_checker: bool,
     /// Weight-file variant, e.g. fp16.
     #[arg(long, default_value = "")]
     variant: String,
@@ -366,6 +380,7 @@ fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
         guess_mode: a.guess_mode,
         prior_num_inference_steps: a.prior_steps,
         prior_guidance_scale: a.prior_guidance_scale,
+        skip_safety_checker: a.skip_safety_checker,
     })
 }
 
@@ -406,6 +421,12 @@ fn write_images(resp: &v1::GenerateResponse, output: &Path) -> anyhow::Result<()
             img.height,
             img.seed
         );
+        if img.nsfw_content_detected {
+            eprintln!(
+                "warning: {}: the model's safety checker flagged image {i} (potential NSFW content); it is returned black",
+                path.display()
+            );
+        }
     }
     for w in &resp.warnings {
         eprintln!("warning: {w}");
@@ -544,7 +565,11 @@ fn main() -> anyhow::Result<()> {
             let store = Arc::new(Store::new(a.store.config()?).with_observer(loads.clone()));
             let orchestrator = Arc::new(Orchestrator::new(
                 store.clone(),
-                OrchestratorConfig::default(),
+                OrchestratorConfig {
+                    safety_checker: a.safety_checker,
+                    allow_request_safety_off: a.allow_request_safety_off,
+                    ..Default::default()
+                },
             ));
             orchestrator
                 .metrics()
@@ -584,7 +609,12 @@ fn main() -> anyhow::Result<()> {
                 runtime.block_on(generate_remote(server, req))?
             } else if a.embedded {
                 let store = Arc::new(Store::new(a.store.config()?));
-                let orchestrator = Orchestrator::new(store, OrchestratorConfig::default());
+                // In process, the caller is the operator: its own request decides.
+                let config = OrchestratorConfig {
+                    allow_request_safety_off: true,
+                    ..Default::default()
+                };
+                let orchestrator = Orchestrator::new(store, config);
                 let bar = progress_bar();
                 let resp = orchestrator
                     .generate(&req, "cli", &BarObserver(bar.clone()))

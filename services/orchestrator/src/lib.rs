@@ -10,7 +10,7 @@ mod service;
 mod validate;
 
 pub use metrics::Metrics;
-pub use orchestrator::{Orchestrator, OrchestratorConfig};
+pub use orchestrator::{Orchestrator, OrchestratorConfig, SafetyCheckerMode};
 pub use remote_store::RemoteStore;
 pub use service::{serve, OrchestratorService, ServeOptions};
 

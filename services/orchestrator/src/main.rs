@@ -1,7 +1,9 @@
 //! `autopipe-orchestrator`: the stateless orchestrator daemon, leasing from a remote `autopipe-store`.
 
 use anyhow::Context;
-use autopipe_orchestrator::{serve, Orchestrator, OrchestratorConfig, RemoteStore, ServeOptions};
+use autopipe_orchestrator::{
+    serve, Orchestrator, OrchestratorConfig, RemoteStore, SafetyCheckerMode, ServeOptions,
+};
 use autopipe_proto::transport::Address;
 use clap::Parser;
 use std::sync::Arc;
@@ -45,6 +47,14 @@ struct Args {
     /// components are loaded into the store before the Orchestrator service reports SERVING.
     #[arg(long, env = "AUTOPIPE_PRELOAD", value_delimiter = ',')]
     preload: Vec<String>,
+    /// Checkpoints' safety checkers: auto (run the one model_index.json names, as diffusers does)
+    /// or off (never).
+    #[arg(long, env = "AUTOPIPE_SAFETY_CHECKER", default_value = "auto")]
+    safety_checker: SafetyCheckerMode,
+    /// Let requests skip the safety checker (GenerateRequest.skip_safety_checker); otherwise
+    /// such requests are PERMISSION_DENIED.
+    #[arg(long, env = "AUTOPIPE_ALLOW_REQUEST_SAFETY_OFF")]
+    allow_request_safety_off: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +78,8 @@ fn main() -> anyhow::Result<()> {
         Arc::new(store),
         OrchestratorConfig {
             default_kind,
+            safety_checker: args.safety_checker,
+            allow_request_safety_off: args.allow_request_safety_off,
             ..Default::default()
         },
     ));

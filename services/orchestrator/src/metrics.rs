@@ -33,6 +33,8 @@ pub struct Metrics {
     request_seconds: Mutex<BTreeMap<String, Arc<Histogram>>>,
     acquire_seconds: Histogram,
     lease_renewals: Mutex<BTreeMap<&'static str, u64>>,
+    /// Images the safety checker flagged (and blacked out), by model label.
+    nsfw_images: Mutex<BTreeMap<String, u64>>,
     collectors: Mutex<Vec<Collector>>,
 }
 
@@ -47,6 +49,7 @@ impl Default for Metrics {
             request_seconds: Mutex::default(),
             acquire_seconds: Histogram::new(LATENCY_BUCKETS),
             lease_renewals: Mutex::default(),
+            nsfw_images: Mutex::default(),
             collectors: Mutex::default(),
         }
     }
@@ -147,6 +150,18 @@ impl Metrics {
         lock(&self.collectors).push(Box::new(f));
     }
 
+    /// Counts `n` images of `model` that the safety checker flagged.
+    pub fn nsfw_images_add(&self, model: &str, n: u64) {
+        let label = self.model_label(model);
+        *lock(&self.nsfw_images).entry(label).or_default() += n;
+    }
+
+    /// Flagged images counted for `model`'s label.
+    pub fn nsfw_images(&self, model: &str) -> u64 {
+        let label = self.model_label(model);
+        lock(&self.nsfw_images).get(&label).copied().unwrap_or(0)
+    }
+
     /// Everything, in Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -196,6 +211,15 @@ impl Metrics {
                 "autopipe_lease_renewals_total{{result=\"{result}\"}} {n}"
             );
         }
+        out.push_str("# HELP autopipe_nsfw_images_total Images the checkpoint's safety checker flagged and returned black, by model.\n");
+        out.push_str("# TYPE autopipe_nsfw_images_total counter\n");
+        for (model, n) in lock(&self.nsfw_images).iter() {
+            let _ = writeln!(
+                out,
+                "autopipe_nsfw_images_total{{model=\"{}\"}} {n}",
+                escape(model)
+            );
+        }
         for f in lock(&self.collectors).iter() {
             f(&mut out);
         }
@@ -242,7 +266,13 @@ mod tests {
         m.step(Duration::from_millis(7));
         m.queue_add(2);
         m.queue_add(-1);
+        m.nsfw_images_add("/m/sd1", 2);
+        m.nsfw_images_add("/m/sd1", 1);
         let text = m.render();
+        assert!(
+            text.contains("autopipe_nsfw_images_total{model=\"/m/sd1\"} 3"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "autopipe_requests_total{task=\"text2img\",model=\"/m/sd1\",status=\"ok\"} 2"

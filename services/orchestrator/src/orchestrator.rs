@@ -25,6 +25,33 @@ pub struct OrchestratorConfig {
     /// Where hub model references are fetched from and cached; `None` = from the environment
     /// (`HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
     pub hub: Option<HubOptions>,
+    /// `--safety-checker`: whether checkpoints' safety checkers run.
+    pub safety_checker: SafetyCheckerMode,
+    /// `--allow-request-safety-off`: requests may set `skip_safety_checker`; otherwise asking is
+    /// PERMISSION_DENIED.
+    pub allow_request_safety_off: bool,
+}
+
+/// Whether the server runs checkpoints' safety checkers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SafetyCheckerMode {
+    /// As diffusers loads the checkpoint: a `safety_checker` entry in `model_index.json` runs.
+    #[default]
+    Auto,
+    /// Never (diffusers' `safety_checker=None` for every model).
+    Off,
+}
+
+impl std::str::FromStr for SafetyCheckerMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            other => Err(format!("expected auto or off, got {other:?}")),
+        }
+    }
 }
 
 /// The stateless request path over a component store.
@@ -177,6 +204,7 @@ impl Orchestrator {
         task: Task,
         variant: Option<&str>,
         controlnet: bool,
+        skip_safety_checker: bool,
     ) -> Result<Prepared, Status> {
         let mut index = self.open(model, revision, &[], None)?;
         let resolution = autopipe_auto::resolve(&index.index().class_name, task, controlnet)
@@ -194,8 +222,9 @@ impl Orchestrator {
         if let Some(prior) = &prior {
             index.connect(CONNECTED_PREFIX, self.open(prior, "", &[], None)?);
         }
-        let plan = autopipe_pipelines::plan(pipeline, &resolution, index.index())
-            .map_err(|e| pipeline_status(&e))?;
+        let plan =
+            autopipe_pipelines::plan(pipeline, &resolution, index.index(), skip_safety_checker)
+                .map_err(|e| pipeline_status(&e))?;
         let (connected, own): (Vec<&str>, Vec<&str>) = plan.folders.iter().partition(|name| {
             prior.is_some()
                 && resolution
@@ -224,13 +253,24 @@ impl Orchestrator {
     /// default dtype (acquired and released: resident, evictable like any other) and reads its
     /// tokenizer, so the first request pays no load. Returns the components' names.
     pub fn warm_up(&self, model: &str) -> Result<Vec<String>, Status> {
-        let prepared = self.prepare(model, "", Task::Text2Img, None, false)?;
+        let params = autopipe_pipelines::GenerateParams {
+            skip_safety_checker: self.config.safety_checker == SafetyCheckerMode::Off,
+            ..Default::default()
+        };
+        let prepared = self.prepare(
+            model,
+            "",
+            Task::Text2Img,
+            None,
+            false,
+            params.skip_safety_checker,
+        )?;
         let ctx = prepared.context(Task::Text2Img, &self.tokenizers);
         prepared
             .pipeline
             .warm_up(&ctx)
             .map_err(|e| pipeline_status(&e))?;
-        let specs = prepared.specs(None, &autopipe_pipelines::GenerateParams::default())?;
+        let specs = prepared.specs(None, &params)?;
         let names = specs.iter().map(|s| s.name.clone()).collect();
         let lease = self
             .store
@@ -257,6 +297,14 @@ impl Orchestrator {
     ) -> Result<v1::GenerateResponse, Status> {
         let started = Instant::now();
         let mut valid = validate::generate_request(req)?;
+        if valid.params.skip_safety_checker && !self.config.allow_request_safety_off {
+            return Err(Status::permission_denied(
+                "skip_safety_checker: this server does not let requests skip the safety checker (its operator can allow it with --allow-request-safety-off)",
+            ));
+        }
+        if self.config.safety_checker == SafetyCheckerMode::Off {
+            valid.params.skip_safety_checker = true;
+        }
         resolve_controlnets(&mut valid.params)?;
         let prepared = self.prepare(
             &valid.model,
@@ -264,6 +312,7 @@ impl Orchestrator {
             valid.task,
             valid.variant.as_deref(),
             !valid.params.controlnets.is_empty(),
+            valid.params.skip_safety_checker,
         )?;
         self.metrics.known_model(&valid.model);
         let ctx = prepared.context(valid.task, &self.tokenizers);
@@ -307,6 +356,11 @@ impl Orchestrator {
         drop(components);
         drop(guard);
         let steps = out.timings.steps.max(1) as f64;
+        let flags = out.nsfw_content_detected.as_deref();
+        let flagged = flags.map_or(0, |f| f.iter().filter(|&&x| x).count());
+        if flagged > 0 {
+            self.metrics.nsfw_images_add(&valid.model, flagged as u64);
+        }
         let latents = out
             .latents
             .as_ref()
@@ -317,11 +371,14 @@ impl Orchestrator {
             images: out
                 .images
                 .into_iter()
-                .map(|img| v1::Image {
+                .enumerate()
+                .map(|(i, img)| v1::Image {
                     png: img.png,
                     width: img.width,
                     height: img.height,
                     seed: valid.params.seed,
+                    nsfw_content_detected: flags.is_some_and(|f| f.get(i) == Some(&true)),
+                    safety_checked: flags.is_some(),
                 })
                 .collect(),
             pipeline: prepared.resolution.pipeline.to_string(),

@@ -503,6 +503,7 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
             },
             controlnets: controlnets(req)?,
             guess_mode: req.guess_mode,
+            skip_safety_checker: req.skip_safety_checker,
         },
     })
 }

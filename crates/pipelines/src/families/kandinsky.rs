@@ -519,6 +519,7 @@ impl Pipeline for Kandinsky22 {
                 images: Vec::new(),
                 images_f32: None,
                 latents: Some(latents),
+                nsfw_content_detected: None,
                 timings,
                 warnings,
             });
@@ -529,6 +530,7 @@ impl Pipeline for Kandinsky22 {
             images,
             images_f32: Some(images_f32),
             latents: None,
+            nsfw_content_detected: None,
             timings,
             warnings,
         })

@@ -190,6 +190,8 @@ impl StableDiffusionXL {
                 scheduler,
                 timesteps,
                 controlnet_scale: self.controlnet.then(|| controlnet_scale(ctx.task)),
+                // diffusers' SDXL pipelines have no safety checker (an invisible watermarker).
+                safety_check: None,
             },
             time_ids,
             encoders,

@@ -2,12 +2,14 @@
 //! and `StableDiffusionInpaintPipeline` (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion*.py),
 //! and with ControlNet conditioning ([`crate::steps::controlnet`]) `StableDiffusionControlNetPipeline`,
 //! `…ControlNetImg2ImgPipeline` and `…ControlNetInpaintPipeline`
-//! (diffusers/pipelines/controlnet/pipeline_controlnet{,_img2img,_inpaint}.py).
+//! (diffusers/pipelines/controlnet/pipeline_controlnet{,_img2img,_inpaint}.py). All six run the
+//! checkpoint's safety checker on their decoded images ([`crate::steps::safety_checker`]).
 
 use crate::steps::components::Components;
 use crate::steps::controlnet;
 use crate::steps::latent_diffusion::{self, Configured, Defaults};
 use crate::steps::prompt::ClipPrompt;
+use crate::steps::safety_checker::{SafetyCheck, FEATURE_EXTRACTOR, SAFETY_CHECKER};
 use crate::steps::schedule;
 use crate::{Context, GenerateParams, Output, Pipeline, PipelineError, Result, StepObserver};
 use autopipe_auto::Family;
@@ -73,6 +75,7 @@ impl StableDiffusion {
             scheduler,
             timesteps,
             controlnet_scale: self.controlnet.then(|| controlnet_scale(ctx.task)),
+            safety_check: SafetyCheck::configure(ctx, params)?,
         })
     }
 }
@@ -84,6 +87,10 @@ impl Pipeline for StableDiffusion {
         } else {
             Family::StableDiffusion
         }
+    }
+
+    fn optional_components(&self) -> &'static [&'static str] {
+        &[SAFETY_CHECKER, FEATURE_EXTRACTOR]
     }
 
     fn warm_up(&self, ctx: &Context) -> Result<()> {

@@ -142,6 +142,14 @@ impl<'a> Components<'a> {
         }
     }
 
+    /// The `StableDiffusionSafetyChecker` leased as `name`.
+    pub fn safety_checker(&'a self, name: &'a str) -> SafetyChecker<'a> {
+        SafetyChecker {
+            components: self,
+            name,
+        }
+    }
+
     /// The `CLIPVisionModelWithProjection` leased as `name`.
     pub fn image_encoder(&'a self, name: &'a str) -> ImageEncoder<'a> {
         ImageEncoder {
@@ -466,5 +474,23 @@ impl ImageEncoder<'_> {
                 vec![("pixel_values".into(), pixel_values)],
             )?
             .take("image_embeds")
+    }
+}
+
+/// `StableDiffusionSafetyChecker`.
+pub struct SafetyChecker<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl SafetyChecker<'_> {
+    /// `has_nsfw_concepts` for each image of `clip_input` (the feature extractor's pixel values).
+    pub fn check(&self, clip_input: Tensor) -> Result<Vec<bool>> {
+        let flags = self
+            .components
+            .invoke(self.name, "check", vec![("clip_input".into(), clip_input)])?
+            .take("has_nsfw_concepts")?;
+        let flags = Vec::<u8>::try_from(flags.to_kind(tch::Kind::Uint8).flatten(0, -1))?;
+        Ok(flags.into_iter().map(|f| f != 0).collect())
     }
 }

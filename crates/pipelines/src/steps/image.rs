@@ -109,6 +109,42 @@ pub fn preprocess_mask(img: &DynamicImage, width: u32, height: u32) -> Tensor {
     Tensor::from_slice(&binary).reshape([1, 1, height as i64, width as i64])
 }
 
+/// `numpy_to_pil` for one float HWC image in [0, 1]: `(x * 255).round().astype("uint8")`.
+fn quantize(hwc: &[f32], width: u32, height: u32) -> Result<RgbImage> {
+    let raw: Vec<u8> = hwc
+        .iter()
+        .map(|&v| (v * 255.0).round_ties_even() as u8)
+        .collect();
+    RgbImage::from_raw(width, height, raw)
+        .ok_or_else(|| PipelineError::Internal("image buffer size".into()))
+}
+
+/// `numpy_to_pil` for float NHWC images in [0, 1] (what [`postprocess`] returns beside the PNGs).
+pub fn to_pil(nhwc: &Tensor) -> Result<Vec<RgbImage>> {
+    let size = nhwc.size();
+    let [_, h, w, 3] = size[..] else {
+        return Err(PipelineError::Internal(format!(
+            "images have shape {size:?}, not [N, H, W, 3]"
+        )));
+    };
+    let flat = Vec::<f32>::try_from(nhwc.to_kind(Kind::Float).flatten(0, -1))?;
+    flat.chunks_exact((h * w * 3) as usize)
+        .map(|one| quantize(one, w as u32, h as u32))
+        .collect()
+}
+
+/// A PNG-encoded output image.
+pub fn png(img: &RgbImage) -> Result<crate::GeneratedImage> {
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| PipelineError::Internal(format!("png encode: {e}")))?;
+    Ok(crate::GeneratedImage {
+        png,
+        width: img.width(),
+        height: img.height(),
+    })
+}
+
 /// `postprocess(output_type="np")` then `numpy_to_pil`: float NHWC in [0, 1] and PNG bytes per image.
 pub fn postprocess(decoded: &Tensor) -> Result<(Tensor, Vec<crate::GeneratedImage>)> {
     let decoded = decoded
@@ -140,23 +176,10 @@ pub fn postprocess(decoded: &Tensor) -> Result<(Tensor, Vec<crate::GeneratedImag
             }
         }
     }
-    let mut out = Vec::with_capacity(n);
-    for one in nhwc.chunks_exact(h * w * 3) {
-        let raw: Vec<u8> = one
-            .iter()
-            .map(|&v| (v * 255.0).round_ties_even() as u8)
-            .collect();
-        let img = RgbImage::from_raw(w as u32, h as u32, raw)
-            .ok_or_else(|| PipelineError::Internal("image buffer size".into()))?;
-        let mut png = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(|e| PipelineError::Internal(format!("png encode: {e}")))?;
-        out.push(crate::GeneratedImage {
-            png,
-            width: w as u32,
-            height: h as u32,
-        });
-    }
+    let out = nhwc
+        .chunks_exact(h * w * 3)
+        .map(|one| png(&quantize(one, w as u32, h as u32)?))
+        .collect::<Result<Vec<_>>>()?;
     let nhwc = Tensor::from_slice(&nhwc).reshape([n as i64, h as i64, w as i64, 3]);
     Ok((nhwc, out))
 }

@@ -8,6 +8,7 @@ use crate::steps::denoise::{denoise, Conditioning};
 use crate::steps::image;
 use crate::steps::latents::{self, InpaintInputs, LatentSpace, Prepared};
 use crate::steps::prompt::{PromptEmbeds, PromptEncoder, Prompts};
+use crate::steps::safety_checker::SafetyCheck;
 use crate::steps::schedule::Start;
 use crate::{
     as_python_float, Context, GenerateParams, InitImage, Output, OutputType, PipelineError, Result,
@@ -180,6 +181,8 @@ pub struct Configured {
     /// For a ControlNet pipeline, its `controlnet_conditioning_scale` default: the request's
     /// ControlNets then condition the UNet ([`ControlNets`]).
     pub controlnet_scale: Option<f64>,
+    /// The safety check the decoded images go through, if the family and checkpoint have one.
+    pub safety_check: Option<SafetyCheck>,
 }
 
 /// The whole run of a latent-diffusion pipeline: encode the prompt, prepare the task's latents,
@@ -199,6 +202,7 @@ pub fn run(
         mut scheduler,
         timesteps,
         controlnet_scale,
+        safety_check,
     } = configured;
     let mut generator = Generator::new(params.seed);
     let mut timings = StageTimings::default();
@@ -264,6 +268,7 @@ pub fn run(
         &setup.space,
         latents,
         params.output_type,
+        safety_check.as_ref(),
         timings,
         warnings,
     )
@@ -338,12 +343,14 @@ pub fn prepare(
     }
 }
 
-/// The end of a run: decoded images, or the latents for `output_type="latent"`.
+/// The end of a run: decoded images (through the safety check, if any), or the latents for
+/// `output_type="latent"` (which diffusers never checks).
 pub fn finish(
     components: &Components,
     space: &LatentSpace,
     latents: Tensor,
     output_type: OutputType,
+    safety_check: Option<&SafetyCheck>,
     mut timings: StageTimings,
     warnings: Vec<String>,
 ) -> Result<Output> {
@@ -352,17 +359,26 @@ pub fn finish(
             images: Vec::new(),
             images_f32: None,
             latents: Some(latents),
+            nsfw_content_detected: None,
             timings,
             warnings,
         });
     }
-    let decoded = timings.time("decode", || {
+    let mut decoded = timings.time("decode", || {
         latents::decode(&components.vae("vae"), space, &latents)
     })?;
+    let nsfw_content_detected = safety_check
+        .map(|check| {
+            timings.time("safety_checker", || {
+                check.run(components, &mut decoded.images_f32, &mut decoded.images)
+            })
+        })
+        .transpose()?;
     Ok(Output {
         images: decoded.images,
         images_f32: Some(decoded.images_f32),
         latents: None,
+        nsfw_content_detected,
         timings,
         warnings,
     })

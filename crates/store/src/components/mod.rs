@@ -12,6 +12,7 @@ mod clip_text;
 mod clip_vision;
 mod controlnet;
 mod prior_transformer;
+mod safety_checker;
 mod t5;
 mod unet;
 mod vq_model;
@@ -33,6 +34,7 @@ const CLASSES: &[Class] = &[
     Class::of::<prior_transformer::PriorTransformer>(),
     Class::of::<vq_model::VQModel>(),
     Class::of::<t5::T5EncoderModel>(),
+    Class::of::<safety_checker::StableDiffusionSafetyChecker>(),
 ];
 
 /// A component class the store loads: what `model_index.json` calls it, how it loads, and what
@@ -364,7 +366,8 @@ mod tests {
         assert_eq!(
             supported(),
             "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, ControlNetModel, \
-             AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel, T5EncoderModel"
+             AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel, T5EncoderModel, \
+             StableDiffusionSafetyChecker"
         );
         let names: HashSet<&str> = CLASSES.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), CLASSES.len());

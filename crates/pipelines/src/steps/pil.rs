@@ -1,0 +1,221 @@
+//! Pillow's `Image.resize` for 8-bit RGB images (Pillow's `libImaging/Resample.c`), bit for bit:
+//! a horizontal then a vertical pass, each a convolution whose filter support is scaled by the
+//! downsampling factor, with coefficients normalised in double precision and applied in 22-bit
+//! fixed point. transformers' PIL image processors and diffusers' PIL inputs resize through it.
+
+use image::RgbImage;
+
+/// Pillow's resampling filters (`PIL.Image.Resampling`), by the numbers configs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Lanczos,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
+}
+
+impl Filter {
+    /// The filter for Pillow's number (`resample` in a `preprocessor_config.json`); `None` for
+    /// NEAREST (0), which Pillow runs as an affine transform rather than a convolution, and for
+    /// numbers Pillow does not have.
+    pub fn from_pil(n: i64) -> Option<Self> {
+        match n {
+            1 => Some(Self::Lanczos),
+            2 => Some(Self::Bilinear),
+            3 => Some(Self::Bicubic),
+            4 => Some(Self::Box),
+            5 => Some(Self::Hamming),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Self::Box => 0.5,
+            Self::Bilinear | Self::Hamming => 1.0,
+            Self::Bicubic => 2.0,
+            Self::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
+        }
+        match self {
+            Self::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Self::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Self::Hamming => {
+                let x = x.abs();
+                if x == 0.0 {
+                    1.0
+                } else if x >= 1.0 {
+                    0.0
+                } else {
+                    let x = x * std::f64::consts::PI;
+                    x.sin() / x * (0.54 + 0.46 * x.cos())
+                }
+            }
+            Self::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Self::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// One output pixel's taps: the first input index and fixed-point weights.
+struct Taps {
+    first: usize,
+    weights: Vec<i32>,
+}
+
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` for resizing `in_size` to `out_size`.
+fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<Taps> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's (int) cast truncates toward zero; negatives are clamped to 0 either way.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let raw: Vec<f64> = (xmin..xmax.max(xmin))
+                .map(|x| filter.weight((x as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = raw.iter().sum();
+            let fixed = 2f64.powi(PRECISION_BITS as i32);
+            let weights = raw
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    if w < 0.0 {
+                        (-0.5 + w * fixed) as i32
+                    } else {
+                        (0.5 + w * fixed) as i32
+                    }
+                })
+                .collect();
+            Taps {
+                first: xmin,
+                weights,
+            }
+        })
+        .collect()
+}
+
+/// `clip8`: a fixed-point sum back to a byte.
+fn clip8(v: i64) -> u8 {
+    if v >= 1i64 << (PRECISION_BITS + 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// One fixed-point convolution: `sample(i)` is the input at index `i` along the resampled axis.
+fn convolve(taps: &Taps, sample: impl Fn(usize) -> u8) -> u8 {
+    let sum = taps
+        .weights
+        .iter()
+        .enumerate()
+        .fold(1i64 << (PRECISION_BITS - 1), |ss, (k, &w)| {
+            ss + sample(taps.first + k) as i64 * w as i64
+        });
+    clip8(sum)
+}
+
+/// `img.resize((width, height), resample=filter)` as Pillow computes it for mode "RGB".
+pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    let (w1, h1) = (width as usize, height as usize);
+    let mut buf = img.as_raw().clone();
+    if w1 != w0 {
+        let taps = coefficients(w0, w1, filter);
+        let mut out = vec![0u8; w1 * h0 * 3];
+        for y in 0..h0 {
+            let row = &buf[y * w0 * 3..(y + 1) * w0 * 3];
+            for (x, t) in taps.iter().enumerate() {
+                for c in 0..3 {
+                    out[(y * w1 + x) * 3 + c] = convolve(t, |i| row[i * 3 + c]);
+                }
+            }
+        }
+        buf = out;
+    }
+    if h1 != h0 {
+        let taps = coefficients(h0, h1, filter);
+        let line = w1 * 3;
+        let mut out = vec![0u8; line * h1];
+        for (y, t) in taps.iter().enumerate() {
+            for i in 0..line {
+                out[y * line + i] = convolve(t, |j| buf[j * line + i]);
+            }
+        }
+        buf = out;
+    }
+    RgbImage::from_raw(width, height, buf).expect("a buffer of width x height RGB pixels")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (a, b) in [(64, 36), (36, 64), (7, 3), (3, 7)] {
+            for t in coefficients(a, b, Filter::Bicubic) {
+                let sum: i64 = t.weights.iter().map(|&w| w as i64).sum();
+                assert!((sum - (1 << PRECISION_BITS)).abs() <= t.weights.len() as i64);
+            }
+        }
+    }
+
+    #[test]
+    fn a_flat_image_stays_flat() {
+        let img = RgbImage::from_pixel(13, 9, image::Rgb([10, 128, 250]));
+        for filter in [Filter::Bicubic, Filter::Lanczos, Filter::Bilinear] {
+            let out = resize(&img, 5, 17, filter);
+            assert!(out.pixels().all(|p| p.0 == [10, 128, 250]), "{filter:?}");
+        }
+    }
+}
