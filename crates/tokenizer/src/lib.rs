@@ -1,4 +1,5 @@
-//! autopipe-tokenizer: the CLIP tokenizer exactly as Stable Diffusion pipelines call it.
+//! autopipe-tokenizer: the CLIP tokenizer exactly as Stable Diffusion pipelines call it, and the T5
+//! tokenizer of DeepFloyd IF ([`t5`], from `tokenizer.json` or a converted `spiece.model`).
 //!
 //! Follows transformers 5.24 `models/clip/tokenization_clip.py` (`CLIPTokenizer`, a `tokenizers` backend:
 //! NFC + `\s+`→" " + lowercase, CLIP's split regex + byte-level, BPE with "</w>", BOS/EOS post-processor),
@@ -8,7 +9,9 @@
 //! No ftfy or HTML unescaping is involved: transformers 5's CLIPTokenizer has no such step.
 
 mod files;
+pub mod sentencepiece;
 mod special;
+pub mod t5;
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +32,7 @@ use tokenizers::{
 };
 
 pub use files::{CONFIG_FILE, MERGES_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, VOCAB_FILE};
+pub use t5::{T5Tokenizer, SPIECE_FILE};
 
 /// CLIP's pre-tokenizer split pattern (`CLIPTokenizer.__init__`).
 const CLIP_SPLIT_PATTERN: &str =
