@@ -2,7 +2,12 @@
 //! Unix socket (`unix:///path/to.sock`, the default between an orchestrator and its store in one pod).
 
 use std::path::PathBuf;
+use std::time::Instant;
+use tonic::body::Body;
+use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tower::layer::util::{Identity, Stack};
+use tower::util::MapRequestLayer;
 
 /// Largest gRPC message either side accepts or sends (images and tensors travel in one message).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -124,11 +129,39 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
 }
 
+/// When a call reached the server's service stack, stamped by [`server`]'s layer. tonic starts its
+/// own `grpc-timeout` timer (which answers CANCELLED, "Timeout expired") right after the inner
+/// service's `call` returns, and the stamp is taken inside that `call`: a deadline measured from
+/// this instant always falls before tonic's, however late the request is first polled on a loaded
+/// machine, so the service can answer DEADLINE_EXCEEDED itself, as gRPC specifies.
+#[derive(Debug, Clone, Copy)]
+struct Arrived(Instant);
+
+fn stamp_arrival(mut req: http::Request<Body>) -> http::Request<Body> {
+    req.extensions_mut().insert(Arrived(Instant::now()));
+    req
+}
+
+type StampArrival = MapRequestLayer<fn(http::Request<Body>) -> http::Request<Body>>;
+
+/// The router every autopipe server serves ([`server`]'s).
+pub type Router = tonic::transport::server::Router<Stack<StampArrival, Identity>>;
+
+/// A tonic server builder whose requests carry their arrival time ([`arrived`]).
+pub fn server() -> tonic::transport::Server<Stack<StampArrival, Identity>> {
+    tonic::transport::Server::builder().layer(MapRequestLayer::new(stamp_arrival as fn(_) -> _))
+}
+
+/// When `req` reached the server, if it came through a [`server`].
+pub fn arrived<T>(req: &tonic::Request<T>) -> Option<Instant> {
+    req.extensions().get::<Arrived>().map(|a| a.0)
+}
+
 /// Serves `router` on `incoming` until `shutdown` resolves; then runs `on_drain` (mark health
 /// NOT_SERVING, refuse new work), lets in-flight calls finish, and stops after `drain_timeout` at
 /// the latest.
 pub async fn serve_with_drain<F>(
-    router: tonic::transport::server::Router,
+    router: Router,
     incoming: Incoming,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_drain: F,

@@ -1,5 +1,6 @@
-//! autopipe-tokenizer: the CLIP tokenizer exactly as Stable Diffusion pipelines call it, and the
-//! other tokenizers-backed transformers tokenizers (`PretrainedTokenizer`, `pretrained.rs`).
+//! autopipe-tokenizer: the CLIP tokenizer exactly as Stable Diffusion pipelines call it, the T5
+//! tokenizer of DeepFloyd IF ([`t5`], from `tokenizer.json` or a converted `spiece.model`) and
+//! XLM-RoBERTa's (Kandinsky 2.1, [`PretrainedTokenizer`], from `tokenizer.json`).
 //!
 //! Follows transformers 5.24 `models/clip/tokenization_clip.py` (`CLIPTokenizer`, a `tokenizers` backend:
 //! NFC + `\s+`→" " + lowercase, CLIP's split regex + byte-level, BPE with "</w>", BOS/EOS post-processor),
@@ -10,7 +11,9 @@
 
 mod files;
 mod pretrained;
+pub mod sentencepiece;
 mod special;
+pub mod t5;
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +35,7 @@ use tokenizers::{
 
 pub use files::{CONFIG_FILE, MERGES_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, VOCAB_FILE};
 pub use pretrained::{PretrainedTokenizer, TokenizerClass};
+pub use t5::{T5Tokenizer, SPIECE_FILE};
 
 /// CLIP's pre-tokenizer split pattern (`CLIPTokenizer.__init__`).
 const CLIP_SPLIT_PATTERN: &str =

@@ -232,8 +232,8 @@ fn task_label(task: i32) -> &'static str {
     }
 }
 
-/// tonic's own `grpc-timeout` timer answers CANCELLED when a unary deadline passes; answering a
-/// moment earlier lets the client see DEADLINE_EXCEEDED, as gRPC specifies.
+/// autopipe answers a unary deadline this much before it passes, so the client sees
+/// DEADLINE_EXCEEDED (as gRPC specifies) from autopipe rather than tonic's CANCELLED.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 impl OrchestratorService {
@@ -335,7 +335,8 @@ impl OrchestratorService {
         cancelled: Arc<AtomicBool>,
     ) -> Result<v1::GenerateResponse, Status> {
         let started = Instant::now();
-        let deadline = grpc_timeout(&req).and_then(|d| started.checked_add(d));
+        let arrived = transport::arrived(&req).unwrap_or(started);
+        let deadline = grpc_timeout(&req).and_then(|d| arrived.checked_add(d));
         let id = request_id(&req);
         let task = task_label(req.get_ref().task);
         let model = req.get_ref().model.trim().to_string();
@@ -534,7 +535,7 @@ pub async fn serve(
             warm_up_failed,
         ));
     }
-    let router = tonic::transport::Server::builder()
+    let router = transport::server()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

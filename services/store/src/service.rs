@@ -324,7 +324,7 @@ pub async fn serve(
             reaper.reap_expired();
         }
     });
-    let router = tonic::transport::Server::builder()
+    let router = transport::server()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

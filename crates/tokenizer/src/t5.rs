@@ -1,0 +1,326 @@
+//! The T5 tokenizer as transformers 5.24 builds it (`models/t5/tokenization_t5.py`, `T5Tokenizer`):
+//! a `tokenizers` Unigram over the SentencePiece pieces plus `<extra_id_N>` sentinels (unk id 2),
+//! the model's precompiled normalization, `WhitespaceSplit` + `Metaspace("▁", always)`
+//! pre-tokenization and `$A </s>`. The vocabulary comes from `tokenizer.json` when the folder has
+//! one, else from `spiece.model` (converted as `T5Converter.convert_from_spm` does); transformers
+//! rebuilds the same pipeline from either.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
+use tokenizers::models::unigram::Unigram;
+use tokenizers::normalizers::precompiled::Precompiled;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
+    TruncationParams, TruncationStrategy,
+};
+
+use crate::files::{self, bad, CONFIG_FILE, TOKENIZER_FILE};
+use crate::sentencepiece::{PieceType, SentencePieceModel};
+use crate::{tk_err, Encoded, Result};
+
+/// The SentencePiece model file T5 checkpoints ship.
+pub const SPIECE_FILE: &str = "spiece.model";
+/// `T5Tokenizer` builds its Unigram with this unknown-token id.
+const UNK_ID: usize = 2;
+/// The Metaspace word-boundary marker.
+const METASPACE: char = '▁';
+
+/// What the pipeline is built from, by source file.
+struct Parts {
+    vocab: Vec<(String, f64)>,
+    precompiled_charsmap: Option<Precompiled>,
+    /// Tokens matched whole before normalization, `(content, special)`.
+    added: Vec<(String, bool)>,
+}
+
+/// transformers' `T5Tokenizer` loaded from a tokenizer folder, for DeepFloyd IF's call
+/// `tokenizer(prompt, padding="max_length", max_length=…, truncation=True)`.
+#[derive(Clone, Debug)]
+pub struct T5Tokenizer {
+    /// The pipeline without truncation or padding (for the untruncated ids).
+    tokenizer: Tokenizer,
+    /// The same pipeline truncating and padding to `max_length`.
+    padded: Tokenizer,
+    max_length: usize,
+    eos_token_id: u32,
+    pad_token_id: u32,
+}
+
+impl T5Tokenizer {
+    /// Loads `dir` (tokenizer.json, else spiece.model; plus tokenizer_config.json when present)
+    /// to pad and truncate to `max_length` tokens.
+    pub fn from_folder(dir: &Path, max_length: usize) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let config = if config_path.is_file() {
+            files::read_json_object(&config_path)?
+        } else {
+            Map::new()
+        };
+        let token = |key: &str, default: &str| -> Result<String> {
+            match config.get(key) {
+                None | Some(Value::Null) => Ok(default.to_string()),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(Value::Object(o)) => match o.get("content") {
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    _ => Err(bad(&config_path, format!("{key} has no content"))),
+                },
+                Some(v) => Err(bad(&config_path, format!("{key} is not a token: {v}"))),
+            }
+        };
+        let (eos, unk, pad) = (
+            token("eos_token", "</s>")?,
+            token("unk_token", "<unk>")?,
+            token("pad_token", "<pad>")?,
+        );
+        let extra_ids = match config.get("extra_ids") {
+            None | Some(Value::Null) => 100,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| bad(&config_path, format!("extra_ids is not a count: {v}")))?,
+        };
+
+        let json_path = dir.join(TOKENIZER_FILE);
+        let (parts, source) = if json_path.is_file() {
+            (from_tokenizer_json(&json_path)?, json_path)
+        } else {
+            let spiece = dir.join(SPIECE_FILE);
+            (from_spiece(&spiece, extra_ids)?, spiece)
+        };
+        if parts.vocab.len() <= UNK_ID {
+            return Err(bad(
+                &source,
+                format!("{} pieces: too few for unk id {UNK_ID}", parts.vocab.len()),
+            ));
+        }
+
+        let unigram = Unigram::from(parts.vocab, Some(UNK_ID), false)
+            .map_err(|e| bad(&source, e.to_string()))?;
+        let mut tokenizer = Tokenizer::new(unigram);
+        if let Some(charsmap) = parts.precompiled_charsmap {
+            tokenizer.with_normalizer(Some(charsmap));
+        }
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            WhitespaceSplit.into(),
+            Metaspace::new(METASPACE, PrependScheme::Always, true).into(),
+        ])));
+        tokenizer.with_decoder(Some(MetaspaceDecoder::new(
+            METASPACE,
+            PrependScheme::Always,
+            true,
+        )));
+        // Special tokens and sentinels are matched whole on the raw text, as transformers adds them.
+        let mut added: Vec<(String, bool)> = [&pad, &eos, &unk]
+            .into_iter()
+            .map(|t| (t.clone(), true))
+            .chain((0..extra_ids).map(|i| (format!("<extra_id_{i}>"), true)))
+            .collect();
+        added.extend(parts.added);
+        let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|(_, s)| *s);
+        let as_tokens = |v: Vec<(String, bool)>, special: bool| -> Vec<AddedToken> {
+            v.into_iter()
+                .map(|(t, _)| AddedToken::from(t, special).normalized(false))
+                .collect()
+        };
+        tokenizer.add_special_tokens(&as_tokens(special, true));
+        tokenizer.add_tokens(&as_tokens(plain, false));
+
+        let id_of = |key: &str, t: &str| {
+            tokenizer.token_to_id(t).ok_or_else(|| {
+                bad(
+                    &config_path,
+                    format!("{key} {t:?} is not in the vocabulary"),
+                )
+            })
+        };
+        let eos_token_id = id_of("eos_token", &eos)?;
+        let pad_token_id = id_of("pad_token", &pad)?;
+        let template = TemplateProcessing::builder()
+            .try_single(format!("$A {eos}"))
+            .and_then(|b| b.try_pair(format!("$A {eos} $B {eos}")))
+            .map_err(|e| bad(&config_path, e.to_string()))?
+            .special_tokens(vec![(eos.clone(), eos_token_id)])
+            .build()
+            .map_err(|e| bad(&config_path, e.to_string()))?;
+        tokenizer.with_post_processor(Some(template));
+
+        let mut padded = tokenizer.clone();
+        padded
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
+            .map_err(tk_err)?;
+        padded.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(max_length),
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id: pad_token_id,
+            pad_type_id: 0,
+            pad_token: pad,
+        }));
+        Ok(Self {
+            tokenizer,
+            padded,
+            max_length,
+            eos_token_id,
+            pad_token_id,
+        })
+    }
+
+    /// Tokenizes one prompt: `max_length` ids (`</s>` appended, padded with the pad id, cut to fit).
+    pub fn encode(&self, prompt: &str) -> Result<Encoded> {
+        let padded = self.padded.encode(prompt, true).map_err(tk_err)?;
+        let input_ids: Vec<i64> = padded.get_ids().iter().map(|&id| i64::from(id)).collect();
+        let untruncated = self.tokenizer.encode(prompt, true).map_err(tk_err)?;
+        let untruncated_ids = untruncated.get_ids();
+        // diffusers: untruncated.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(both)
+        let truncated = untruncated_ids.len() >= input_ids.len()
+            && !untruncated_ids
+                .iter()
+                .map(|&id| i64::from(id))
+                .eq(input_ids.iter().copied());
+        let removed_text = if truncated {
+            let start = self.max_length.saturating_sub(1).min(untruncated_ids.len());
+            let end = untruncated_ids.len().saturating_sub(1).max(start);
+            self.tokenizer
+                .decode(&untruncated_ids[start..end], true)
+                .map_err(tk_err)?
+        } else {
+            String::new()
+        };
+        Ok(Encoded {
+            attention_mask: padded
+                .get_attention_mask()
+                .iter()
+                .map(|&m| i64::from(m))
+                .collect(),
+            input_ids,
+            truncated,
+            untruncated_len: untruncated_ids.len(),
+            removed_text,
+        })
+    }
+
+    /// The padded length (`max_length`).
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// `tokenizer.eos_token_id` (1 for T5).
+    pub fn eos_token_id(&self) -> i64 {
+        i64::from(self.eos_token_id)
+    }
+
+    /// `tokenizer.pad_token_id` (0 for T5).
+    pub fn pad_token_id(&self) -> i64 {
+        i64::from(self.pad_token_id)
+    }
+
+    /// The underlying `tokenizers` pipeline (no truncation or padding).
+    pub fn backend(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+/// `T5Converter.convert_from_spm`: the pieces, then `<extra_id_{N-1}>` … `<extra_id_0>` (score 0);
+/// control pieces become special added tokens, user-defined ones plain added tokens.
+fn from_spiece(path: &Path, extra_ids: u64) -> Result<Parts> {
+    let model = SentencePieceModel::read(path)?;
+    let precompiled_charsmap = model
+        .precompiled_charsmap
+        .as_deref()
+        .map(|c| Precompiled::from(c).map_err(|e| bad(path, format!("precompiled_charsmap: {e}"))))
+        .transpose()?;
+    let added = model
+        .pieces
+        .iter()
+        .filter_map(|p| match p.kind {
+            PieceType::Control => Some((p.piece.clone(), true)),
+            PieceType::UserDefined => Some((p.piece.clone(), false)),
+            _ => None,
+        })
+        .collect();
+    let mut vocab: Vec<(String, f64)> = model
+        .pieces
+        .into_iter()
+        .map(|p| (p.piece, p.score))
+        .collect();
+    vocab.extend(
+        (0..extra_ids)
+            .rev()
+            .map(|i| (format!("<extra_id_{i}>"), 0.0)),
+    );
+    Ok(Parts {
+        vocab,
+        precompiled_charsmap,
+        added,
+    })
+}
+
+/// The Unigram vocabulary, the `Precompiled` normalizer (alone or in a `Sequence`) and the added
+/// tokens of a `tokenizer.json`, as `convert_to_native_format` extracts them.
+fn from_tokenizer_json(path: &Path) -> Result<Parts> {
+    let json = files::read_json_object(path)?;
+    let model = json
+        .get("model")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad(path, "no model object"))?;
+    if model.get("type").and_then(Value::as_str) != Some("Unigram") {
+        return Err(bad(path, "model.type is not \"Unigram\""));
+    }
+    let vocab = model
+        .get("vocab")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad(path, "model.vocab is not a list"))?
+        .iter()
+        .map(|entry| match entry.as_array().map(Vec::as_slice) {
+            Some([Value::String(piece), score]) => score
+                .as_f64()
+                .map(|s| (piece.clone(), s))
+                .ok_or_else(|| bad(path, format!("model.vocab: bad score in {entry}"))),
+            _ => Err(bad(path, format!("model.vocab: bad entry {entry}"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let normalizers = match json.get("normalizer") {
+        Some(Value::Object(n)) if n.get("type").and_then(Value::as_str) == Some("Sequence") => n
+            .get("normalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        Some(n @ Value::Object(_)) => vec![n.clone()],
+        _ => Vec::new(),
+    };
+    let precompiled_charsmap = normalizers
+        .into_iter()
+        .find(|n| n.get("type").and_then(Value::as_str) == Some("Precompiled"))
+        .map(|n| {
+            // From text: the base64 charsmap deserializes from a borrowed string only.
+            serde_json::from_str::<Precompiled>(&n.to_string())
+                .map_err(|e| bad(path, format!("normalizer: {e}")))
+        })
+        .transpose()?;
+    let added = match json.get("added_tokens") {
+        Some(Value::Array(tokens)) => tokens
+            .iter()
+            .filter_map(|t| {
+                let content = t.get("content")?.as_str()?.to_string();
+                let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
+                Some((content, special))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(Parts {
+        vocab,
+        precompiled_charsmap,
+        added,
+    })
+}
