@@ -105,6 +105,47 @@ pub struct Encoded {
     pub removed_text: String,
 }
 
+impl Encoded {
+    /// The result of one tokenizer call from its `padded` (cut and padded) encoding and the
+    /// prompt's `untruncated` ids: flags the cut and decodes what was cut (with `decode`) as
+    /// diffusers' truncation warning does, `untruncated_ids[:, model_max_length - 1 : -1]` (the
+    /// tokenizer's own length, not the max_length it padded to).
+    fn new(
+        padded: &tokenizers::Encoding,
+        untruncated_ids: &[u32],
+        model_max_length: usize,
+        decode: impl FnOnce(&[u32]) -> Result<String>,
+    ) -> Result<Self> {
+        let input_ids: Vec<i64> = padded.get_ids().iter().map(|&id| i64::from(id)).collect();
+        // diffusers: untruncated.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(both)
+        let truncated = untruncated_ids.len() >= input_ids.len()
+            && !untruncated_ids
+                .iter()
+                .map(|&id| i64::from(id))
+                .eq(input_ids.iter().copied());
+        let removed_text = if truncated {
+            let start = model_max_length
+                .saturating_sub(1)
+                .min(untruncated_ids.len());
+            let end = untruncated_ids.len().saturating_sub(1).max(start);
+            decode(&untruncated_ids[start..end])?
+        } else {
+            String::new()
+        };
+        Ok(Self {
+            attention_mask: padded
+                .get_attention_mask()
+                .iter()
+                .map(|&m| i64::from(m))
+                .collect(),
+            input_ids,
+            truncated,
+            untruncated_len: untruncated_ids.len(),
+            removed_text,
+        })
+    }
+}
+
 /// transformers' `CLIPTokenizer` loaded from a tokenizer folder, configured for diffusers' call.
 #[derive(Clone, Debug)]
 pub struct ClipTokenizer {
@@ -232,36 +273,13 @@ impl ClipTokenizer {
     /// Tokenizes one prompt as diffusers' `encode_prompt` does (pad/truncate to `model_max_length`).
     pub fn encode(&self, prompt: &str) -> Result<Encoded> {
         let padded = self.padded.encode(prompt, true).map_err(tk_err)?;
-        let input_ids: Vec<i64> = padded.get_ids().iter().map(|&id| i64::from(id)).collect();
         let untruncated = self.tokenizer.encode(prompt, true).map_err(tk_err)?;
-        let untruncated_ids = untruncated.get_ids();
-        // diffusers: untruncated.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(both)
-        let truncated = untruncated_ids.len() >= input_ids.len()
-            && !untruncated_ids
-                .iter()
-                .map(|&id| i64::from(id))
-                .eq(input_ids.iter().copied());
-        let removed_text = if truncated {
-            let start = self
-                .model_max_length
-                .saturating_sub(1)
-                .min(untruncated_ids.len());
-            let end = untruncated_ids.len().saturating_sub(1).max(start);
-            self.decode(&untruncated_ids[start..end])?
-        } else {
-            String::new()
-        };
-        Ok(Encoded {
-            attention_mask: padded
-                .get_attention_mask()
-                .iter()
-                .map(|&m| i64::from(m))
-                .collect(),
-            input_ids,
-            truncated,
-            untruncated_len: untruncated_ids.len(),
-            removed_text,
-        })
+        Encoded::new(
+            &padded,
+            untruncated.get_ids(),
+            self.model_max_length,
+            |ids| self.decode(ids),
+        )
     }
 
     /// Decodes ids as transformers' CLIPTokenizer does ("</w>" → " ", then stripped).

@@ -214,37 +214,12 @@ impl PretrainedTokenizer {
         )
         .map_err(tk_err)?;
         let [padded] = padded;
-        let input_ids: Vec<i64> = padded.get_ids().iter().map(|&id| i64::from(id)).collect();
-        let untruncated_ids = untruncated.get_ids();
-        // diffusers: untruncated.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(both)
-        let truncated = untruncated_ids.len() >= input_ids.len()
-            && !untruncated_ids
-                .iter()
-                .map(|&id| i64::from(id))
-                .eq(input_ids.iter().copied());
-        // diffusers decodes `untruncated_ids[:, model_max_length - 1 : -1]` (the tokenizer's
-        // length, not the max_length it padded to).
-        let removed_text = if truncated {
-            let start = self
-                .model_max_length
-                .saturating_sub(1)
-                .min(untruncated_ids.len());
-            let end = untruncated_ids.len().saturating_sub(1).max(start);
-            self.decode(&untruncated_ids[start..end])?
-        } else {
-            String::new()
-        };
-        Ok(Encoded {
-            attention_mask: padded
-                .get_attention_mask()
-                .iter()
-                .map(|&m| i64::from(m))
-                .collect(),
-            input_ids,
-            truncated,
-            untruncated_len: untruncated_ids.len(),
-            removed_text,
-        })
+        Encoded::new(
+            &padded,
+            untruncated.get_ids(),
+            self.model_max_length,
+            |ids| self.decode(ids),
+        )
     }
 
     /// Decodes ids with the class's decoder, special tokens kept.

@@ -178,34 +178,9 @@ impl T5Tokenizer {
     /// Tokenizes one prompt: `max_length` ids (`</s>` appended, padded with the pad id, cut to fit).
     pub fn encode(&self, prompt: &str) -> Result<Encoded> {
         let padded = self.padded.encode(prompt, true).map_err(tk_err)?;
-        let input_ids: Vec<i64> = padded.get_ids().iter().map(|&id| i64::from(id)).collect();
         let untruncated = self.tokenizer.encode(prompt, true).map_err(tk_err)?;
-        let untruncated_ids = untruncated.get_ids();
-        // diffusers: untruncated.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(both)
-        let truncated = untruncated_ids.len() >= input_ids.len()
-            && !untruncated_ids
-                .iter()
-                .map(|&id| i64::from(id))
-                .eq(input_ids.iter().copied());
-        let removed_text = if truncated {
-            let start = self.max_length.saturating_sub(1).min(untruncated_ids.len());
-            let end = untruncated_ids.len().saturating_sub(1).max(start);
-            self.tokenizer
-                .decode(&untruncated_ids[start..end], true)
-                .map_err(tk_err)?
-        } else {
-            String::new()
-        };
-        Ok(Encoded {
-            attention_mask: padded
-                .get_attention_mask()
-                .iter()
-                .map(|&m| i64::from(m))
-                .collect(),
-            input_ids,
-            truncated,
-            untruncated_len: untruncated_ids.len(),
-            removed_text,
+        Encoded::new(&padded, untruncated.get_ids(), self.max_length, |ids| {
+            self.tokenizer.decode(ids, true).map_err(tk_err)
         })
     }
 
