@@ -193,6 +193,7 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         "kandinsky_cases.json",
         "kandinsky21_cases.json",
         "safety_cases.json",
+        "if_cases.json",
     ]
     .iter()
     .flat_map(|file| {
@@ -286,6 +287,19 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         guess_mode: c["guess_mode"].as_bool().unwrap_or(false),
         prior_num_inference_steps: c["prior_num_inference_steps"].as_u64().map(|v| v as u32),
         prior_guidance_scale: c["prior_guidance_scale"].as_f64().map(|v| v as f32),
+        upscale_model: c["upscale_model"]
+            .as_str()
+            .map(|folder| {
+                let path = fixtures().join("checkpoints").join(folder);
+                path.canonicalize()
+                    .expect("upscale_model")
+                    .display()
+                    .to_string()
+            })
+            .unwrap_or_default(),
+        noise_level: c["noise_level"].as_u64().map(|v| v as u32),
+        upscale_num_inference_steps: c["upscale_num_inference_steps"].as_u64().map(|v| v as u32),
+        upscale_guidance_scale: c["upscale_guidance_scale"].as_f64().map(|v| v as f32),
         ..Default::default()
     }
 }

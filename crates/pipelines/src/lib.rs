@@ -161,6 +161,17 @@ pub struct GenerateParams {
     /// Run without the checkpoint's safety checker (diffusers' `safety_checker=None`); by default
     /// a checkpoint that names one runs it.
     pub skip_safety_checker: bool,
+    /// DeepFloyd IF: a stage II (super-resolution) checkpoint run on stage I's images, a local
+    /// folder or a hub repo id ([`Pipeline::chain`]).
+    pub upscale_model: Option<String>,
+    /// DeepFloyd IF stage II's `noise_level` (how much noise the upscaled image gets).
+    pub noise_level: Option<u32>,
+    /// DeepFloyd IF stage II's `num_inference_steps`.
+    pub upscale_num_inference_steps: Option<u32>,
+    /// DeepFloyd IF stage II's `guidance_scale`.
+    pub upscale_guidance_scale: Option<f32>,
+    /// DeepFloyd IF's `clean_caption` (bs4 + ftfy caption cleaning).
+    pub clean_caption: bool,
 }
 
 impl GenerateParams {
@@ -196,6 +207,25 @@ impl GenerateParams {
         self.prior_guidance_scale
             .is_some()
             .then_some("prior_guidance_scale")
+    }
+
+    /// The first DeepFloyd IF-only field that is set (for families that take none of them).
+    pub fn first_if_field(&self) -> Option<&'static str> {
+        [
+            ("upscale_model", self.upscale_model.is_some()),
+            ("noise_level", self.noise_level.is_some()),
+            (
+                "upscale_num_inference_steps",
+                self.upscale_num_inference_steps.is_some(),
+            ),
+            (
+                "upscale_guidance_scale",
+                self.upscale_guidance_scale.is_some(),
+            ),
+            ("clean_caption", self.clean_caption),
+        ]
+        .into_iter()
+        .find_map(|(name, set)| set.then_some(name))
     }
 
     /// The first SDXL-only field that is set (for families that take none of them).
@@ -341,6 +371,20 @@ pub trait Pipeline: Send + Sync {
     /// fields are ones this family takes, the scheduler builds, the sizes and step counts work.
     fn validate(&self, ctx: &Context, params: &GenerateParams) -> Result<()>;
 
+    /// The second checkpoint `params` chain after this pipeline (DeepFloyd IF's stage II), if
+    /// any: the orchestrator opens it (fetching its folders for a hub reference), connects it to
+    /// the checkpoint with [`connect_chain`] and leases its weights with the first checkpoint's.
+    /// By default a pipeline chains nothing and refuses the fields that would ask for it.
+    fn chain(&self, resolution: &Resolution, params: &GenerateParams) -> Result<Option<Chain>> {
+        match params.first_if_field() {
+            Some(field) => Err(PipelineError::invalid(
+                field,
+                format!("is not an argument of {}", resolution.pipeline),
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// Runs the pipeline on leased components.
     fn run(
         &self,
@@ -360,6 +404,7 @@ pub fn registry(family: Family) -> Option<&'static dyn Pipeline> {
         &families::sdxl::StableDiffusionXL { controlnet: true },
         &families::kandinsky::Kandinsky::V21,
         &families::kandinsky::Kandinsky::V22,
+        &families::deepfloyd_if::DeepFloydIF,
     ];
     PIPELINES.iter().copied().find(|p| p.family() == family)
 }
@@ -367,6 +412,56 @@ pub fn registry(family: Family) -> Option<&'static dyn Pipeline> {
 /// Whether autopipe runs a resolved pipeline class.
 pub fn implemented(resolution: &Resolution) -> bool {
     registry(resolution.family).is_some()
+}
+
+/// A second checkpoint one request runs after the first (DeepFloyd IF's stage II): its
+/// components join the first checkpoint's as `<prefix>_<name>` ([`Checkpoint::connect`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The request field that names it (errors about it name this field).
+    pub field: &'static str,
+    /// The model reference: a local folder or a hub repo id.
+    pub model: String,
+    /// The prefix of its components in the connected checkpoint.
+    pub prefix: &'static str,
+    /// The `model_index.json` `_class_name`s it may have.
+    pub classes: &'static [&'static str],
+    /// Its weight components the run leases (prefixed names).
+    pub leased: &'static [&'static str],
+    /// Every folder of it the run reads (prefixed names; the leased ones included).
+    pub folders: &'static [&'static str],
+}
+
+impl Chain {
+    /// A prefixed component name as the chained checkpoint names it.
+    pub fn own_name<'a>(&self, name: &'a str) -> &'a str {
+        name.strip_prefix(self.prefix)
+            .and_then(|n| n.strip_prefix('_'))
+            .unwrap_or(name)
+    }
+}
+
+/// Connects `chained` (the checkpoint `chain.model` names) to `checkpoint` under `chain.prefix`,
+/// after checking it is a pipeline of the class the chain takes (INVALID_ARGUMENT naming
+/// `chain.field` otherwise).
+pub fn connect_chain(
+    checkpoint: &mut Checkpoint,
+    chain: &Chain,
+    chained: Checkpoint,
+) -> Result<()> {
+    let class = &chained.index().class_name;
+    if !chain.classes.contains(&class.as_str()) {
+        return Err(PipelineError::invalid(
+            chain.field,
+            format!(
+                "{} is a {class}, not {}",
+                chain.model,
+                chain.classes.join(" or ")
+            ),
+        ));
+    }
+    checkpoint.connect(chain.prefix, chained);
+    Ok(())
 }
 
 /// What a resolved pipeline reads from a checkpoint: the components it leases from the store
@@ -381,12 +476,14 @@ pub struct Plan {
 
 /// The plan for `resolution` over a checkpoint whose `model_index.json` is `index`: every required
 /// weight slot, and the optional ones `pipeline` uses where the checkpoint has them (the safety
-/// checker and its feature extractor only unless `skip_safety_checker`).
+/// checker and its feature extractor only unless `skip_safety_checker`); then the `chain`ed
+/// checkpoint's folders (already connected to `index`).
 pub fn plan(
     pipeline: &dyn Pipeline,
     resolution: &Resolution,
     index: &autopipe_repo::ModelIndex,
     skip_safety_checker: bool,
+    chain: Option<&Chain>,
 ) -> Result<Plan> {
     use steps::safety_checker::{FEATURE_EXTRACTOR, SAFETY_CHECKER};
     let mut leased = Vec::new();
@@ -417,6 +514,22 @@ pub fn plan(
         if steps::components::holds_weights(slot) {
             leased.push(slot.name);
         }
+    }
+    if let Some(chain) = chain {
+        for &name in chain.folders {
+            if index.component_class(name).is_none() {
+                return Err(PipelineError::invalid(
+                    chain.field,
+                    format!(
+                        "{}: its model_index.json has no {:?} component",
+                        chain.model,
+                        chain.own_name(name)
+                    ),
+                ));
+            }
+            folders.push(name);
+        }
+        leased.extend(chain.leased);
     }
     Ok(Plan { leased, folders })
 }
@@ -529,7 +642,8 @@ impl From<tch::TchError> for PipelineError {
 pub type Result<T> = std::result::Result<T, PipelineError>;
 
 /// Runs `params` for a resolved pipeline on `store`: plans, leases the components (released on
-/// every path), runs. What the orchestrator does per request, minus the wire; tests and the bench
+/// every path), runs. A chained checkpoint ([`Pipeline::chain`]) must already be connected to
+/// `ctx.checkpoint` ([`connect_chain`]). What the orchestrator does per request, minus the wire; tests and the bench
 /// use it directly.
 pub fn generate(
     store: &dyn ComponentStore,
@@ -543,11 +657,21 @@ pub fn generate(
     let pipeline = registry(ctx.resolution.family).ok_or_else(|| {
         PipelineError::Internal(format!("{} is not implemented", ctx.resolution.pipeline))
     })?;
+    let chain = pipeline.chain(ctx.resolution, params)?;
+    if let Some(chain) = &chain {
+        if ctx.checkpoint.connected(chain.prefix).is_none() {
+            return Err(PipelineError::Internal(format!(
+                "{} is not connected to the checkpoint (connect_chain)",
+                chain.field
+            )));
+        }
+    }
     let plan = plan(
         pipeline,
         ctx.resolution,
         ctx.checkpoint.index(),
         params.skip_safety_checker,
+        chain.as_ref(),
     )?;
     pipeline.validate(ctx, params)?;
     let lease = store.acquire(&autopipe_store_api::AcquireRequest {

@@ -79,6 +79,15 @@ struct Case {
     prior_num_inference_steps: Option<u32>,
     #[serde(default)]
     prior_guidance_scale: Option<f32>,
+    /// DeepFloyd IF stage II folder under checkpoints/ (if_cases.json).
+    #[serde(default)]
+    upscale_model: Option<String>,
+    #[serde(default)]
+    noise_level: Option<u32>,
+    #[serde(default)]
+    upscale_num_inference_steps: Option<u32>,
+    #[serde(default)]
+    upscale_guidance_scale: Option<f32>,
     outputs: Vec<String>,
     outputs_f32: Option<String>,
     #[serde(default)]
@@ -181,6 +190,17 @@ fn params(case: &Case, reference: &Path) -> GenerateParams {
         prior_num_inference_steps: case.prior_num_inference_steps,
         prior_guidance_scale: case.prior_guidance_scale,
         skip_safety_checker: false,
+        upscale_model: case.upscale_model.as_ref().map(|m| {
+            fixtures()
+                .join("checkpoints")
+                .join(m)
+                .to_string_lossy()
+                .into_owned()
+        }),
+        noise_level: case.noise_level,
+        upscale_num_inference_steps: case.upscale_num_inference_steps,
+        upscale_guidance_scale: case.upscale_guidance_scale,
+        clean_caption: false,
     }
 }
 
@@ -203,6 +223,15 @@ fn run_case(
         "{}: resolution",
         case.name
     );
+    let params = params(case, &reference);
+    let pipeline = autopipe_pipelines::registry(resolution.family).expect("registered");
+    if let Some(chain) = pipeline
+        .chain(&resolution, &params)
+        .map_err(|e| e.to_string())?
+    {
+        let chained = Checkpoint::open(&chain.model).unwrap();
+        autopipe_pipelines::connect_chain(&mut ckpt, &chain, chained).map_err(|e| e.to_string())?;
+    }
     let ctx = Context {
         task,
         resolution: &resolution,
@@ -214,7 +243,7 @@ fn run_case(
         &ctx,
         Some(Kind::Float),
         case.variant.as_deref(),
-        &params(case, &reference),
+        &params,
         &case.name,
         &NoObserver,
     )
@@ -370,6 +399,12 @@ fn kandinsky21_matches_diffusers() {
     run_cases_file("kandinsky21_cases.json");
 }
 
+/// DeepFloyd IF stage I (text2img, img2img, inpaint) and stage I -> stage II chains.
+#[test]
+fn deepfloyd_if_matches_diffusers() {
+    run_cases_file("if_cases.json");
+}
+
 /// diffusers fails deep in the UNet (a conv shape error) when a 4-channel Kandinsky decoder is asked
 /// to inpaint; autopipe refuses the request up front, naming the model.
 #[test]
@@ -415,6 +450,7 @@ fn every_family_autopipe_resolves_to_is_registered_or_unimplemented() {
         Family::StableDiffusionXLControlNet,
         Family::Kandinsky21,
         Family::Kandinsky22,
+        Family::DeepFloydIF,
     ] {
         let p = autopipe_pipelines::registry(family).expect("registered");
         assert_eq!(p.family(), family);

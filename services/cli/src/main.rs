@@ -213,6 +213,19 @@ struct GenerateArgs {
     /// Combined pipelines (Kandinsky): the prior's guidance scale (diffusers' default: 4.0).
     #[arg(long)]
     prior_guidance_scale: Option<f32>,
+    /// DeepFloyd IF: a stage II (super-resolution) checkpoint run on stage I's images.
+    #[arg(long)]
+    upscale_model: Option<String>,
+    /// DeepFloyd IF stage II: noise added to the upscaled image (diffusers' default: 250, 0 for
+    /// inpainting).
+    #[arg(long)]
+    noise_level: Option<u32>,
+    /// DeepFloyd IF stage II: denoising steps (diffusers' default: 50, 100 for inpainting).
+    #[arg(long)]
+    upscale_steps: Option<u32>,
+    /// DeepFloyd IF stage II: guidance scale (diffusers' default: 4.0).
+    #[arg(long)]
+    upscale_guidance_scale: Option<f32>,
     /// image (PNG) or latent (a .safetensors file with tensor "latents", for --image-latents).
     #[arg(long, default_value = "image")]
     output_type: String,
@@ -381,6 +394,15 @@ fn request(a: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
         prior_num_inference_steps: a.prior_steps,
         prior_guidance_scale: a.prior_guidance_scale,
         skip_safety_checker: a.skip_safety_checker,
+        upscale_model: match &a.upscale_model {
+            Some(m) if Path::new(m).is_dir() => std::fs::canonicalize(m)?.display().to_string(),
+            Some(m) => m.clone(),
+            None => String::new(),
+        },
+        noise_level: a.noise_level,
+        upscale_num_inference_steps: a.upscale_steps,
+        upscale_guidance_scale: a.upscale_guidance_scale,
+        clean_caption: false,
     })
 }
 

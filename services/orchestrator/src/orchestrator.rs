@@ -4,7 +4,7 @@
 use crate::metrics::Metrics;
 use crate::validate;
 use autopipe_pipelines::{
-    Components, Context, LeaseGuard, Pipeline, PipelineError, Plan, StepObserver, Task,
+    Chain, Components, Context, LeaseGuard, Pipeline, PipelineError, Plan, StepObserver, Task,
     TokenizerCache,
 };
 use autopipe_proto::v1;
@@ -196,16 +196,17 @@ impl Orchestrator {
 
     /// Resolves `model` for `task` (diffusers' AutoPipeline, with `controlnet=` when the request
     /// has ControlNets), finds the family's pipeline, and opens the checkpoint with the files that
-    /// pipeline reads (fetching them for a hub reference).
+    /// pipeline reads (fetching them for a hub reference), with the checkpoint the request chains
+    /// after it (IF's `upscale_model`) connected.
     fn prepare(
         &self,
         model: &str,
         revision: &str,
         task: Task,
         variant: Option<&str>,
-        controlnet: bool,
-        skip_safety_checker: bool,
+        params: &autopipe_pipelines::GenerateParams,
     ) -> Result<Prepared, Status> {
+        let controlnet = !params.controlnets.is_empty();
         let mut index = self.open(model, revision, &[], None)?;
         let resolution = autopipe_auto::resolve(&index.index().class_name, task, controlnet)
             .map_err(auto_status)?;
@@ -222,16 +223,40 @@ impl Orchestrator {
         if let Some(prior) = &prior {
             index.connect(CONNECTED_PREFIX, self.open(prior, "", &[], None)?);
         }
-        let plan =
-            autopipe_pipelines::plan(pipeline, &resolution, index.index(), skip_safety_checker)
+        // A second checkpoint run after this one (IF's stage II): its model_index.json first.
+        let chain = pipeline
+            .chain(&resolution, params)
+            .map_err(|e| pipeline_status(&e))?;
+        let open_chained = |chain: &Chain, folders: &[&str], variant| {
+            self.open(&chain.model, "", folders, variant).map_err(|s| {
+                let message = s.message().strip_prefix("model: ").unwrap_or(s.message());
+                Status::new(s.code(), format!("{}: {message}", chain.field))
+            })
+        };
+        if let Some(chain) = &chain {
+            autopipe_pipelines::connect_chain(&mut index, chain, open_chained(chain, &[], None)?)
                 .map_err(|e| pipeline_status(&e))?;
-        let (connected, own): (Vec<&str>, Vec<&str>) = plan.folders.iter().partition(|name| {
-            prior.is_some()
-                && resolution
-                    .component(name)
-                    .and_then(|slot| slot.connected())
-                    .is_some()
-        });
+        }
+        let plan = autopipe_pipelines::plan(
+            pipeline,
+            &resolution,
+            index.index(),
+            params.skip_safety_checker,
+            chain.as_ref(),
+        )
+        .map_err(|e| pipeline_status(&e))?;
+        let chained = |name: &&str| chain.as_ref().is_some_and(|c| c.folders.contains(name));
+        let (connected, own): (Vec<&str>, Vec<&str>) = plan
+            .folders
+            .iter()
+            .filter(|name| !chained(name))
+            .partition(|name| {
+                prior.is_some()
+                    && resolution
+                        .component(name)
+                        .and_then(|slot| slot.connected())
+                        .is_some()
+            });
         let mut checkpoint = self.open(model, revision, &own, variant)?;
         if let Some(prior) = &prior {
             let folders: Vec<&str> = connected
@@ -240,6 +265,12 @@ impl Orchestrator {
                 .map(|(_, inner)| inner)
                 .collect();
             checkpoint.connect(CONNECTED_PREFIX, self.open(prior, "", &folders, variant)?);
+        }
+        if let Some(chain) = &chain {
+            let folders: Vec<&str> = chain.folders.iter().map(|f| chain.own_name(f)).collect();
+            let chained = open_chained(chain, &folders, variant)?;
+            autopipe_pipelines::connect_chain(&mut checkpoint, chain, chained)
+                .map_err(|e| pipeline_status(&e))?;
         }
         Ok(Prepared {
             resolution,
@@ -257,14 +288,7 @@ impl Orchestrator {
             skip_safety_checker: self.config.safety_checker == SafetyCheckerMode::Off,
             ..Default::default()
         };
-        let prepared = self.prepare(
-            model,
-            "",
-            Task::Text2Img,
-            None,
-            false,
-            params.skip_safety_checker,
-        )?;
+        let prepared = self.prepare(model, "", Task::Text2Img, None, &params)?;
         let ctx = prepared.context(Task::Text2Img, &self.tokenizers);
         prepared
             .pipeline
@@ -311,8 +335,7 @@ impl Orchestrator {
             &valid.revision,
             valid.task,
             valid.variant.as_deref(),
-            !valid.params.controlnets.is_empty(),
-            valid.params.skip_safety_checker,
+            &valid.params,
         )?;
         self.metrics.known_model(&valid.model);
         let ctx = prepared.context(valid.task, &self.tokenizers);

@@ -305,6 +305,31 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
             ));
         }
     }
+    let upscale_num_inference_steps = match req.upscale_num_inference_steps {
+        Some(0) => return Err(invalid("upscale_num_inference_steps", "must be at least 1")),
+        Some(n) if n > MAX_STEPS => {
+            return Err(invalid(
+                "upscale_num_inference_steps",
+                format!("must be at most {MAX_STEPS}, got {n}"),
+            ))
+        }
+        n => n,
+    };
+    if let Some(g) = req.upscale_guidance_scale {
+        if !g.is_finite() || g < 0.0 {
+            return Err(invalid(
+                "upscale_guidance_scale",
+                format!("must be a finite number ≥ 0, got {g}"),
+            ));
+        }
+    }
+    let upscale_model = match req.upscale_model.trim() {
+        "" => None,
+        m => {
+            reference(m, "upscale_model")?;
+            Some(m.to_string())
+        }
+    };
     if let Some(s) = req.strength {
         if !(0.0..=1.0).contains(&s) {
             return Err(invalid(
@@ -504,6 +529,11 @@ pub fn generate_request(req: &v1::GenerateRequest) -> Result<Validated, Status> 
             controlnets: controlnets(req)?,
             guess_mode: req.guess_mode,
             skip_safety_checker: req.skip_safety_checker,
+            upscale_model,
+            noise_level: req.noise_level,
+            upscale_num_inference_steps,
+            upscale_guidance_scale: req.upscale_guidance_scale,
+            clean_caption: req.clean_caption,
         },
     })
 }
@@ -647,6 +677,21 @@ mod tests {
                 Box::new(|r| r.control_image = vec![png(64, 64)]),
             ),
             (t2i, "guess_mode", Box::new(|r| r.guess_mode = true)),
+            (
+                t2i,
+                "upscale_num_inference_steps",
+                Box::new(|r| r.upscale_num_inference_steps = Some(0)),
+            ),
+            (
+                t2i,
+                "upscale_guidance_scale",
+                Box::new(|r| r.upscale_guidance_scale = Some(f32::NAN)),
+            ),
+            (
+                t2i,
+                "upscale_model",
+                Box::new(|r| r.upscale_model = "a\0b".into()),
+            ),
             (
                 t2i,
                 "control_image",

@@ -620,7 +620,7 @@ impl Pipeline for Kandinsky {
                 let latents = generator.randn(&shape, at.0, at.1) * scheduler.init_noise_sigma();
                 let blend = match self {
                     Self::V21 => None,
-                    Self::V22 => Some(Blend {
+                    Self::V22 => Some(Blend::Renoised {
                         image_latents,
                         noise: latents.shallow_clone(),
                         mask: 1.0 - keep,
@@ -638,6 +638,7 @@ impl Pipeline for Kandinsky {
             added: None,
             image_embeds: Some(&embeds),
             text_embeds: text.as_ref().map(|(embeds, _)| embeds),
+            class_labels: None,
             guidance_scale,
             controlnets: None,
         };

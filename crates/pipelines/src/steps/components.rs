@@ -110,6 +110,14 @@ impl<'a> Components<'a> {
         }
     }
 
+    /// The `T5EncoderModel` (DeepFloyd IF) leased as `name`.
+    pub fn t5_encoder(&'a self, name: &'a str) -> T5Encoder<'a> {
+        T5Encoder {
+            components: self,
+            name,
+        }
+    }
+
     /// The UNet leased as `name`.
     pub fn unet(&'a self, name: &'a str) -> Unet<'a> {
         Unet {
@@ -252,6 +260,28 @@ impl MultilingualTextEncoder<'_> {
     }
 }
 
+/// transformers' `T5EncoderModel` (DeepFloyd IF's text encoder).
+pub struct T5Encoder<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl T5Encoder<'_> {
+    /// `text_encoder(input_ids, attention_mask=attention_mask)[0]` (both [B, T] int64).
+    pub fn encode(&self, input_ids: Tensor, attention_mask: Tensor) -> Result<Tensor> {
+        self.components
+            .invoke(
+                self.name,
+                "encode",
+                vec![
+                    ("input_ids".into(), input_ids),
+                    ("attention_mask".into(), attention_mask),
+                ],
+            )?
+            .take("last_hidden_state")
+    }
+}
+
 /// SDXL's added conditioning (`added_cond_kwargs`): pooled text embeddings and time ids.
 pub struct AddedConditioning {
     pub text_embeds: Tensor,
@@ -308,7 +338,8 @@ impl Residuals {
 impl Unet<'_> {
     /// One forward pass: the noise (or v) prediction, with ControlNet `residuals` when given.
     /// `encoder_hidden_states` is `None` for an `image_proj` UNet (Kandinsky 2.2), which makes its
-    /// own from `image_embeds`; `text_embeds` is Kandinsky 2.1's pooled text embedding.
+    /// own from `image_embeds`; `text_embeds` is Kandinsky 2.1's pooled text embedding;
+    /// `class_labels` IF stage II's noise level (int64, one per sample).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -318,6 +349,7 @@ impl Unet<'_> {
         added: Option<&AddedConditioning>,
         image_embeds: Option<&Tensor>,
         text_embeds: Option<&Tensor>,
+        class_labels: Option<&Tensor>,
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
         let mut inputs = vec![
@@ -332,6 +364,9 @@ impl Unet<'_> {
         }
         if let Some(e) = text_embeds {
             inputs.push(("text_embeds".into(), e.shallow_clone()));
+        }
+        if let Some(c) = class_labels {
+            inputs.push(("class_labels".into(), c.shallow_clone()));
         }
         if let Some(added) = added {
             inputs.push(("text_embeds".into(), added.text_embeds.shallow_clone()));

@@ -1,11 +1,11 @@
 //! The denoising loop every family runs: classifier-free guidance (one batched model call for
 //! the negative and positive halves), a learned variance carried through guidance, ControlNet
-//! residuals, the 9-channel inpainting input, the inpainting blend after each step, progress and cancellation between
-//! steps. The model is a [`Denoiser`]: a UNet with its conditioning, or the Kandinsky prior.
+//! residuals, extra input channels (the 9-channel inpainting input, IF stage II's upscaled
+//! image), the inpainting blend after each step, progress and cancellation between steps. The model is a [`Denoiser`]: a UNet with its conditioning, or the Kandinsky prior.
 
 use crate::steps::components::{AddedConditioning, Components, Prior, PriorConditioning, Unet};
 use crate::steps::controlnet::ControlNets;
-use crate::steps::latents::Prepared;
+use crate::steps::latents::{Blend, Prepared};
 use crate::PipelineError;
 use crate::{Progress, Result, StepObserver};
 use autopipe_rng::Generator;
@@ -21,6 +21,9 @@ pub struct Conditioning<'a> {
     pub image_embeds: Option<&'a Tensor>,
     /// Kandinsky 2.1's `added_cond_kwargs["text_embeds"]` (the pooled text embedding).
     pub text_embeds: Option<&'a Tensor>,
+    /// `class_labels` (DeepFloyd IF stage II: the noise level of the upscaled image), batched
+    /// like the model input.
+    pub class_labels: Option<&'a Tensor>,
     /// `guidance_scale`; guidance runs when it is above 1.
     pub guidance_scale: f64,
     /// ControlNets whose residuals the UNet adds (ControlNet pipelines).
@@ -85,6 +88,7 @@ impl Denoiser for UnetDenoiser<'_> {
             self.cond.added,
             self.cond.image_embeds,
             self.cond.text_embeds,
+            self.cond.class_labels,
             residuals.as_ref(),
         )
     }
@@ -184,14 +188,22 @@ pub fn denoise_with(
         if with_variance && !scheduler.takes_predicted_variance() {
             noise_pred = noise_pred.narrow(1, 0, channels);
         }
-        latents = scheduler.step(&noise_pred, t, &latents, generator)?;
-        if let Some(blend) = &prepared.blend {
-            let proper = match timesteps.get(i + 1) {
-                Some(&next) => scheduler.add_noise(&blend.image_latents, &blend.noise, next),
-                None => blend.image_latents.shallow_clone(),
-            };
-            latents = (1.0 - &blend.mask) * proper + &blend.mask * &latents;
-        }
+        let stepped = scheduler.step(&noise_pred, t, &latents, generator)?;
+        latents = match &prepared.blend {
+            None => stepped,
+            Some(Blend::Renoised {
+                image_latents,
+                noise,
+                mask,
+            }) => {
+                let proper = match timesteps.get(i + 1) {
+                    Some(&next) => scheduler.add_noise(image_latents, noise, next),
+                    None => image_latents.shallow_clone(),
+                };
+                (1.0 - mask) * proper + mask * &stepped
+            }
+            Some(Blend::KeepPrevious { mask }) => (1.0 - mask) * &latents + mask * &stepped,
+        };
         observer.on_step(Progress {
             step: i as u32 + 1,
             total_steps: total,

@@ -80,7 +80,7 @@ fn to_tensor(
 }
 
 /// PIL's `convert("L")`: ITU-R 601-2 luma with its fixed-point rounding.
-fn pil_luma(img: &DynamicImage) -> GrayImage {
+pub fn pil_luma(img: &DynamicImage) -> GrayImage {
     match img {
         DynamicImage::ImageLuma8(g) => g.clone(),
         _ => {

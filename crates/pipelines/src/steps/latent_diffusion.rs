@@ -248,6 +248,7 @@ pub fn run(
         added: added.as_ref(),
         image_embeds: None,
         text_embeds: None,
+        class_labels: None,
         guidance_scale: setup.guidance_scale,
         controlnets: controlnets.as_ref(),
     };

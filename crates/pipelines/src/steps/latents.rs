@@ -56,19 +56,25 @@ impl LatentSpace {
 /// What the denoising loop starts from.
 pub struct Prepared {
     pub latents: Tensor,
-    /// 4-channel inpainting: the clean image latents, the noise and the latent-size mask to blend
-    /// with after each step.
+    /// Inpainting without mask input channels: what to blend with after each step.
     pub blend: Option<Blend>,
     /// 9-channel inpainting: mask and masked-image latents concatenated to the UNet input
     /// (CFG-doubled).
     pub unet_extra: Option<Tensor>,
 }
 
-/// The 4-channel inpainting blend: `(1 - mask) * noised(image_latents) + mask * latents`.
-pub struct Blend {
-    pub image_latents: Tensor,
-    pub noise: Tensor,
-    pub mask: Tensor,
+/// The inpainting blend after each step; `mask` is 1 where the model repaints.
+pub enum Blend {
+    /// The latent-diffusion pipelines' (4-channel UNets): `(1 - mask) * noised(image_latents) +
+    /// mask * latents`, the image latents noised to the next timestep.
+    Renoised {
+        image_latents: Tensor,
+        noise: Tensor,
+        mask: Tensor,
+    },
+    /// DeepFloyd IF's: `(1 - mask) * previous + mask * latents`, the kept pixels stay at their
+    /// value before the step.
+    KeepPrevious { mask: Tensor },
 }
 
 impl Prepared {
@@ -248,7 +254,7 @@ pub fn inpaint(
     if four_channel {
         Ok(Prepared {
             latents,
-            blend: Some(Blend {
+            blend: Some(Blend::Renoised {
                 image_latents: image_latents.expect("encoded for 4-channel unets"),
                 noise,
                 mask,

@@ -1,9 +1,9 @@
-//! Pillow's `Image.resize` for 8-bit RGB images (Pillow's `libImaging/Resample.c`), bit for bit:
+//! Pillow's `Image.resize` for 8-bit RGB and gray images (Pillow's `libImaging/Resample.c`), bit for bit:
 //! a horizontal then a vertical pass, each a convolution whose filter support is scaled by the
 //! downsampling factor, with coefficients normalised in double precision and applied in 22-bit
 //! fixed point. transformers' PIL image processors and diffusers' PIL inputs resize through it.
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 /// Pillow's resampling filters (`PIL.Image.Resampling`), by the numbers configs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,16 +167,46 @@ fn convolve(taps: &Taps, sample: impl Fn(usize) -> u8) -> u8 {
 /// `img.resize((width, height), resample=filter)` as Pillow computes it for mode "RGB".
 pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     let (w0, h0) = (img.width() as usize, img.height() as usize);
-    let (w1, h1) = (width as usize, height as usize);
-    let mut buf = img.as_raw().clone();
+    let buf = resample(
+        img.as_raw(),
+        (w0, h0),
+        (width as usize, height as usize),
+        3,
+        filter,
+    );
+    RgbImage::from_raw(width, height, buf).expect("a buffer of width x height RGB pixels")
+}
+
+/// `img.resize((width, height), resample=filter)` as Pillow computes it for mode "L".
+pub fn resize_gray(img: &GrayImage, width: u32, height: u32, filter: Filter) -> GrayImage {
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    let buf = resample(
+        img.as_raw(),
+        (w0, h0),
+        (width as usize, height as usize),
+        1,
+        filter,
+    );
+    GrayImage::from_raw(width, height, buf).expect("a buffer of width x height gray pixels")
+}
+
+/// Pillow's two passes over interleaved 8-bit pixels of `channels` bands.
+fn resample(
+    raw: &[u8],
+    (w0, h0): (usize, usize),
+    (w1, h1): (usize, usize),
+    channels: usize,
+    filter: Filter,
+) -> Vec<u8> {
+    let mut buf = raw.to_vec();
     if w1 != w0 {
         let taps = coefficients(w0, w1, filter);
-        let mut out = vec![0u8; w1 * h0 * 3];
+        let mut out = vec![0u8; w1 * h0 * channels];
         for y in 0..h0 {
-            let row = &buf[y * w0 * 3..(y + 1) * w0 * 3];
+            let row = &buf[y * w0 * channels..(y + 1) * w0 * channels];
             for (x, t) in taps.iter().enumerate() {
-                for c in 0..3 {
-                    out[(y * w1 + x) * 3 + c] = convolve(t, |i| row[i * 3 + c]);
+                for c in 0..channels {
+                    out[(y * w1 + x) * channels + c] = convolve(t, |i| row[i * channels + c]);
                 }
             }
         }
@@ -184,7 +214,7 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
     }
     if h1 != h0 {
         let taps = coefficients(h0, h1, filter);
-        let line = w1 * 3;
+        let line = w1 * channels;
         let mut out = vec![0u8; line * h1];
         for (y, t) in taps.iter().enumerate() {
             for i in 0..line {
@@ -193,7 +223,7 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
         }
         buf = out;
     }
-    RgbImage::from_raw(width, height, buf).expect("a buffer of width x height RGB pixels")
+    buf
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use crate::steps::components::Components;
 use crate::{PipelineError, Result};
-use autopipe_tokenizer::ClipTokenizer;
+use autopipe_tokenizer::{ClipTokenizer, T5Tokenizer};
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -170,5 +170,84 @@ impl PromptEncoder for DualClipPrompt {
             embeds: per_image(&embeds, prompts.num_images),
             pooled: Some(per_image(&pooled, prompts.num_images)),
         })
+    }
+}
+
+/// DeepFloyd IF's `_text_preprocessing` with `clean_caption=False`: `text.lower().strip()`, with
+/// Python's notion of whitespace (Unicode White_Space plus the separators U+001C..U+001F).
+pub fn if_text_preprocessing(text: &str) -> String {
+    let python_space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+    text.to_lowercase().trim_matches(python_space).to_string()
+}
+
+/// DeepFloyd IF's `encode_prompt`: each text preprocessed ([`if_text_preprocessing`]), tokenized
+/// to 77 T5 tokens with its attention mask and encoded by the T5 encoder, the negative ("" when
+/// none is given) in its own call as diffusers makes it.
+pub struct T5Prompt {
+    pub tokenizer: Arc<T5Tokenizer>,
+    /// The leased text encoder's name.
+    pub encoder: &'static str,
+}
+
+impl T5Prompt {
+    fn encode_one(
+        &self,
+        components: &Components,
+        text: &str,
+        warn: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<Tensor> {
+        let enc = self.tokenizer.encode(&if_text_preprocessing(text))?;
+        if warn && enc.truncated {
+            let warning = format!(
+                "The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {}",
+                self.tokenizer.max_length(),
+                enc.removed_text
+            );
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+        }
+        let shape = [1, enc.input_ids.len() as i64];
+        components.t5_encoder(self.encoder).encode(
+            Tensor::from_slice(&enc.input_ids).reshape(shape),
+            Tensor::from_slice(&enc.attention_mask).reshape(shape),
+        )
+    }
+}
+
+impl PromptEncoder for T5Prompt {
+    fn encode(
+        &self,
+        components: &Components,
+        prompts: &Prompts,
+        warnings: &mut Vec<String>,
+    ) -> Result<PromptEmbeds> {
+        let positive = self.encode_one(components, prompts.prompt, true, warnings)?;
+        let positive = per_image(&positive, prompts.num_images);
+        let embeds = if prompts.guide {
+            let negative = prompts.negative_prompt.unwrap_or("");
+            let negative = self.encode_one(components, negative, false, warnings)?;
+            Tensor::cat(&[per_image(&negative, prompts.num_images), positive], 0)
+        } else {
+            positive
+        };
+        Ok(PromptEmbeds {
+            embeds,
+            pooled: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_preprocessing_lowers_and_strips_as_python() {
+        // Python: "  A Photo\x1f ".lower().strip() == "a photo"; "ΟΔΟΣ".lower() == "οδος" (final sigma).
+        assert_eq!(if_text_preprocessing("  A Photo\u{1f} "), "a photo");
+        assert_eq!(if_text_preprocessing("ΟΔΟΣ"), "οδος");
+        assert_eq!(if_text_preprocessing("\u{a0}Über\u{2003}"), "über");
     }
 }

@@ -6,6 +6,29 @@ use autopipe_repo::Checkpoint;
 use autopipe_schedulers::Scheduler;
 use serde_json::{Map, Value};
 
+/// The saved config of the scheduler in `checkpoint`'s `folder` and its `_class_name`.
+fn saved_config(checkpoint: &Checkpoint, folder: &str) -> Result<(Value, Option<String>)> {
+    let config = checkpoint.read_json(folder, "scheduler_config.json")?;
+    if !config.is_object() {
+        return Err(malformed(checkpoint, folder, "not a JSON object"));
+    }
+    let class = config
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok((config, class))
+}
+
+fn malformed(checkpoint: &Checkpoint, folder: &str, reason: &str) -> PipelineError {
+    match checkpoint.component_dir(folder) {
+        Ok(dir) => PipelineError::Checkpoint(autopipe_repo::Error::Malformed {
+            path: dir.join("scheduler_config.json"),
+            reason: reason.into(),
+        }),
+        Err(e) => e.into(),
+    }
+}
+
 /// Builds the request's scheduler with `num_inference_steps` set. `rewrite` applies a pipeline's own
 /// edits of the saved config (Stable Diffusion's `__init__` fixes outdated `steps_offset` /
 /// `clip_sample`). Errors name the field that caused them: `scheduler_options`, `scheduler`,
@@ -15,37 +38,20 @@ pub fn build(
     params: &GenerateParams,
     rewrite: fn(&mut Map<String, Value>),
 ) -> Result<Box<dyn Scheduler>> {
-    let mut config = checkpoint.read_json("scheduler", "scheduler_config.json")?;
-    let own_class = config
-        .get("_class_name")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let Some(obj) = config.as_object_mut() else {
-        return Err(PipelineError::Checkpoint(autopipe_repo::Error::Malformed {
-            path: checkpoint
-                .component_dir("scheduler")?
-                .join("scheduler_config.json"),
-            reason: "not a JSON object".into(),
-        }));
-    };
-    rewrite(obj);
-    obj.extend(
-        params
-            .scheduler_options
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone())),
-    );
+    let (mut config, own_class) = saved_config(checkpoint, "scheduler")?;
+    if let Some(obj) = config.as_object_mut() {
+        rewrite(obj);
+        obj.extend(
+            params
+                .scheduler_options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+    }
     let class = match (&params.scheduler, own_class) {
         (Some(s), _) => s.clone(),
         (None, Some(c)) => c,
-        (None, None) => {
-            return Err(PipelineError::Checkpoint(autopipe_repo::Error::Malformed {
-                path: checkpoint
-                    .component_dir("scheduler")?
-                    .join("scheduler_config.json"),
-                reason: "no _class_name".into(),
-            }))
-        }
+        (None, None) => return Err(malformed(checkpoint, "scheduler", "no _class_name")),
     };
     let field = if !params.scheduler_options.is_empty() {
         Some("scheduler_options")
@@ -62,6 +68,25 @@ pub fn build(
     scheduler
         .set_timesteps(num_inference_steps(params))
         .map_err(|e| PipelineError::invalid("num_inference_steps", e.to_string()))?;
+    Ok(scheduler)
+}
+
+/// The scheduler saved in `checkpoint`'s `folder` as it is (no request override: a second
+/// pipeline's scheduler, IF stage II's `image_noising_scheduler`), with `steps` set when given;
+/// `steps_field` names the request field that asked for them.
+pub fn build_saved(
+    checkpoint: &Checkpoint,
+    folder: &str,
+    steps: Option<(usize, &'static str)>,
+) -> Result<Box<dyn Scheduler>> {
+    let (config, class) = saved_config(checkpoint, folder)?;
+    let class = class.ok_or_else(|| malformed(checkpoint, folder, "no _class_name"))?;
+    let mut scheduler = autopipe_schedulers::from_config(&class, &config)?;
+    if let Some((steps, field)) = steps {
+        scheduler
+            .set_timesteps(steps)
+            .map_err(|e| PipelineError::invalid(field, e.to_string()))?;
+    }
     Ok(scheduler)
 }
 

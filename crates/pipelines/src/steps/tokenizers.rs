@@ -3,7 +3,7 @@
 
 use crate::{PipelineError, Result};
 use autopipe_repo::Checkpoint;
-use autopipe_tokenizer::{ClipTokenizer, PretrainedTokenizer};
+use autopipe_tokenizer::{ClipTokenizer, PretrainedTokenizer, T5Tokenizer};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,11 @@ use std::sync::{Arc, Mutex};
 pub struct TokenizerCache {
     clip: Mutex<HashMap<PathBuf, Arc<ClipTokenizer>>>,
     pretrained: Mutex<HashMap<PathBuf, Arc<PretrainedTokenizer>>>,
+    t5: Mutex<HashMap<PathBuf, Arc<T5Tokenizer>>>,
 }
+
+/// The length DeepFloyd IF pads and truncates T5 prompts to (`encode_prompt`'s `max_length = 77`).
+pub const T5_MAX_LENGTH: usize = 77;
 
 impl TokenizerCache {
     /// The CLIP tokenizer in `checkpoint`'s `component` folder (`tokenizer`, `tokenizer_2`).
@@ -38,6 +42,14 @@ impl TokenizerCache {
             component,
             PretrainedTokenizer::from_folder,
         )
+    }
+
+    /// The T5 tokenizer in `checkpoint`'s `component` folder, padding and truncating to
+    /// [`T5_MAX_LENGTH`] tokens as DeepFloyd IF calls it.
+    pub fn t5(&self, checkpoint: &Checkpoint, component: &str) -> Result<Arc<T5Tokenizer>> {
+        cached(&self.t5, checkpoint, component, |dir| {
+            T5Tokenizer::from_folder(dir, T5_MAX_LENGTH)
+        })
     }
 }
 
