@@ -457,3 +457,64 @@ fn every_family_autopipe_resolves_to_is_registered_or_unimplemented() {
     }
     assert!(autopipe_pipelines::registry(Family::Other).is_none());
 }
+
+/// A DeepFloyd IF checkpoint that ships its IFSafetyChecker and IFWatermarker (as the official
+/// repos do) still runs, and the response says neither ran.
+#[test]
+fn deepfloyd_if_warns_that_its_checker_and_watermarker_do_not_run() {
+    let source = fixtures()
+        .join("checkpoints/if-tiny")
+        .canonicalize()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("autopipe-if-checker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("model_index.json")).unwrap())
+            .unwrap();
+    index["safety_checker"] = serde_json::json!(["deepfloyd_if", "IFSafetyChecker"]);
+    index["watermarker"] = serde_json::json!(["deepfloyd_if", "IFWatermarker"]);
+    std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
+    for folder in ["tokenizer", "text_encoder", "unet", "scheduler"] {
+        let link = dir.join(folder);
+        if !link.exists() {
+            std::os::unix::fs::symlink(source.join(folder), link).unwrap();
+        }
+    }
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let resolution =
+        autopipe_auto::resolve(&ckpt.index().class_name, Task::Text2Img, false).unwrap();
+    let tokenizers = TokenizerCache::default();
+    let ctx = Context {
+        task: Task::Text2Img,
+        resolution: &resolution,
+        checkpoint: &ckpt,
+        tokenizers: &tokenizers,
+    };
+    let store = Store::new(StoreConfig::default());
+    let params = GenerateParams {
+        prompt: "a cat".into(),
+        num_inference_steps: Some(2),
+        ..Default::default()
+    };
+    let out = autopipe_pipelines::generate(
+        &store,
+        &ctx,
+        Some(Kind::Float),
+        None,
+        &params,
+        "if-checker",
+        &NoObserver,
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(out.images.len(), 1);
+    assert_eq!(out.nsfw_content_detected, None);
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.contains("safety_checker, watermarker")
+                && w.contains("neither safety-checked nor watermarked")),
+        "{:?}",
+        out.warnings
+    );
+}

@@ -567,6 +567,29 @@ fn run_stage(
     )
 }
 
+/// IF's post-processing components autopipe does not run.
+const UNRUN: [&str; 4] = [
+    "safety_checker",
+    "watermarker",
+    "upscale_safety_checker",
+    "upscale_watermarker",
+];
+
+/// The warning for a checkpoint that ships an `IFSafetyChecker` or `IFWatermarker` (the official
+/// IF repos do): its images come back neither checked nor watermarked.
+fn unrun_components(ctx: &Context) -> Option<String> {
+    let shipped: Vec<&str> = UNRUN
+        .into_iter()
+        .filter(|c| ctx.checkpoint.index().component_class(c).is_some())
+        .collect();
+    (!shipped.is_empty()).then(|| {
+        format!(
+            "this checkpoint ships {}, which autopipe does not run: the images are neither safety-checked nor watermarked",
+            shipped.join(", ")
+        )
+    })
+}
+
 /// The stage's text conditioning from embeddings computed for `guide_any` (`[negative; positive]`
 /// when any stage guides): the positive half alone for a stage that does not guide.
 fn stage_embeds(embeds: &Tensor, guide_any: bool, stage: &Stage) -> Tensor {
@@ -700,6 +723,9 @@ impl Pipeline for DeepFloydIF {
             }
         };
         timings.steps = steps as u32;
+        if let Some(warning) = unrun_components(ctx) {
+            warnings.push(warning);
+        }
         let (images_f32, images) = timings.time("postprocess", || image::postprocess(&images))?;
         Ok(Output {
             images,
