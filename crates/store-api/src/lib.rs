@@ -6,9 +6,11 @@
 
 mod error;
 mod parse;
+mod threads;
 
 pub use error::{Code, StoreError};
-pub use parse::{kind_name, parse_budget, parse_device, parse_kind, parse_kind_opt};
+pub use parse::{kind_name, open_device, parse_budget, parse_device, parse_kind, parse_kind_opt};
+pub use threads::single_threaded_kernels;
 
 use std::time::Duration;
 

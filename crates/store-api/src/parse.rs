@@ -67,6 +67,40 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
     })
 }
 
+/// A device name parsed and checked against this process: `cuda` needs a libtorch built with
+/// CUDA (linked, not only present on disk) and a visible device of that index, so a server that
+/// cannot compute there refuses to start instead of failing every request's first load.
+pub fn open_device(s: &str) -> Result<Device, String> {
+    let device = parse_device(s)?;
+    if let Device::Cuda(i) = device {
+        if !cuda_backend_loaded() {
+            return Err(format!(
+                "{s}: this binary's libtorch has no CUDA support (libtorch_cuda is not linked)"
+            ));
+        }
+        let visible = if tch::Cuda::is_available() {
+            tch::Cuda::device_count()
+        } else {
+            0
+        };
+        if i as i64 >= visible {
+            return Err(format!(
+                "{s}: no such CUDA device ({visible} visible to this process: no GPU, or no driver)"
+            ));
+        }
+    }
+    Ok(device)
+}
+
+/// Whether libtorch's CUDA backend is in this process (libtorch_cuda loaded), whether or not a
+/// GPU and a driver are there: libtorch's own checks (`hasCUDA`, `hasCUDART`) answer false for
+/// both causes alike.
+fn cuda_backend_loaded() -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|maps| maps.contains("/libtorch_cuda.so"))
+        .unwrap_or(false)
+}
+
 /// A memory budget: bytes (`8000000000`, `8G`, `512M`, `64K`) or a percentage of the device's
 /// memory (`80%`; host RAM for the CPU).
 pub fn parse_budget(s: &str, device: Device) -> Result<u64, String> {

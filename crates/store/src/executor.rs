@@ -10,6 +10,14 @@
 //! ran on the server's threads (a UNet forward alone: 36 ms on a second thread with a live team
 //! elsewhere, 21 ms without). Calls run in arrival order, so concurrent requests interleave step by
 //! step; a GPU is fed from one thread the same way.
+//!
+//! The same holds for the threads of the process that are not the store's: in embedded mode the
+//! orchestrator's request threads run the scheduler and image processing in this process, and
+//! each of them opening a parallel region of its own made every step of the store slower after
+//! the first img2img request (small checkpoint: 36 ms/step embedded against 22 ms/step split, where
+//! the orchestrator is another process). So the compute thread fixes its team size first, before
+//! anything else can change libtorch's process-wide default, and request threads run libtorch on
+//! one thread ([`autopipe_store_api::single_threaded_kernels`]): their tensors are a few latents, the UNet's are here.
 
 use crate::{Code, StoreError};
 use std::sync::mpsc;
@@ -25,14 +33,20 @@ impl Executor {
     /// Starts the thread; it ends when the executor is dropped (after the calls queued before).
     pub(crate) fn new() -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("autopipe-compute".into())
             .spawn(move || {
+                // libtorch sizes a thread's team on its first parallel call, from the process-wide
+                // setting at that moment (what `--threads` set): take it now, before a request
+                // thread's `single_threaded_kernels` lowers that setting.
+                let _ = ready_tx.send(tch::get_num_threads());
                 for job in rx {
                     job();
                 }
             })
             .expect("spawning the store's compute thread");
+        let _ = ready_rx.recv();
         Self {
             jobs: Mutex::new(tx),
         }

@@ -13,7 +13,8 @@ mod executor;
 mod store;
 
 pub use autopipe_store_api::{
-    kind_name, parse_budget, parse_device, parse_kind, parse_kind_opt, AcquireRequest, Code,
-    ComponentSpec, ComponentStore, Handle, Lease, StoreError, Tensors,
+    kind_name, open_device, parse_budget, parse_device, parse_kind, parse_kind_opt,
+    single_threaded_kernels, AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease,
+    StoreError, Tensors,
 };
 pub use store::{ComponentStats, Pinned, Store, StoreConfig, StoreObserver, StoreStats};

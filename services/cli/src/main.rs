@@ -65,7 +65,7 @@ impl StoreArgs {
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
         }
-        let device = autopipe_store::parse_device(&self.device)
+        let device = autopipe_store::open_device(&self.device)
             .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
         Ok(StoreConfig {
             device,

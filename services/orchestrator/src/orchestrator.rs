@@ -284,6 +284,7 @@ impl Orchestrator {
     /// default dtype (acquired and released: resident, evictable like any other) and reads its
     /// tokenizer, so the first request pays no load. Returns the components' names.
     pub fn warm_up(&self, model: &str) -> Result<Vec<String>, Status> {
+        autopipe_store_api::single_threaded_kernels();
         let params = autopipe_pipelines::GenerateParams {
             skip_safety_checker: self.config.safety_checker == SafetyCheckerMode::Off,
             ..Default::default()
@@ -319,6 +320,7 @@ impl Orchestrator {
         request_id: &str,
         observer: &dyn StepObserver,
     ) -> Result<v1::GenerateResponse, Status> {
+        autopipe_store_api::single_threaded_kernels();
         let started = Instant::now();
         let mut valid = validate::generate_request(req)?;
         if valid.params.skip_safety_checker && !self.config.allow_request_safety_off {

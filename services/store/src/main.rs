@@ -57,14 +57,7 @@ fn main() -> anyhow::Result<()> {
         tch::set_num_threads(n);
     }
     let device =
-        autopipe_store::parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    if let tch::Device::Cuda(i) = device {
-        anyhow::ensure!(
-            tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(),
-            "--device {}: no such CUDA device",
-            args.device
-        );
-    }
+        autopipe_store::open_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let default_kind =
         autopipe_store::parse_kind(&args.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let memory_budget = args

@@ -22,10 +22,14 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
-        .map_err(|e| Status::internal(format!("store task failed: {e}")))?
-        .map_err(|e| e.to_status())
+    tokio::task::spawn_blocking(move || {
+        // Wire ⇄ tensor conversions only; the forward passes run on the store's compute thread.
+        autopipe_store::single_threaded_kernels();
+        span.in_scope(f)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+    .map_err(|e| e.to_status())
 }
 
 /// Checks the `components` of Acquire/Load/Unload and converts them; fields named by index.

@@ -1,0 +1,3 @@
+fn main() {
+    autopipe_torch_link::link_cuda_if_present();
+}
