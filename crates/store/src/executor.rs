@@ -1,11 +1,12 @@
-//! The store's compute thread: every component method runs on one long-lived thread.
+//! The store's threads: every component method runs on one long-lived compute thread; loads run
+//! on a loader thread of their own.
 //!
 //! libtorch's CPU kernels parallelise with OpenMP (GNU libgomp in PyTorch's wheels). Each thread
 //! that opens a parallel region gets a worker team of its own, kept for the thread's lifetime, and
 //! once the process holds more team threads than CPUs libgomp stops letting idle workers spin: every
 //! parallel region then pays a futex wake-up per worker. Component calls arriving on changing
 //! threads (a gRPC server's blocking pool, concurrent requests) create exactly that situation. So
-//! every call and every load runs here, on one thread with one warm team. Measured on the 2-core bench machine, small
+//! every call runs here, on one thread with one warm team. Measured on the 2-core bench machine, small
 //! checkpoint at 64×64: a split-mode denoising step took 37 ms against 20 ms embedded when calls
 //! ran on the server's threads (a UNet forward alone: 36 ms on a second thread with a live team
 //! elsewhere, 21 ms without). Calls run in arrival order, so concurrent requests interleave step by
@@ -17,7 +18,12 @@
 //! the first img2img request (small checkpoint: 36 ms/step embedded against 22 ms/step split, where
 //! the orchestrator is another process). So the compute thread fixes its team size first, before
 //! anything else can change libtorch's process-wide default, and request threads run libtorch on
-//! one thread ([`autopipe_store_api::single_threaded_kernels`]): their tensors are a few latents, the UNet's are here.
+//! one thread ([`autopipe_store_api::single_threaded_kernels`]): their tensors are a few latents,
+//! the UNet's are here.
+//!
+//! Loads (reading weight files, converting dtypes, placing on the device) run on the loader thread,
+//! single-threaded in libtorch for the same reason, so that loading model B never holds up the
+//! steps of a request on model A: they wait only for the cores, not for the queue.
 
 use crate::{Code, StoreError};
 use std::sync::mpsc;
@@ -26,33 +32,51 @@ use std::sync::Mutex;
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 pub(crate) struct Executor {
+    name: String,
     jobs: Mutex<mpsc::Sender<Job>>,
 }
 
+/// How an executor's thread runs libtorch's CPU kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernels {
+    /// With the process's intra-op thread count (`--threads`): the one OpenMP team.
+    Team,
+    /// On the thread alone ([`autopipe_store_api::single_threaded_kernels`]).
+    Single,
+}
+
 impl Executor {
-    /// Starts the thread; it ends when the executor is dropped (after the calls queued before).
-    pub(crate) fn new() -> Self {
+    /// Starts the thread `name`; it ends when the executor is dropped (after the calls queued
+    /// before).
+    pub(crate) fn new(name: &str, kernels: Kernels) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
-            .name("autopipe-compute".into())
+            .name(name.into())
             .spawn(move || {
-                // libtorch sizes a thread's team on its first parallel call, from the process-wide
-                // setting at that moment (what `--threads` set): take it now, before a request
-                // thread's `single_threaded_kernels` lowers that setting.
-                let _ = ready_tx.send(tch::get_num_threads());
+                match kernels {
+                    // libtorch sizes a thread's team on its first parallel call, from the
+                    // process-wide setting at that moment (what `--threads` set): take it now,
+                    // before a request thread's `single_threaded_kernels` lowers that setting.
+                    Kernels::Team => {
+                        let _ = tch::get_num_threads();
+                    }
+                    Kernels::Single => autopipe_store_api::single_threaded_kernels(),
+                }
+                let _ = ready_tx.send(());
                 for job in rx {
                     job();
                 }
             })
-            .expect("spawning the store's compute thread");
+            .unwrap_or_else(|e| panic!("spawning the store's {name} thread: {e}"));
         let _ = ready_rx.recv();
         Self {
+            name: name.to_string(),
             jobs: Mutex::new(tx),
         }
     }
 
-    /// Runs `f` on the compute thread and waits for its result. `f` must not panic (callers catch
+    /// Runs `f` on the executor's thread and waits for its result. `f` must not panic (callers catch
     /// libtorch panics themselves); if it does, the caller gets INTERNAL and the thread goes on.
     pub(crate) fn run<T: Send + 'static>(
         &self,
@@ -69,12 +93,15 @@ impl Executor {
             .unwrap_or_else(|p| p.into_inner())
             .send(job)
             .map_err(|_| {
-                StoreError::new(Code::Internal, "the store's compute thread has stopped")
+                StoreError::new(
+                    Code::Internal,
+                    format!("the store's {} thread has stopped", self.name),
+                )
             })?;
         rx.recv().map_err(|_| {
             StoreError::new(
                 Code::Internal,
-                "a component call panicked on the compute thread",
+                format!("a component call panicked on the {} thread", self.name),
             )
         })
     }
@@ -86,7 +113,7 @@ mod tests {
 
     #[test]
     fn runs_every_call_on_one_thread_in_order() {
-        let ex = Executor::new();
+        let ex = Executor::new("test-executor", Kernels::Team);
         let ids: Vec<_> = (0..4)
             .map(|i| ex.run(move || (i, std::thread::current().id())).unwrap())
             .collect();
@@ -100,7 +127,7 @@ mod tests {
 
     #[test]
     fn a_panicking_call_is_an_error_and_the_thread_goes_on() {
-        let ex = Executor::new();
+        let ex = Executor::new("test-executor", Kernels::Single);
         let err = ex.run(|| -> u32 { panic!("boom") }).unwrap_err();
         assert_eq!(err.code, Code::Internal);
         assert_eq!(ex.run(|| 7).unwrap(), 7);

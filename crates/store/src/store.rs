@@ -6,7 +6,7 @@
 
 use crate::components::{self, Component};
 use crate::digest::DigestCache;
-use crate::executor::Executor;
+use crate::executor::{Executor, Kernels};
 use crate::{
     kind_name, AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError,
     Tensors,
@@ -261,7 +261,10 @@ pub struct Store {
     state: Mutex<State>,
     digests: DigestCache,
     observer: Arc<dyn StoreObserver>,
+    /// Runs every component method (see `executor`).
     compute: Executor,
+    /// Runs every load, so that loads never wait behind, or hold up, component calls.
+    loader: Executor,
 }
 
 impl Store {
@@ -272,7 +275,8 @@ impl Store {
             state: Mutex::new(State::default()),
             digests: DigestCache::default(),
             observer: Arc::new(NoObserver),
-            compute: Executor::new(),
+            compute: Executor::new("autopipe-compute", Kernels::Team),
+            loader: Executor::new("autopipe-load", Kernels::Single),
         }
     }
 
@@ -555,12 +559,11 @@ impl Store {
         }
         let spec = k.spec;
         let started = Instant::now();
-        // On the compute thread, like every call, so no other thread holds an OpenMP team (see
-        // `executor`). Calls of other requests wait meanwhile, as they would for the same cores.
+        // On the loader thread: calls of other requests go on meanwhile (see `executor`).
         let (class, path, variant) = (k.class, spec.path.clone(), spec.variant.clone());
         let (kind, device) = (k.key.kind, k.key.device);
         let loaded = self
-            .compute
+            .loader
             .run(move || class.load(&path, variant.as_deref(), kind, device))
             .and_then(|r| r);
         let took = started.elapsed();

@@ -3,7 +3,7 @@
 
 use super::*;
 use std::path::Path;
-use std::sync::Barrier;
+use std::sync::{mpsc, Barrier};
 use tch::Tensor;
 
 fn fixture(model: &str, name: &str) -> ComponentSpec {
@@ -536,4 +536,43 @@ fn an_upcast_component_is_held_in_float32_when_float16_is_asked() {
     dtypes.sort();
     // float16 asked with upcast → float32; bfloat16 is not upcast; without upcast → float16.
     assert_eq!(dtypes, ["bfloat16", "float16", "float32"]);
+}
+
+#[test]
+fn component_calls_go_on_while_another_component_loads() {
+    let s = store(None);
+    let lease = acquire(&s, &[fixture("sd1-tiny", "vae")]).unwrap();
+    let handle = lease.handle("vae").unwrap().id.clone();
+    // Hold the loader thread until released: a load queued now cannot finish before that.
+    let (release, held) = mpsc::channel::<()>();
+    let (busy, is_busy) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let blocker = scope.spawn(|| {
+            s.loader.run(move || {
+                let _ = busy.send(());
+                let _ = held.recv();
+            })
+        });
+        is_busy.recv().unwrap();
+        let loading = scope.spawn(|| acquire(&s, &[fixture("sd1-tiny", "unet")]));
+        // A decode on the resident VAE completes while that load waits for the loader.
+        let latents = Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let out = s
+            .invoke(
+                &lease.id,
+                &handle,
+                "decode",
+                vec![("latents".into(), latents)],
+                "r",
+            )
+            .expect("decode while a load is queued");
+        assert_eq!(out[0].1.size()[1], 3);
+        assert!(
+            !loading.is_finished(),
+            "the UNet's load finished while the loader thread was held"
+        );
+        release.send(()).unwrap();
+        blocker.join().unwrap().unwrap();
+        loading.join().unwrap().expect("the load after the release");
+    });
 }
