@@ -9,13 +9,26 @@ use autopipe_orchestrator::{Orchestrator, OrchestratorConfig};
 use autopipe_store::{Store, StoreConfig};
 use std::sync::Arc;
 
-/// Threads of this process whose name is `name` (Linux gives a new thread its creator's name, so
-/// an OpenMP team's workers carry the name of the thread that opened it).
+/// Live threads of this process whose name is `name` (Linux gives a new thread its creator's
+/// name, so an OpenMP team's workers carry the name of the thread that opened it). A thread that
+/// was joined may still be listed for a moment while it exits (state Z or X): not counted.
 fn threads_named(name: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
         .expect("/proc/self/task")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim_end() == name)
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // `pid (comm) state …`: the state follows the last ')'.
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some((comm, state))
+        })
+        .filter(|(comm, state)| comm.trim_end() == name && !matches!(state.as_str(), "Z" | "X"))
         .count()
 }
 

@@ -370,7 +370,15 @@ impl Orchestrator {
         let out = std::thread::scope(|scope| {
             let (stop, stopped) = mpsc::channel::<()>();
             let lease = &guard.lease;
-            scope.spawn(move || self.renew_until(lease, stopped));
+            // Named: a thread otherwise takes its creator's name (the request thread's).
+            std::thread::Builder::new()
+                .name("autopipe-renew".into())
+                .spawn_scoped(scope, move || self.renew_until(lease, stopped))
+                .map_err(|e| {
+                    autopipe_pipelines::PipelineError::Internal(format!(
+                        "starting the lease renewal thread: {e}"
+                    ))
+                })?;
             let out = prepared
                 .pipeline
                 .run(&ctx, &components, &valid.params, observer);
