@@ -50,6 +50,7 @@ pub fn worker(dtype: &str, threads: i32) -> Result<()> {
         default_kind: kind,
         memory_budget: None,
         lease_ttl: Duration::from_secs(600),
+        ..Default::default()
     }));
     let orchestrator = Orchestrator::new(
         store.clone(),

@@ -27,7 +27,7 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("autopipe-bad-input-{}", std::process::id()));
+        let dir = scratch_models().join(format!("bad-input-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -166,7 +166,10 @@ fn generate_cases(
             NotFound,
             "model",
             with(text2img(), |r| {
-                r.model = "/nonexistent/autopipe/model".into()
+                r.model = scratch_models()
+                    .join("nonexistent/model")
+                    .display()
+                    .to_string()
             }),
         ),
         (
@@ -531,7 +534,7 @@ fn bad_requests_get_precise_errors_and_leave_nothing_behind() {
             "model",
             v1::ResolveRequest {
                 task: v1::Task::Text2img as i32,
-                model: "/nonexistent/m".into(),
+                model: scratch_models().join("nonexistent").display().to_string(),
                 ..Default::default()
             },
         ),
@@ -712,11 +715,11 @@ fn store_cases(
         (
             "Acquire: folder does not exist",
             NotFound,
-            "/nonexistent/unet",
+            "nonexistent/unet",
             component(
                 "unet",
                 "UNet2DConditionModel",
-                Path::new("/nonexistent/unet"),
+                &scratch_models().join("nonexistent/unet"),
             ),
             "",
         ),

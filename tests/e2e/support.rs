@@ -14,6 +14,23 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// A folder for checkpoints a test builds at run time (inside the servers' model roots).
+pub fn scratch_models() -> PathBuf {
+    let dir = std::env::temp_dir().join("autopipe-e2e-models");
+    std::fs::create_dir_all(&dir).expect("scratch model folder");
+    dir.canonicalize().expect("scratch model folder")
+}
+
+/// The `--model-root` folders every test server gets (AUTOPIPE_MODEL_ROOTS): the committed
+/// checkpoints and [`scratch_models`]. Servers read local models only under their roots.
+pub fn model_roots() -> String {
+    let checkpoints = fixtures()
+        .join("checkpoints")
+        .canonicalize()
+        .expect("fixture checkpoints");
+    format!("{}:{}", checkpoints.display(), scratch_models().display())
+}
+
 /// Where cargo put the workspace binaries (target/<profile>/), next to this test's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -60,6 +77,7 @@ impl Service {
     ) -> Self {
         let child = Command::new(bin(name))
             .args(args)
+            .env("AUTOPIPE_MODEL_ROOTS", model_roots())
             .envs(env.iter().copied())
             .env(
                 "RUST_LOG",

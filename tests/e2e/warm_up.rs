@@ -83,8 +83,9 @@ fn readiness_waits_for_the_preloaded_model_and_the_first_request_loads_nothing()
 fn a_preload_that_cannot_succeed_stops_the_process_naming_the_model() {
     let store = start_store(&Address::Tcp(format!("127.0.0.1:{}", free_port())), &[]);
     let listen = format!("127.0.0.1:{}", free_port());
-    let missing = std::env::temp_dir().join("autopipe-no-such-model");
+    let missing = scratch_models().join("autopipe-no-such-model");
     let out = Command::new(bin("autopipe-orchestrator"))
+        .env("AUTOPIPE_MODEL_ROOTS", model_roots())
         .args([
             "--listen",
             &listen,

@@ -6,10 +6,12 @@ mod checkpoint;
 pub mod fake_hub;
 pub mod hub;
 mod model_ref;
+mod roots;
 
 pub use checkpoint::{Checkpoint, ComponentEntry, ModelIndex};
 pub use hub::{fetch_components, fetch_model_index, HubOptions};
 pub use model_ref::ModelRef;
+pub use roots::ModelRoots;
 
 use std::path::PathBuf;
 
@@ -30,6 +32,9 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The reference names something outside the server's model roots or hub allowlist.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The hub refused access (HTTP 401/403): a private or gated repo, or a rejected token.
     #[error("{0}")]
     Unauthorized(String),

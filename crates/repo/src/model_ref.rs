@@ -29,6 +29,11 @@ impl ModelRef {
                 "model folder {model} does not exist"
             )));
         }
+        Self::parse_hub(model, revision)
+    }
+
+    /// `model` as a hub repo id at `revision` (default `main`), without looking at the disk.
+    pub(crate) fn parse_hub(model: &str, revision: &str) -> Result<Self> {
         if !is_repo_id(model) {
             return Err(Error::InvalidReference(model.to_string()));
         }
@@ -44,7 +49,7 @@ impl ModelRef {
     }
 }
 
-fn looks_like_path(s: &str) -> bool {
+pub(crate) fn looks_like_path(s: &str) -> bool {
     s.starts_with('/')
         || s.starts_with("./")
         || s.starts_with("../")
@@ -54,7 +59,7 @@ fn looks_like_path(s: &str) -> bool {
 
 /// huggingface_hub's repo id rule: `[namespace/]name`, each part of letters, digits, `-`, `_`, `.`,
 /// no leading/trailing `-`/`.`, no `--` or `..`, at most 96 characters.
-fn is_repo_id(s: &str) -> bool {
+pub(crate) fn is_repo_id(s: &str) -> bool {
     if s.len() > 96 || s.contains("--") || s.contains("..") {
         return false;
     }

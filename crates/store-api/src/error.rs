@@ -5,6 +5,8 @@
 pub enum Code {
     InvalidArgument,
     NotFound,
+    /// A path outside the store's model roots.
+    PermissionDenied,
     FailedPrecondition,
     ResourceExhausted,
     Unavailable,
@@ -38,6 +40,7 @@ impl Code {
         match self {
             Code::InvalidArgument => tonic::Code::InvalidArgument,
             Code::NotFound => tonic::Code::NotFound,
+            Code::PermissionDenied => tonic::Code::PermissionDenied,
             Code::FailedPrecondition => tonic::Code::FailedPrecondition,
             Code::ResourceExhausted => tonic::Code::ResourceExhausted,
             Code::Unavailable => tonic::Code::Unavailable,
@@ -65,6 +68,7 @@ impl StoreError {
         let code = match s.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Code::InvalidArgument,
             tonic::Code::NotFound => Code::NotFound,
+            tonic::Code::PermissionDenied => Code::PermissionDenied,
             tonic::Code::FailedPrecondition => Code::FailedPrecondition,
             tonic::Code::ResourceExhausted => Code::ResourceExhausted,
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Aborted => {

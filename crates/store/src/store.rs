@@ -30,6 +30,9 @@ pub struct StoreConfig {
     pub memory_budget: Option<u64>,
     /// A lease not renewed (or used) for this long expires.
     pub lease_ttl: Duration,
+    /// Where component folders may be read from (`--model-root`, the hub cache); the store checks
+    /// again what the orchestrator checked, since it is the process that opens the files.
+    pub roots: autopipe_repo::ModelRoots,
 }
 
 impl Default for StoreConfig {
@@ -39,6 +42,7 @@ impl Default for StoreConfig {
             default_kind: Kind::Float,
             memory_budget: None,
             lease_ttl: Duration::from_secs(60),
+            roots: autopipe_repo::ModelRoots::unconfined(),
         }
     }
 }
@@ -411,6 +415,15 @@ impl Store {
                     ),
                 )
             })?;
+            // A folder missing inside a root is reported below, like any missing folder.
+            if let Err(autopipe_repo::Error::PermissionDenied(reason)) =
+                self.config.roots.component_folder(&spec.path)
+            {
+                return Err(StoreError::new(
+                    Code::PermissionDenied,
+                    format!("components[{i}].path: {reason}"),
+                ));
+            }
             if !spec.path.is_dir() {
                 return Err(StoreError::new(
                     Code::NotFound,

@@ -78,6 +78,7 @@ impl StoreArgs {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?,
             lease_ttl: Duration::from_secs(self.lease_ttl.max(1)),
+            roots: autopipe_repo::ModelRoots::unconfined(),
         })
     }
 }
@@ -113,6 +114,19 @@ struct ServeArgs {
     /// such requests are PERMISSION_DENIED.
     #[arg(long, env = "AUTOPIPE_ALLOW_REQUEST_SAFETY_OFF")]
     allow_request_safety_off: bool,
+    /// Folders local models may be read from (repeatable; AUTOPIPE_MODEL_ROOTS: colon-separated).
+    /// A model is then a name relative to one (`sd15` → DIR/sd15), a path inside one, or a hub
+    /// repo id; anything else is PERMISSION_DENIED. None: hub repo ids (and the hub cache) only.
+    #[arg(
+        long = "model-root",
+        env = "AUTOPIPE_MODEL_ROOTS",
+        value_delimiter = ':'
+    )]
+    model_roots: Vec<PathBuf>,
+    /// Hub repo ids that may be named (repeatable; AUTOPIPE_ALLOW_HUB: comma-separated): org/name
+    /// or org/*. Default: every repo id.
+    #[arg(long = "allow-hub", env = "AUTOPIPE_ALLOW_HUB", value_delimiter = ',')]
+    allow_hub: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -584,12 +598,21 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => {
             let loads = Arc::new(LoadMetrics(Histogram::new(LATENCY_BUCKETS)));
-            let store = Arc::new(Store::new(a.store.config()?).with_observer(loads.clone()));
+            let roots = autopipe_repo::ModelRoots::for_server(&a.model_roots, &a.allow_hub)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let store = Arc::new(
+                Store::new(StoreConfig {
+                    roots: roots.clone(),
+                    ..a.store.config()?
+                })
+                .with_observer(loads.clone()),
+            );
             let orchestrator = Arc::new(Orchestrator::new(
                 store.clone(),
                 OrchestratorConfig {
                     safety_checker: a.safety_checker,
                     allow_request_safety_off: a.allow_request_safety_off,
+                    roots,
                     ..Default::default()
                 },
             ));

@@ -6,6 +6,7 @@ use autopipe_orchestrator::{
 };
 use autopipe_proto::transport::Address;
 use clap::Parser;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,19 @@ struct Args {
     /// such requests are PERMISSION_DENIED.
     #[arg(long, env = "AUTOPIPE_ALLOW_REQUEST_SAFETY_OFF")]
     allow_request_safety_off: bool,
+    /// Folders local models may be read from (repeatable; AUTOPIPE_MODEL_ROOTS: colon-separated).
+    /// A model is then a name relative to one (`sd15` → DIR/sd15), a path inside one, or a hub
+    /// repo id; anything else is PERMISSION_DENIED. None: hub repo ids (and the hub cache) only.
+    #[arg(
+        long = "model-root",
+        env = "AUTOPIPE_MODEL_ROOTS",
+        value_delimiter = ':'
+    )]
+    model_roots: Vec<PathBuf>,
+    /// Hub repo ids that may be named (repeatable; AUTOPIPE_ALLOW_HUB: comma-separated): org/name
+    /// or org/*. Default: every repo id.
+    #[arg(long = "allow-hub", env = "AUTOPIPE_ALLOW_HUB", value_delimiter = ',')]
+    allow_hub: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,6 +94,8 @@ fn main() -> anyhow::Result<()> {
             default_kind,
             safety_checker: args.safety_checker,
             allow_request_safety_off: args.allow_request_safety_off,
+            roots: autopipe_repo::ModelRoots::for_server(&args.model_roots, &args.allow_hub)
+                .map_err(|e| anyhow::anyhow!(e))?,
             ..Default::default()
         },
     ));

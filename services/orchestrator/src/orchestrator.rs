@@ -9,7 +9,7 @@ use autopipe_pipelines::{
 };
 use autopipe_proto::v1;
 use autopipe_repo::hub::{self, HubOptions};
-use autopipe_repo::{Checkpoint, ModelRef};
+use autopipe_repo::{Checkpoint, ModelRef, ModelRoots};
 use autopipe_store_api::{AcquireRequest, ComponentStore, Lease};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -30,6 +30,9 @@ pub struct OrchestratorConfig {
     /// `--allow-request-safety-off`: requests may set `skip_safety_checker`; otherwise asking is
     /// PERMISSION_DENIED.
     pub allow_request_safety_off: bool,
+    /// `--model-root` / `--allow-hub`: where every model reference (model, ControlNets, a
+    /// connected prior) may point; unconfined by default (a process that is its own operator).
+    pub roots: ModelRoots,
 }
 
 /// Whether the server runs checkpoints' safety checkers.
@@ -81,7 +84,9 @@ fn repo_status(e: autopipe_repo::Error) -> Status {
         autopipe_repo::Error::Malformed { .. } => {
             Status::failed_precondition(format!("model: {e}"))
         }
-        autopipe_repo::Error::Unauthorized(_) => Status::permission_denied(format!("model: {e}")),
+        autopipe_repo::Error::Unauthorized(_) | autopipe_repo::Error::PermissionDenied(_) => {
+            Status::permission_denied(format!("model: {e}"))
+        }
         autopipe_repo::Error::Unavailable(_) => Status::unavailable(format!("model: {e}")),
         autopipe_repo::Error::Io { .. } => Status::internal(format!("model: {e}")),
     }
@@ -126,7 +131,12 @@ impl Orchestrator {
         components: &[&str],
         variant: Option<&str>,
     ) -> Result<Checkpoint, Status> {
-        match ModelRef::parse(model, revision).map_err(repo_status)? {
+        match self
+            .config
+            .roots
+            .resolve(model, revision)
+            .map_err(repo_status)?
+        {
             ModelRef::Local(path) => Checkpoint::open(path).map_err(repo_status),
             ModelRef::Hub { repo_id, revision } => {
                 let snapshot = if components.is_empty() {
@@ -331,7 +341,7 @@ impl Orchestrator {
         if self.config.safety_checker == SafetyCheckerMode::Off {
             valid.params.skip_safety_checker = true;
         }
-        resolve_controlnets(&mut valid.params)?;
+        resolve_controlnets(&self.config.roots, &mut valid.params)?;
         let prepared = self.prepare(
             &valid.model,
             &valid.revision,
@@ -474,13 +484,20 @@ impl Prepared {
     }
 }
 
-/// Resolves each ControlNet reference to its local folder, which must hold a `ControlNetModel`
-/// (`config.json` `_class_name`). ControlNets are not fetched from the hub yet.
-fn resolve_controlnets(params: &mut autopipe_pipelines::GenerateParams) -> Result<(), Status> {
-    let field = |s: Status| Status::new(s.code(), format!("controlnet: {}", s.message()));
+/// Resolves each ControlNet reference to its local folder (confined like the model), which must
+/// hold a `ControlNetModel` (`config.json` `_class_name`). ControlNets are not fetched from the
+/// hub yet.
+fn resolve_controlnets(
+    roots: &ModelRoots,
+    params: &mut autopipe_pipelines::GenerateParams,
+) -> Result<(), Status> {
+    let field = |s: Status| {
+        let message = s.message().strip_prefix("model: ").unwrap_or(s.message());
+        Status::new(s.code(), format!("controlnet: {message}"))
+    };
     for net in &mut params.controlnets {
         let given = net.path.to_string_lossy().into_owned();
-        let path = match ModelRef::parse(&given, "").map_err(|e| field(repo_status(e)))? {
+        let path = match roots.resolve(&given, "").map_err(|e| field(repo_status(e)))? {
             ModelRef::Local(path) => path,
             ModelRef::Hub { repo_id, .. } => {
                 return Err(Status::unimplemented(format!(

@@ -8,6 +8,7 @@ use anyhow::Context;
 use autopipe_proto::transport::Address;
 use autopipe_store::{Store, StoreConfig};
 use clap::Parser;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,19 @@ struct Args {
     /// libtorch intra-op threads (default: libtorch's choice, one per core).
     #[arg(long, env = "AUTOPIPE_THREADS")]
     threads: Option<i32>,
+    /// Folders local models may be read from (repeatable; AUTOPIPE_MODEL_ROOTS: colon-separated).
+    /// A model is then a name relative to one (`sd15` → DIR/sd15), a path inside one, or a hub
+    /// repo id; anything else is PERMISSION_DENIED. None: hub repo ids (and the hub cache) only.
+    #[arg(
+        long = "model-root",
+        env = "AUTOPIPE_MODEL_ROOTS",
+        value_delimiter = ':'
+    )]
+    model_roots: Vec<PathBuf>,
+    /// Hub repo ids that may be named (repeatable; AUTOPIPE_ALLOW_HUB: comma-separated): org/name
+    /// or org/*. Default: every repo id.
+    #[arg(long = "allow-hub", env = "AUTOPIPE_ALLOW_HUB", value_delimiter = ',')]
+    allow_hub: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +87,8 @@ fn main() -> anyhow::Result<()> {
             default_kind,
             memory_budget,
             lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
+            roots: autopipe_repo::ModelRoots::for_server(&args.model_roots, &args.allow_hub)
+                .map_err(|e| anyhow::anyhow!(e))?,
         })
         .with_observer(metrics.clone()),
     );

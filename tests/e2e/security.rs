@@ -1,0 +1,416 @@
+//! Security end to end, against the real binaries: model references confined to `--model-root`
+//! folders (and `--allow-hub`), on `Generate`/`Resolve` of a split orchestrator and of `autopipe
+//! serve`, and on the store's own `Acquire`. Every attack is tried twice, once at a target that
+//! exists and once at one that does not: both must get the same status and byte-identical messages,
+//! or the refusal itself would be a file-system probe. Each test prints the attacks it tried and
+//! what each got.
+
+use autopipe_e2e::*;
+use autopipe_proto::transport::Address;
+use autopipe_proto::v1;
+use std::path::{Path, PathBuf};
+use tonic::Code;
+
+/// `base/{models, models-evil, outside}`: `models` is a root; the rest is what attacks reach for.
+struct Tree(PathBuf);
+
+impl Tree {
+    fn new(name: &str) -> Self {
+        let base = std::env::temp_dir().join(format!("autopipe-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let sd1 = fixtures().join("checkpoints/sd1-tiny");
+        let copy = |from: &str, to: &str| {
+            let to = base.join(to);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(sd1.join(from), to).unwrap();
+        };
+        // Real checkpoint-looking folders outside every root.
+        copy("model_index.json", "outside/sd1/model_index.json");
+        copy("unet/config.json", "outside/sd1/unet/config.json");
+        copy("model_index.json", "models-evil/sd1/model_index.json");
+        copy("unet/config.json", "models-evil/sd1/unet/config.json");
+        std::fs::write(base.join("outside/secret.bin"), b"not for clients").unwrap();
+        // Inside the root: a real model (a link into the fixture root, also a root) and escapes.
+        let link = |target: &Path, at: &str| {
+            let at = base.join(at);
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(target, at).unwrap();
+        };
+        link(&sd1.canonicalize().unwrap(), "models/sd1");
+        link(&base.join("outside/sd1"), "models/link-out");
+        link(&base.join("outside/none"), "models/dangling");
+        link(&base.join("outside"), "models/nested/out");
+        // Component folders whose weight file leaves the root (to a file, or dangling).
+        copy("unet/config.json", "models/leaky/unet/config.json");
+        link(
+            &base.join("outside/secret.bin"),
+            "models/leaky/unet/diffusion_pytorch_model.safetensors",
+        );
+        copy("unet/config.json", "models/leaky-dangling/unet/config.json");
+        link(
+            &base.join("outside/none.bin"),
+            "models/leaky-dangling/unet/diffusion_pytorch_model.safetensors",
+        );
+        Self(base.canonicalize().unwrap())
+    }
+
+    fn path(&self, p: &str) -> String {
+        self.0.join(p).display().to_string()
+    }
+
+    /// `--model-root` flags: the committed checkpoints and this tree's `models`.
+    fn roots(&self) -> Vec<String> {
+        let checkpoints = fixtures().join("checkpoints").canonicalize().unwrap();
+        vec![
+            "--model-root".into(),
+            checkpoints.display().to_string(),
+            "--model-root".into(),
+            self.path("models"),
+        ]
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// (attack, reference to something that exists, the same kind of reference to nothing).
+fn model_attacks(t: &Tree) -> Vec<(&'static str, String, String)> {
+    vec![
+        (
+            "absolute path outside the roots",
+            t.path("outside/sd1"),
+            t.path("outside/none"),
+        ),
+        (
+            "system folder",
+            "/etc".into(),
+            "/nonexistent-autopipe".into(),
+        ),
+        (
+            "`..` out of a root (relative)",
+            "../outside/sd1".into(),
+            "../outside/none".into(),
+        ),
+        (
+            "`..` inside an absolute path",
+            t.path("models/../outside/sd1"),
+            t.path("models/../outside/none"),
+        ),
+        (
+            "symlink escaping vs dangling link",
+            "link-out".into(),
+            "dangling".into(),
+        ),
+        (
+            "symlink in the middle of the path",
+            "nested/out/sd1".into(),
+            "nested/out/none".into(),
+        ),
+        (
+            "a root's prefix-sharing sibling",
+            t.path("models-evil/sd1"),
+            t.path("models-evil/none"),
+        ),
+    ]
+}
+
+/// One attack's outcome, for the printed table.
+struct Row {
+    target: &'static str,
+    rpc: &'static str,
+    attack: String,
+    got: Result<(), tonic::Status>,
+    /// The missing target's outcome, which must match `got` byte for byte.
+    twin: Result<(), tonic::Status>,
+    want: Code,
+    field: &'static str,
+}
+
+impl Row {
+    fn passed(&self) -> bool {
+        match (&self.got, &self.twin) {
+            (Err(a), Err(b)) => {
+                a.code() == self.want
+                    && b.code() == self.want
+                    && a.message() == b.message()
+                    && a.message().starts_with(self.field)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn report(rows: &[Row]) {
+    println!(
+        "\n{:<14} {:<8} {:<52} {:<18} {:<9} message",
+        "target", "rpc", "attack", "code", "identical"
+    );
+    for r in rows {
+        let (code, message) = match &r.got {
+            Ok(()) => ("OK".to_string(), String::new()),
+            Err(s) => (format!("{:?}", s.code()), s.message().to_string()),
+        };
+        let identical = match (&r.got, &r.twin) {
+            (Err(a), Err(b)) => a.code() == b.code() && a.message() == b.message(),
+            _ => false,
+        };
+        println!(
+            "{:<14} {:<8} {:<52} {:<18} {:<9} {message}",
+            r.target, r.rpc, r.attack, code, identical
+        );
+    }
+    let failed: Vec<_> = rows.iter().filter(|r| !r.passed()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} attacks not refused as expected: {:?}",
+        failed.len(),
+        failed
+            .iter()
+            .map(|r| format!(
+                "{} {} {}: {:?} / {:?}",
+                r.target, r.rpc, r.attack, r.got, r.twin
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn quick(model: &str) -> v1::GenerateRequest {
+    let mut req = reference_request("sd1_t2i_euler");
+    req.num_inference_steps = Some(2);
+    req.model = model.into();
+    req
+}
+
+/// Tries every model attack on `Generate`, `Resolve` and a ControlNet reference of the
+/// orchestrator at `address`.
+fn orchestrator_attacks(
+    rt: &tokio::runtime::Runtime,
+    target: &'static str,
+    address: &Address,
+    t: &Tree,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let generate = |req: v1::GenerateRequest| {
+        rt.block_on(async { orchestrator_client(address).await.generate(req).await })
+            .map(|_| ())
+    };
+    let resolve = |model: &str| {
+        rt.block_on(async {
+            orchestrator_client(address)
+                .await
+                .resolve(v1::ResolveRequest {
+                    task: v1::Task::Text2img as i32,
+                    model: model.into(),
+                    ..Default::default()
+                })
+                .await
+        })
+        .map(|_| ())
+    };
+    let controlnet = |net: &str| {
+        let mut req = reference_request("cn_sd1_t2i");
+        req.num_inference_steps = Some(2);
+        req.controlnet = vec![net.into()];
+        generate(req)
+    };
+    for (attack, existing, missing) in model_attacks(t) {
+        rows.push(Row {
+            target,
+            rpc: "Generate",
+            attack: attack.into(),
+            got: generate(quick(&existing)),
+            twin: generate(quick(&missing)),
+            want: Code::PermissionDenied,
+            field: "model: ",
+        });
+        rows.push(Row {
+            target,
+            rpc: "Resolve",
+            attack: attack.into(),
+            got: resolve(&existing),
+            twin: resolve(&missing),
+            want: Code::PermissionDenied,
+            field: "model: ",
+        });
+        rows.push(Row {
+            target,
+            rpc: "Generate",
+            attack: format!("controlnet: {attack}"),
+            got: controlnet(&existing),
+            twin: controlnet(&missing),
+            want: Code::PermissionDenied,
+            field: "controlnet: ",
+        });
+    }
+    // The legitimate path still works: a name relative to a root.
+    resolve("sd1").expect("Resolve sd1 (a name under a root)");
+    rows
+}
+
+#[test]
+fn model_references_outside_the_roots_are_refused_alike_whether_or_not_they_exist() {
+    let t = Tree::new("security-roots");
+    let rt = runtime();
+    let roots = t.roots();
+    let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let split = Split::start_with(&roots, &roots);
+    let mut rows = orchestrator_attacks(&rt, "split", &split.orchestrator.address, &t);
+    // A name relative to a root generates, over both processes.
+    let resp = rt
+        .block_on(async {
+            orchestrator_client(&split.orchestrator.address)
+                .await
+                .generate(quick("sd1"))
+                .await
+        })
+        .expect("Generate sd1 (a name under a root)")
+        .into_inner();
+    assert_eq!(resp.images.len(), 1);
+
+    // The store checks again: component folders and every file in them.
+    let mut store = rt.block_on(store_client(&split.store.address));
+    let mut acquire = |path: &str| {
+        rt.block_on(store.acquire(v1::AcquireRequest {
+            components: vec![v1::ComponentRequest {
+                name: "unet".into(),
+                class_name: "UNet2DConditionModel".into(),
+                path: path.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
+        .map(|r| r.into_inner())
+    };
+    for (attack, existing, missing) in [
+        (
+            "absolute path outside the roots",
+            t.path("outside/sd1/unet"),
+            t.path("outside/none/unet"),
+        ),
+        (
+            "`..` inside the path",
+            t.path("models/../outside/sd1/unet"),
+            t.path("models/../outside/none/unet"),
+        ),
+        (
+            "symlink escaping vs dangling link",
+            t.path("models/link-out/unet"),
+            t.path("models/dangling/unet"),
+        ),
+        (
+            "a root's prefix-sharing sibling",
+            t.path("models-evil/sd1/unet"),
+            t.path("models-evil/none/unet"),
+        ),
+        ("relative path", "sd1/unet".into(), "none/unet".into()),
+        (
+            "weight file linked out of the root vs dangling",
+            t.path("models/leaky/unet"),
+            t.path("models/leaky-dangling/unet"),
+        ),
+    ] {
+        rows.push(Row {
+            target: "store",
+            rpc: "Acquire",
+            attack: attack.into(),
+            got: acquire(&existing).map(|_| ()),
+            twin: acquire(&missing).map(|_| ()),
+            want: Code::PermissionDenied,
+            field: "components[0].path: ",
+        });
+    }
+    let fine = acquire(&t.path("models/sd1/unet")).expect("Acquire under a root");
+    rt.block_on(store.release(v1::ReleaseRequest {
+        lease_id: fine.lease_id,
+    }))
+    .unwrap();
+    assert_eq!(split.stats().active_leases, 0, "a refusal leased something");
+
+    // `autopipe serve`: the same checks in one process.
+    let addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
+    let mut args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    args.extend(t.roots());
+    let serve = Service::start("autopipe", addr, &args);
+    rows.extend(orchestrator_attacks(&rt, "serve", &serve.address, &t));
+    report(&rows);
+}
+
+#[test]
+fn hub_repo_ids_outside_the_allowlist_are_refused() {
+    let t = Tree::new("security-hub");
+    let rt = runtime();
+    let addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
+    let hf_home = t.path("hf");
+    let mut args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        addr.to_string(),
+        "--allow-hub".into(),
+        "acme/*".into(),
+        "--allow-hub".into(),
+        "other/one".into(),
+    ];
+    args.extend(t.roots());
+    let serve = Service::start_with_env(
+        "autopipe",
+        addr,
+        &args,
+        &[("HF_HUB_OFFLINE", "1"), ("HF_HOME", &hf_home)],
+    );
+    let resolve = |model: &str| {
+        rt.block_on(async {
+            orchestrator_client(&serve.address)
+                .await
+                .resolve(v1::ResolveRequest {
+                    task: v1::Task::Text2img as i32,
+                    model: model.into(),
+                    ..Default::default()
+                })
+                .await
+        })
+        .map(|_| ())
+    };
+    let rows = vec![
+        Row {
+            target: "serve",
+            rpc: "Resolve",
+            attack: "hub repo outside --allow-hub".into(),
+            got: resolve("evil/model"),
+            twin: resolve("other/two"),
+            want: Code::PermissionDenied,
+            field: "model: ",
+        },
+        Row {
+            target: "serve",
+            rpc: "Resolve",
+            attack: "namespace that only shares a prefix".into(),
+            got: resolve("acme-evil/model"),
+            twin: resolve("acmex/model"),
+            want: Code::PermissionDenied,
+            field: "model: ",
+        },
+    ];
+    // Allowed ids reach the hub client (offline here, nothing cached: NOT_FOUND).
+    for allowed in ["acme/model", "other/one"] {
+        let e = resolve(allowed).unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{allowed}: {e:?}");
+    }
+    report(&rows);
+}
