@@ -695,6 +695,7 @@ fn the_request_id_reaches_every_store_call() {
         drain_timeout: Duration::from_secs(1),
         metrics_listen: None,
         preload: Vec::new(),
+        auth: Default::default(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     rt.spawn(serve(

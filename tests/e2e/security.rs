@@ -414,3 +414,194 @@ fn hub_repo_ids_outside_the_allowlist_are_refused() {
     }
     report(&rows);
 }
+
+/// A client call with `token` (`None` = no authorization header).
+fn with_token<T>(body: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(body);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+/// What an attack without the right token got.
+struct AuthRow {
+    target: &'static str,
+    rpc: &'static str,
+    attack: &'static str,
+    got: Result<(), tonic::Status>,
+}
+
+fn auth_report(rows: &[AuthRow]) {
+    println!("\n{:<8} {:<8} {:<40} {:<18} message", "target", "rpc", "attack", "code");
+    for r in rows {
+        let (code, message) = match &r.got {
+            Ok(()) => ("OK".to_string(), String::new()),
+            Err(s) => (format!("{:?}", s.code()), s.message().to_string()),
+        };
+        println!("{:<8} {:<8} {:<40} {code:<18} {message}", r.target, r.rpc, r.attack);
+    }
+    for r in rows {
+        assert!(
+            matches!(&r.got, Err(s) if s.code() == Code::Unauthenticated && s.message().starts_with("authorization: ")),
+            "{} {} {}: {:?}",
+            r.target,
+            r.rpc,
+            r.attack,
+            r.got
+        );
+    }
+}
+
+/// Tries no token, a wrong one and (after `revoke`) a revoked one on Generate and Resolve; the
+/// right token works before the revocation.
+fn orchestrator_auth_attacks(
+    rt: &tokio::runtime::Runtime,
+    target: &'static str,
+    address: &Address,
+    tokens: &Path,
+) -> Vec<AuthRow> {
+    let generate = |token: Option<&str>| {
+        rt.block_on(async {
+            orchestrator_client(address)
+                .await
+                .generate(with_token(quick("sd1"), token))
+                .await
+        })
+        .map(|_| ())
+    };
+    let resolve = |token: Option<&str>| {
+        rt.block_on(async {
+            orchestrator_client(address)
+                .await
+                .resolve(with_token(
+                    v1::ResolveRequest {
+                        task: v1::Task::Text2img as i32,
+                        model: "sd1".into(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await
+        })
+        .map(|_| ())
+    };
+    generate(Some("team-a-token")).expect("Generate with the right token");
+    resolve(Some("team-b-token")).expect("Resolve with the right token");
+    let mut rows = Vec::new();
+    for (attack, token) in [
+        ("no token", None),
+        ("wrong token", Some("team-a-token-guess")),
+        ("empty token", Some("")),
+        ("a token's prefix", Some("team-a")),
+    ] {
+        rows.push(AuthRow { target, rpc: "Generate", attack, got: generate(token) });
+        rows.push(AuthRow { target, rpc: "Resolve", attack, got: resolve(token) });
+    }
+    // Revoke team-a (the file changes; no restart): its token stops working, team-b's still works.
+    std::fs::write(tokens, "# rotated\nteam-b-token\n").unwrap();
+    rows.push(AuthRow { target, rpc: "Generate", attack: "revoked token", got: generate(Some("team-a-token")) });
+    rows.push(AuthRow { target, rpc: "Resolve", attack: "revoked token", got: resolve(Some("team-a-token")) });
+    resolve(Some("team-b-token")).expect("Resolve with a token still listed");
+    rows
+}
+
+#[test]
+fn calls_without_a_valid_token_are_unauthenticated_and_probes_stay_open() {
+    let t = Tree::new("security-auth");
+    let rt = runtime();
+    let write = |name: &str, text: &str| {
+        let p = t.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let clients = write("clients.tokens", "team-a-token\n# team b\nteam-b-token\n");
+    let store_tokens = write("store.tokens", "orchestrator-secret\n");
+    let orchestrator_token = write("orchestrator.token", "orchestrator-secret\n");
+    let mut store_args = t.roots();
+    store_args.extend(["--auth-tokens-file".into(), store_tokens.display().to_string()]);
+    let mut orchestrator_args = t.roots();
+    orchestrator_args.extend([
+        "--auth-tokens-file".into(),
+        clients.display().to_string(),
+        "--store-token-file".into(),
+        orchestrator_token.display().to_string(),
+    ]);
+    let s: Vec<&str> = store_args.iter().map(String::as_str).collect();
+    let o: Vec<&str> = orchestrator_args.iter().map(String::as_str).collect();
+    // Split::start_with waits for grpc.health.v1 SERVING without a token: probes stay open.
+    let split = Split::start_with(&s, &o);
+    let mut rows = orchestrator_auth_attacks(&rt, "split", &split.orchestrator.address, &clients);
+
+    // The store accepts only the orchestrator's token.
+    let mut store = rt.block_on(store_client(&split.store.address));
+    let acquire = |token: Option<&str>| v1::AcquireRequest {
+        components: vec![v1::ComponentRequest {
+            name: "unet".into(),
+            class_name: "UNet2DConditionModel".into(),
+            path: t.path("models/sd1/unet"),
+            ..Default::default()
+        }],
+        request_id: token.unwrap_or("none").into(),
+        ..Default::default()
+    };
+    for (attack, token) in [
+        ("no token", None),
+        ("a client's token", Some("team-b-token")),
+        ("wrong token", Some("orchestrator-secret-2")),
+    ] {
+        let got = rt
+            .block_on(store.acquire(with_token(acquire(token), token)))
+            .map(|_| ());
+        rows.push(AuthRow { target: "store", rpc: "Acquire", attack, got });
+    }
+    let stats = rt
+        .block_on(store.stats(with_token(v1::StatsRequest {}, None)))
+        .map(|_| ());
+    rows.push(AuthRow { target: "store", rpc: "Stats", attack: "no token", got: stats });
+    let lease = rt
+        .block_on(store.acquire(with_token(acquire(None), Some("orchestrator-secret"))))
+        .expect("Acquire with the orchestrator's token")
+        .into_inner();
+    rt.block_on(store.release(with_token(
+        v1::ReleaseRequest { lease_id: lease.lease_id },
+        Some("orchestrator-secret"),
+    )))
+    .unwrap();
+    assert_eq!(
+        split.store.health_of("autopipe.v1.Store"),
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving),
+        "health needs no token"
+    );
+
+    // `autopipe serve`.
+    let serve_tokens = write("serve.tokens", "team-a-token\nteam-b-token\n");
+    let addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
+    let mut args = vec!["serve".to_string(), "--listen".into(), addr.to_string()];
+    args.extend(t.roots());
+    args.extend(["--auth-tokens-file".into(), serve_tokens.display().to_string()]);
+    let serve = Service::start("autopipe", addr, &args);
+    rows.extend(orchestrator_auth_attacks(&rt, "serve", &serve.address, &serve_tokens));
+
+    // The CLI sends --token / AUTOPIPE_TOKEN.
+    let cli = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin("autopipe"));
+        cmd.args(["resolve", "--server", &serve.address.to_string(), "--model", "sd1"]);
+        cmd.env_remove("AUTOPIPE_TOKEN");
+        if let Some(t) = token {
+            cmd.env("AUTOPIPE_TOKEN", t);
+        }
+        cmd.output().expect("run autopipe resolve")
+    };
+    let ok = cli(Some("team-b-token"));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let refused = cli(None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    auth_report(&rows);
+}

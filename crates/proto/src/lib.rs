@@ -9,6 +9,7 @@ pub mod v1 {
 /// Encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("autopipe_descriptor");
 
+pub mod auth;
 pub mod metrics;
 mod tensor;
 pub mod transport;

@@ -8,6 +8,7 @@ use autopipe_orchestrator::{
     serve, Orchestrator, OrchestratorConfig, SafetyCheckerMode, ServeOptions,
 };
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
+use autopipe_proto::auth::{Authenticate, BearerToken, TokenAuth};
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1;
 use autopipe_store::{Store, StoreConfig, StoreObserver};
@@ -127,6 +128,10 @@ struct ServeArgs {
     /// or org/*. Default: every repo id.
     #[arg(long = "allow-hub", env = "AUTOPIPE_ALLOW_HUB", value_delimiter = ',')]
     allow_hub: Vec<String>,
+    /// Bearer tokens the Orchestrator service accepts, one per line (re-read when the file
+    /// changes). Unset: no authentication. Health and reflection stay open.
+    #[arg(long, env = "AUTOPIPE_AUTH_TOKENS_FILE")]
+    auth_tokens_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +139,14 @@ struct GenerateArgs {
     /// Orchestrator to call: host:port, http://host:port or unix:///path.sock.
     #[arg(long, env = "AUTOPIPE_SERVER", conflicts_with = "embedded")]
     server: Option<Address>,
+    /// Bearer token for a server started with --auth-tokens-file.
+    #[arg(
+        long,
+        env = "AUTOPIPE_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    token: String,
     /// Run in this process (own store, no server).
     #[arg(long)]
     embedded: bool,
@@ -307,6 +320,14 @@ struct ResolveArgs {
     /// Orchestrator to ask; without it, resolves locally.
     #[arg(long, env = "AUTOPIPE_SERVER")]
     server: Option<Address>,
+    /// Bearer token for a server started with --auth-tokens-file.
+    #[arg(
+        long,
+        env = "AUTOPIPE_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    token: String,
     #[arg(long)]
     model: String,
     #[arg(long, default_value = "")]
@@ -327,6 +348,14 @@ struct StatsArgs {
         default_value = "unix:///tmp/autopipe/store.sock"
     )]
     store: Address,
+    /// Bearer token for a server started with --auth-tokens-file.
+    #[arg(
+        long,
+        env = "AUTOPIPE_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    token: String,
 }
 
 fn task(s: &str) -> anyhow::Result<v1::Task> {
@@ -495,12 +524,29 @@ impl StepObserver for BarObserver {
     }
 }
 
+/// An Orchestrator client for `server`, sending `token` (if any) with every call.
+fn orchestrator_client(
+    server: &Address,
+    token: &str,
+) -> anyhow::Result<
+    v1::orchestrator_client::OrchestratorClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+    >,
+> {
+    Ok(
+        v1::orchestrator_client::OrchestratorClient::with_interceptor(
+            transport::channel(server)?,
+            BearerToken::fixed(token),
+        ),
+    )
+}
+
 async fn generate_remote(
     server: &Address,
+    token: &str,
     req: v1::GenerateRequest,
 ) -> anyhow::Result<v1::GenerateResponse> {
-    let channel = transport::channel(server)?;
-    let mut client = v1::orchestrator_client::OrchestratorClient::new(channel)
+    let mut client = orchestrator_client(server, token)?
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let bar = progress_bar();
@@ -631,6 +677,13 @@ fn main() -> anyhow::Result<()> {
                     .map(|m| m.trim().to_string())
                     .filter(|m| !m.is_empty())
                     .collect(),
+                auth: Authenticate(
+                    a.auth_tokens_file
+                        .as_deref()
+                        .map(TokenAuth::from_file)
+                        .transpose()
+                        .context("--auth-tokens-file")?,
+                ),
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.spawn(async move {
@@ -651,7 +704,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => {
             let req = request(&a)?;
             let resp = if let Some(server) = &a.server {
-                runtime.block_on(generate_remote(server, req))?
+                runtime.block_on(generate_remote(server, &a.token, req))?
             } else if a.embedded {
                 let store = Arc::new(Store::new(a.store.config()?));
                 // In process, the caller is the operator: its own request decides.
@@ -680,9 +733,7 @@ fn main() -> anyhow::Result<()> {
             };
             let resp = match &a.server {
                 Some(server) => runtime.block_on(async {
-                    let mut c = v1::orchestrator_client::OrchestratorClient::new(
-                        transport::channel(server)?,
-                    );
+                    let mut c = orchestrator_client(server, &a.token)?;
                     Ok::<_, anyhow::Error>(c.resolve(req).await.map_err(status_error)?.into_inner())
                 })?,
                 None => {
@@ -706,7 +757,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats(a) => runtime.block_on(async {
-            let mut c = v1::store_client::StoreClient::new(transport::channel(&a.store)?);
+            let mut c = v1::store_client::StoreClient::with_interceptor(
+                transport::channel(&a.store)?,
+                BearerToken::fixed(&a.token),
+            );
             let s = c
                 .stats(v1::StatsRequest {})
                 .await

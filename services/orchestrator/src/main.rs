@@ -69,6 +69,14 @@ struct Args {
     /// or org/*. Default: every repo id.
     #[arg(long = "allow-hub", env = "AUTOPIPE_ALLOW_HUB", value_delimiter = ',')]
     allow_hub: Vec<String>,
+    /// Bearer tokens the Orchestrator service accepts, one per line (re-read when the file
+    /// changes). Unset: no authentication. Health and reflection stay open.
+    #[arg(long, env = "AUTOPIPE_AUTH_TOKENS_FILE")]
+    auth_tokens_file: Option<PathBuf>,
+    /// The token this orchestrator sends to the store (first line of the file, re-read when it
+    /// changes): one of the store's --auth-tokens-file tokens.
+    #[arg(long, env = "AUTOPIPE_STORE_TOKEN_FILE")]
+    store_token_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,7 +94,20 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     // Channels spawn their connection workers on the runtime they are created in.
     let _entered = runtime.enter();
-    let store = RemoteStore::new(&args.store, runtime.handle().clone())
+    let store_token = match &args.store_token_file {
+        Some(path) => {
+            autopipe_proto::auth::BearerToken::from_file(path).context("--store-token-file")?
+        }
+        None => autopipe_proto::auth::BearerToken::none(),
+    };
+    let auth = autopipe_proto::auth::Authenticate(
+        args.auth_tokens_file
+            .as_deref()
+            .map(autopipe_proto::auth::TokenAuth::from_file)
+            .transpose()
+            .context("--auth-tokens-file")?,
+    );
+    let store = RemoteStore::new(&args.store, runtime.handle().clone(), store_token)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let orchestrator = Arc::new(Orchestrator::new(
         Arc::new(store),
@@ -111,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             .map(|m| m.trim().to_string())
             .filter(|m| !m.is_empty())
             .collect(),
+        auth,
     };
     let result = runtime.block_on(serve(
         orchestrator,

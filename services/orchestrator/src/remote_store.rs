@@ -1,6 +1,7 @@
 //! [`ComponentStore`] over gRPC: the orchestrator's view of a separate `autopipe-store` process.
 //! Pipelines run on blocking threads, so each call blocks on the async client.
 
+use autopipe_proto::auth::BearerToken;
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, store_client::StoreClient};
 use autopipe_proto::{tensor_from_wire, tensor_to_wire};
@@ -9,26 +10,35 @@ use autopipe_store_api::{
 };
 use std::time::Duration;
 use tch::Device;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The store client: every call carries the orchestrator's bearer token (if it has one).
+pub type StoreChannel = InterceptedService<Channel, BearerToken>;
 
 /// A remote store reached at an address.
 #[derive(Clone)]
 pub struct RemoteStore {
-    client: StoreClient<Channel>,
+    client: StoreClient<StoreChannel>,
     runtime: tokio::runtime::Handle,
     address: Address,
 }
 
 impl RemoteStore {
-    /// A client for the store at `address` (connects lazily), driven by `runtime`.
-    pub fn new(address: &Address, runtime: tokio::runtime::Handle) -> Result<Self, StoreError> {
+    /// A client for the store at `address` (connects lazily), driven by `runtime`, sending `token`
+    /// with every call (`--store-token-file`).
+    pub fn new(
+        address: &Address,
+        runtime: tokio::runtime::Handle,
+        token: BearerToken,
+    ) -> Result<Self, StoreError> {
         let channel = transport::channel(address).map_err(|e| {
             StoreError::new(
                 Code::InvalidArgument,
                 format!("store address {address}: {e}"),
             )
         })?;
-        let client = StoreClient::new(channel)
+        let client = StoreClient::with_interceptor(channel, token)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {
@@ -44,11 +54,11 @@ impl RemoteStore {
     }
 
     /// The gRPC client (for Stats and the like).
-    pub fn client(&self) -> StoreClient<Channel> {
+    pub fn client(&self) -> StoreClient<StoreChannel> {
         self.client.clone()
     }
 
-    fn call<T, F>(&self, f: impl FnOnce(StoreClient<Channel>) -> F) -> Result<T, StoreError>
+    fn call<T, F>(&self, f: impl FnOnce(StoreClient<StoreChannel>) -> F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
@@ -164,7 +174,8 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let _entered = runtime.enter();
         let address: Address = "127.0.0.1:1".parse().expect("address");
-        let store = RemoteStore::new(&address, runtime.handle().clone()).expect("client");
+        let store = RemoteStore::new(&address, runtime.handle().clone(), BearerToken::none())
+            .expect("client");
         let err = store
             .acquire(&AcquireRequest {
                 components: Vec::new(),

@@ -4,6 +4,7 @@
 use crate::metrics::{spawn_metrics_server, Metrics};
 use crate::Orchestrator;
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
+use autopipe_proto::auth::Authenticate;
 use autopipe_proto::transport::{self, Address, Incoming, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use std::pin::Pin;
@@ -30,6 +31,9 @@ pub struct ServeOptions {
     /// Models to warm up ([`Orchestrator::warm_up`]) before the Orchestrator service reports
     /// SERVING (readiness); the server as a whole ("" , liveness) serves from the start.
     pub preload: Vec<String>,
+    /// Bearer tokens the Orchestrator service requires (`--auth-tokens-file`); health and
+    /// reflection stay open for probes.
+    pub auth: Authenticate,
 }
 
 /// Bounded concurrency plus a bounded queue (TGI-style admission).
@@ -538,11 +542,12 @@ pub async fn serve(
     let router = transport::server()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             OrchestratorServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        );
+            options.auth.clone(),
+        ));
     // Drain while still accepting connections, so probes see NOT_SERVING and late clients get a
     // clear UNAVAILABLE instead of a refused connection; only then stop the server.
     let drain_timeout = options.drain_timeout;

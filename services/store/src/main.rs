@@ -53,6 +53,10 @@ struct Args {
         value_delimiter = ':'
     )]
     model_roots: Vec<PathBuf>,
+    /// Bearer tokens the Store service accepts, one per line (re-read when the file changes): the
+    /// orchestrators' --store-token-file. Unset: no authentication. Health and reflection stay open.
+    #[arg(long, env = "AUTOPIPE_AUTH_TOKENS_FILE")]
+    auth_tokens_file: Option<PathBuf>,
     /// Hub repo ids that may be named (repeatable; AUTOPIPE_ALLOW_HUB: comma-separated): org/name
     /// or org/*. Default: every repo id.
     #[arg(long = "allow-hub", env = "AUTOPIPE_ALLOW_HUB", value_delimiter = ',')]
@@ -80,6 +84,13 @@ fn main() -> anyhow::Result<()> {
         .map(|s| autopipe_store::parse_budget(s, device))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
+    let auth = autopipe_proto::auth::Authenticate(
+        args.auth_tokens_file
+            .as_deref()
+            .map(autopipe_proto::auth::TokenAuth::from_file)
+            .transpose()
+            .context("--auth-tokens-file")?,
+    );
     let metrics = Arc::new(metrics::Metrics::default());
     let store = Arc::new(
         Store::new(StoreConfig {
@@ -102,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             args.listen,
             args.metrics_listen,
             Duration::from_secs(args.drain_timeout),
+            auth,
         ))
         .context("store")
 }

@@ -1,6 +1,7 @@
 //! The `autopipe.v1.Store` gRPC service over an in-process [`Store`].
 
 use crate::metrics::Metrics;
+use autopipe_proto::auth::Authenticate;
 use autopipe_proto::transport::{self, Address, Incoming, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, store_server::StoreServer};
 use autopipe_proto::{tensor_from_wire, tensor_to_wire};
@@ -297,13 +298,15 @@ impl v1::store_server::Store for StoreService {
     }
 }
 
-/// Serves the store (plus grpc.health.v1 and reflection) until SIGTERM/Ctrl-C, then drains.
+/// Serves the store (plus grpc.health.v1 and reflection, which `auth` never guards) until
+/// SIGTERM/Ctrl-C, then drains.
 pub async fn serve(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     listen: Address,
     metrics_listen: Option<String>,
     drain_timeout: Duration,
+    auth: Authenticate,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<StoreServer<StoreService>>().await;
@@ -331,11 +334,12 @@ pub async fn serve(
     let router = transport::server()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             StoreServer::new(StoreService { store, metrics })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        );
+            auth,
+        ));
     let on_drain = async move {
         health.set_not_serving::<StoreServer<StoreService>>().await;
         health
