@@ -696,6 +696,7 @@ fn the_request_id_reaches_every_store_call() {
         metrics_listen: None,
         preload: Vec::new(),
         auth: Default::default(),
+        limits: Default::default(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     rt.spawn(serve(

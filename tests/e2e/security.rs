@@ -434,13 +434,19 @@ struct AuthRow {
 }
 
 fn auth_report(rows: &[AuthRow]) {
-    println!("\n{:<8} {:<8} {:<40} {:<18} message", "target", "rpc", "attack", "code");
+    println!(
+        "\n{:<8} {:<8} {:<40} {:<18} message",
+        "target", "rpc", "attack", "code"
+    );
     for r in rows {
         let (code, message) = match &r.got {
             Ok(()) => ("OK".to_string(), String::new()),
             Err(s) => (format!("{:?}", s.code()), s.message().to_string()),
         };
-        println!("{:<8} {:<8} {:<40} {code:<18} {message}", r.target, r.rpc, r.attack);
+        println!(
+            "{:<8} {:<8} {:<40} {code:<18} {message}",
+            r.target, r.rpc, r.attack
+        );
     }
     for r in rows {
         assert!(
@@ -496,13 +502,33 @@ fn orchestrator_auth_attacks(
         ("empty token", Some("")),
         ("a token's prefix", Some("team-a")),
     ] {
-        rows.push(AuthRow { target, rpc: "Generate", attack, got: generate(token) });
-        rows.push(AuthRow { target, rpc: "Resolve", attack, got: resolve(token) });
+        rows.push(AuthRow {
+            target,
+            rpc: "Generate",
+            attack,
+            got: generate(token),
+        });
+        rows.push(AuthRow {
+            target,
+            rpc: "Resolve",
+            attack,
+            got: resolve(token),
+        });
     }
     // Revoke team-a (the file changes; no restart): its token stops working, team-b's still works.
     std::fs::write(tokens, "# rotated\nteam-b-token\n").unwrap();
-    rows.push(AuthRow { target, rpc: "Generate", attack: "revoked token", got: generate(Some("team-a-token")) });
-    rows.push(AuthRow { target, rpc: "Resolve", attack: "revoked token", got: resolve(Some("team-a-token")) });
+    rows.push(AuthRow {
+        target,
+        rpc: "Generate",
+        attack: "revoked token",
+        got: generate(Some("team-a-token")),
+    });
+    rows.push(AuthRow {
+        target,
+        rpc: "Resolve",
+        attack: "revoked token",
+        got: resolve(Some("team-a-token")),
+    });
     resolve(Some("team-b-token")).expect("Resolve with a token still listed");
     rows
 }
@@ -520,7 +546,10 @@ fn calls_without_a_valid_token_are_unauthenticated_and_probes_stay_open() {
     let store_tokens = write("store.tokens", "orchestrator-secret\n");
     let orchestrator_token = write("orchestrator.token", "orchestrator-secret\n");
     let mut store_args = t.roots();
-    store_args.extend(["--auth-tokens-file".into(), store_tokens.display().to_string()]);
+    store_args.extend([
+        "--auth-tokens-file".into(),
+        store_tokens.display().to_string(),
+    ]);
     let mut orchestrator_args = t.roots();
     orchestrator_args.extend([
         "--auth-tokens-file".into(),
@@ -554,18 +583,30 @@ fn calls_without_a_valid_token_are_unauthenticated_and_probes_stay_open() {
         let got = rt
             .block_on(store.acquire(with_token(acquire(token), token)))
             .map(|_| ());
-        rows.push(AuthRow { target: "store", rpc: "Acquire", attack, got });
+        rows.push(AuthRow {
+            target: "store",
+            rpc: "Acquire",
+            attack,
+            got,
+        });
     }
     let stats = rt
         .block_on(store.stats(with_token(v1::StatsRequest {}, None)))
         .map(|_| ());
-    rows.push(AuthRow { target: "store", rpc: "Stats", attack: "no token", got: stats });
+    rows.push(AuthRow {
+        target: "store",
+        rpc: "Stats",
+        attack: "no token",
+        got: stats,
+    });
     let lease = rt
         .block_on(store.acquire(with_token(acquire(None), Some("orchestrator-secret"))))
         .expect("Acquire with the orchestrator's token")
         .into_inner();
     rt.block_on(store.release(with_token(
-        v1::ReleaseRequest { lease_id: lease.lease_id },
+        v1::ReleaseRequest {
+            lease_id: lease.lease_id,
+        },
         Some("orchestrator-secret"),
     )))
     .unwrap();
@@ -580,14 +621,28 @@ fn calls_without_a_valid_token_are_unauthenticated_and_probes_stay_open() {
     let addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
     let mut args = vec!["serve".to_string(), "--listen".into(), addr.to_string()];
     args.extend(t.roots());
-    args.extend(["--auth-tokens-file".into(), serve_tokens.display().to_string()]);
+    args.extend([
+        "--auth-tokens-file".into(),
+        serve_tokens.display().to_string(),
+    ]);
     let serve = Service::start("autopipe", addr, &args);
-    rows.extend(orchestrator_auth_attacks(&rt, "serve", &serve.address, &serve_tokens));
+    rows.extend(orchestrator_auth_attacks(
+        &rt,
+        "serve",
+        &serve.address,
+        &serve_tokens,
+    ));
 
     // The CLI sends --token / AUTOPIPE_TOKEN.
     let cli = |token: Option<&str>| {
         let mut cmd = std::process::Command::new(bin("autopipe"));
-        cmd.args(["resolve", "--server", &serve.address.to_string(), "--model", "sd1"]);
+        cmd.args([
+            "resolve",
+            "--server",
+            &serve.address.to_string(),
+            "--model",
+            "sd1",
+        ]);
         cmd.env_remove("AUTOPIPE_TOKEN");
         if let Some(t) = token {
             cmd.env("AUTOPIPE_TOKEN", t);
@@ -595,7 +650,11 @@ fn calls_without_a_valid_token_are_unauthenticated_and_probes_stay_open() {
         cmd.output().expect("run autopipe resolve")
     };
     let ok = cli(Some("team-b-token"));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let refused = cli(None);
     assert!(!refused.status.success());
     assert!(
@@ -604,4 +663,335 @@ fn calls_without_a_valid_token_are_unauthenticated_and_probes_stay_open() {
         String::from_utf8_lossy(&refused.stderr)
     );
     auth_report(&rows);
+}
+
+/// Limits small enough to test cheaply; each case below goes one over one of them.
+const LIMIT_FLAGS: [&str; 10] = [
+    "--max-request-bytes",
+    "200000",
+    "--max-image-pixels",
+    "4096",
+    "--max-prompt-bytes",
+    "16",
+    "--max-images-per-request",
+    "2",
+    "--max-steps",
+    "5",
+];
+
+/// (attack, request, code, field, flag).
+fn limit_cases() -> Vec<(
+    &'static str,
+    v1::GenerateRequest,
+    Code,
+    &'static str,
+    &'static str,
+)> {
+    let with = |case: &str, f: &dyn Fn(&mut v1::GenerateRequest)| {
+        let mut req = reference_request(case);
+        req.model = "sd1".into();
+        req.num_inference_steps = Some(2);
+        // Within --max-prompt-bytes, whatever the reference case says.
+        (req.prompt, req.negative_prompt) = ("a red cube".into(), String::new());
+        f(&mut req);
+        req
+    };
+    let big = || noise_png(72, 72, 7, 0);
+    vec![
+        (
+            "request message over the byte limit",
+            with("sd1_i2i_s060", &|r| r.image = noise_png(64, 64, 1, 300_000)),
+            Code::ResourceExhausted,
+            "request: ",
+            "--max-request-bytes",
+        ),
+        (
+            "prompt over the byte limit",
+            with("sd1_t2i_euler", &|r| r.prompt = "x".repeat(17)),
+            Code::InvalidArgument,
+            "prompt: ",
+            "--max-prompt-bytes",
+        ),
+        (
+            "negative prompt over the byte limit",
+            with("sd1_t2i_euler", &|r| r.negative_prompt = "y".repeat(40)),
+            Code::InvalidArgument,
+            "negative_prompt: ",
+            "--max-prompt-bytes",
+        ),
+        (
+            "too many images",
+            with("sd1_t2i_euler", &|r| r.num_images_per_prompt = Some(3)),
+            Code::InvalidArgument,
+            "num_images_per_prompt: ",
+            "--max-images-per-request",
+        ),
+        (
+            "too many steps",
+            with("sd1_t2i_euler", &|r| r.num_inference_steps = Some(6)),
+            Code::InvalidArgument,
+            "num_inference_steps: ",
+            "--max-steps",
+        ),
+        (
+            "too many prior steps",
+            with("sd1_t2i_euler", &|r| r.prior_num_inference_steps = Some(6)),
+            Code::InvalidArgument,
+            "prior_num_inference_steps: ",
+            "--max-steps",
+        ),
+        (
+            "output over the pixel limit",
+            with("sd1_t2i_euler", &|r| (r.width, r.height) = (64, 72)),
+            Code::InvalidArgument,
+            "width: ",
+            "--max-image-pixels",
+        ),
+        (
+            "input image over the pixel limit",
+            with("sd1_i2i_s060", &|r| r.image = big()),
+            Code::InvalidArgument,
+            "image: ",
+            "--max-image-pixels",
+        ),
+        (
+            "mask over the pixel limit",
+            with("sdinp_inpaint_soft_s075", &|r| r.mask_image = big()),
+            Code::InvalidArgument,
+            "mask_image: ",
+            "--max-image-pixels",
+        ),
+        (
+            "control image over the pixel limit",
+            with("cn_sd1_t2i", &|r| r.control_image = vec![big()]),
+            Code::InvalidArgument,
+            "control_image[0]: ",
+            "--max-image-pixels",
+        ),
+    ]
+}
+
+#[test]
+fn each_limit_refuses_naming_the_field_the_limit_and_the_flag() {
+    let t = Tree::new("security-limits");
+    let rt = runtime();
+    let mut args = t.roots();
+    args.extend(LIMIT_FLAGS.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let split = Split::start_with(
+        &t.roots().iter().map(String::as_str).collect::<Vec<_>>(),
+        &a,
+    );
+    let addr = Address::Tcp(format!("127.0.0.1:{}", free_port()));
+    let mut serve_args = vec!["serve".to_string(), "--listen".into(), addr.to_string()];
+    serve_args.extend(args.clone());
+    let serve = Service::start("autopipe", addr, &serve_args);
+    // --max-deadline 0: every request is over its cap, whatever grpc-timeout the client set.
+    let mut capped_args = t.roots();
+    capped_args.extend(["--max-deadline".to_string(), "0".into()]);
+    let capped = start_orchestrator(
+        &split.store.address,
+        &capped_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    println!("\n{:<7} {:<38} {:<18} message", "target", "attack", "code");
+    let mut failed = Vec::new();
+    for (target, address) in [
+        ("split", &split.orchestrator.address),
+        ("serve", &serve.address),
+    ] {
+        for (attack, req, code, field, flag) in limit_cases() {
+            let got = rt.block_on(async { orchestrator_client(address).await.generate(req).await });
+            let (got_code, message) = match &got {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_string()),
+            };
+            println!(
+                "{target:<7} {attack:<38} {:<18} {message}",
+                format!("{got_code:?}")
+            );
+            if got_code != code || !message.starts_with(field) || !message.contains(flag) {
+                failed.push(format!("{target} {attack}: {got_code:?} {message}"));
+            }
+        }
+        // Within every limit, the same server generates.
+        let mut within = quick("sd1");
+        (within.prompt, within.negative_prompt) = ("a red cube".into(), String::new());
+        let ok = rt.block_on(async { orchestrator_client(address).await.generate(within).await });
+        assert!(ok.is_ok(), "{target}: {ok:?}");
+    }
+    let mut req = tonic::Request::new(quick("sd1"));
+    req.set_timeout(std::time::Duration::from_secs(3600));
+    let got = rt
+        .block_on(async {
+            orchestrator_client(&capped.address)
+                .await
+                .generate(req)
+                .await
+        })
+        .unwrap_err();
+    println!(
+        "{:<7} {:<38} {:<18} {}",
+        "split",
+        "deadline over --max-deadline",
+        format!("{:?}", got.code()),
+        got.message()
+    );
+    assert_eq!(got.code(), Code::DeadlineExceeded, "{got:?}");
+    assert!(got.message().contains("--max-deadline"), "{got:?}");
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert_eq!(
+        split.stats().active_leases,
+        0,
+        "a refused request leased something"
+    );
+}
+
+#[test]
+fn the_limits_and_their_defaults_are_in_help() {
+    for (binary, args) in [
+        ("autopipe-orchestrator", vec!["--help"]),
+        ("autopipe", vec!["serve", "--help"]),
+    ] {
+        let out = std::process::Command::new(bin(binary))
+            .args(&args)
+            .output()
+            .expect("--help");
+        let help = String::from_utf8_lossy(&out.stdout).replace('\n', " ");
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (flag, default) in [
+            ("--max-request-bytes", "33554432"),
+            ("--max-image-pixels", "4194304"),
+            ("--max-prompt-bytes", "4096"),
+            ("--max-images-per-request", "4"),
+            ("--max-steps", "150"),
+            ("--max-concurrent-streams", "16"),
+            ("--max-deadline", "600"),
+        ] {
+            let at = help
+                .find(&format!("{flag} <"))
+                .unwrap_or_else(|| panic!("{binary}: no {flag} in --help"));
+            let rest = &help[at..];
+            let end = rest[2..].find(" --").map_or(rest.len(), |i| i + 2);
+            assert!(
+                rest[..end].contains(&format!("[default: {default}]")),
+                "{binary} {flag}: {}",
+                &rest[..end]
+            );
+        }
+    }
+}
+
+/// A store whose component calls wait at a gate the test opens: a request held in flight for as
+/// long as the test needs, with no timing involved.
+struct GatedStore {
+    inner: autopipe_store::Store,
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    open: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl autopipe_store::ComponentStore for GatedStore {
+    fn acquire(
+        &self,
+        request: &autopipe_store::AcquireRequest,
+    ) -> Result<autopipe_store::Lease, autopipe_store::StoreError> {
+        self.inner.acquire(request)
+    }
+    fn renew(&self, lease_id: &str) -> Result<std::time::Duration, autopipe_store::StoreError> {
+        self.inner.renew(lease_id)
+    }
+    fn release(&self, lease_id: &str) -> Result<(), autopipe_store::StoreError> {
+        self.inner.release(lease_id)
+    }
+    fn invoke(
+        &self,
+        lease_id: &str,
+        handle_id: &str,
+        method: &str,
+        inputs: autopipe_store::Tensors,
+        request_id: &str,
+    ) -> Result<autopipe_store::Tensors, autopipe_store::StoreError> {
+        let _ = self.entered.lock().unwrap().send(());
+        let (open, cv) = &*self.open;
+        let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
+        self.inner
+            .invoke(lease_id, handle_id, method, inputs, request_id)
+    }
+}
+
+#[test]
+fn calls_beyond_max_concurrent_streams_on_one_connection_are_resource_exhausted() {
+    use autopipe_orchestrator::{serve, Limits, Orchestrator, OrchestratorConfig, ServeOptions};
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let open = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let store = std::sync::Arc::new(GatedStore {
+        inner: autopipe_store::Store::new(autopipe_store::StoreConfig::default()),
+        entered: std::sync::Mutex::new(entered_tx),
+        open: open.clone(),
+    });
+    let orchestrator = std::sync::Arc::new(Orchestrator::new(store, OrchestratorConfig::default()));
+    let rt = runtime();
+    let options = ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_concurrency: 4,
+        max_queue: 4,
+        drain_timeout: std::time::Duration::from_secs(1),
+        metrics_listen: None,
+        preload: Vec::new(),
+        auth: Default::default(),
+        limits: Limits {
+            max_concurrent_streams: 1,
+            ..Limits::unlimited()
+        },
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rt.spawn(serve(
+        orchestrator,
+        options,
+        std::future::pending(),
+        Some(tx),
+    ));
+    let addr = rt.block_on(rx).unwrap();
+    let sd1 = fixtures()
+        .join("checkpoints/sd1-tiny")
+        .canonicalize()
+        .unwrap();
+    let resolve = v1::ResolveRequest {
+        task: v1::Task::Text2img as i32,
+        model: sd1.display().to_string(),
+        ..Default::default()
+    };
+    // One connection: a Generate held at the store's gate, then a second call on it.
+    let client = rt.block_on(orchestrator_client(&addr));
+    let mut first = client.clone();
+    let held = rt.spawn(async move { first.generate(quick(&sd1.display().to_string())).await });
+    entered.recv().expect("the Generate reached the store");
+    let mut second = client.clone();
+    let refused = rt.block_on(second.resolve(resolve.clone())).unwrap_err();
+    println!(
+        "second call on the connection: {:?} {}",
+        refused.code(),
+        refused.message()
+    );
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().starts_with("streams: ")
+            && refused.message().contains("--max-concurrent-streams"),
+        "{refused:?}"
+    );
+    // Another connection has its own allowance.
+    rt.block_on(async {
+        orchestrator_client(&addr)
+            .await
+            .resolve(resolve.clone())
+            .await
+    })
+    .expect("Resolve on a second connection");
+    *open.0.lock().unwrap() = true;
+    open.1.notify_all();
+    rt.block_on(held)
+        .unwrap()
+        .expect("the held Generate finishes");
+    // Its slot is given back: the connection takes calls again.
+    rt.block_on(second.resolve(resolve))
+        .expect("Resolve after the first call ended");
 }

@@ -31,6 +31,16 @@ pub fn model_roots() -> String {
     format!("{}:{}", checkpoints.display(), scratch_models().display())
 }
 
+/// The `--max-*` limits every test server gets: the request validation's own bounds, so that the
+/// suites that test something else (long runs to cancel, large messages) are not cut short by the
+/// public-facing defaults. tests/e2e/security.rs gives its servers limits of their own.
+pub const VALIDATION_BOUNDS: [(&str, &str); 4] = [
+    ("AUTOPIPE_MAX_STEPS", "1000"),
+    ("AUTOPIPE_MAX_IMAGES_PER_REQUEST", "16"),
+    ("AUTOPIPE_MAX_IMAGE_PIXELS", "16777216"),
+    ("AUTOPIPE_MAX_REQUEST_BYTES", "268435456"),
+];
+
 /// Where cargo put the workspace binaries (target/<profile>/), next to this test's `deps/`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -78,6 +88,7 @@ impl Service {
         let child = Command::new(bin(name))
             .args(args)
             .env("AUTOPIPE_MODEL_ROOTS", model_roots())
+            .envs(VALIDATION_BOUNDS)
             .envs(env.iter().copied())
             .env(
                 "RUST_LOG",

@@ -132,6 +132,8 @@ struct ServeArgs {
     /// changes). Unset: no authentication. Health and reflection stay open.
     #[arg(long, env = "AUTOPIPE_AUTH_TOKENS_FILE")]
     auth_tokens_file: Option<PathBuf>,
+    #[command(flatten)]
+    limits: autopipe_orchestrator::Limits,
 }
 
 #[derive(Debug, Args)]
@@ -684,6 +686,7 @@ fn main() -> anyhow::Result<()> {
                         .transpose()
                         .context("--auth-tokens-file")?,
                 ),
+                limits: a.limits,
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.spawn(async move {

@@ -3,12 +3,14 @@
 //! control flow. It holds no weights; with [`RemoteStore`] the store is another process, with
 //! `autopipe_store::Store` it is in-process (embedded mode), and the pipelines are the same.
 
+pub mod limits;
 pub mod metrics;
 mod orchestrator;
 mod remote_store;
 mod service;
 mod validate;
 
+pub use limits::Limits;
 pub use metrics::Metrics;
 pub use orchestrator::{Orchestrator, OrchestratorConfig, SafetyCheckerMode};
 pub use remote_store::RemoteStore;

@@ -77,6 +77,8 @@ struct Args {
     /// changes): one of the store's --auth-tokens-file tokens.
     #[arg(long, env = "AUTOPIPE_STORE_TOKEN_FILE")]
     store_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    limits: autopipe_orchestrator::Limits,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             .filter(|m| !m.is_empty())
             .collect(),
         auth,
+        limits: args.limits,
     };
     let result = runtime.block_on(serve(
         orchestrator,

@@ -2,11 +2,13 @@
 //! (checked before every denoising step), progress streaming, health, reflection and drain.
 
 use crate::metrics::{spawn_metrics_server, Metrics};
-use crate::Orchestrator;
+use crate::{Limits, Orchestrator};
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
 use autopipe_proto::auth::Authenticate;
 use autopipe_proto::transport::{self, Address, Incoming, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, orchestrator_server::OrchestratorServer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,8 @@ pub struct ServeOptions {
     /// Bearer tokens the Orchestrator service requires (`--auth-tokens-file`); health and
     /// reflection stay open for probes.
     pub auth: Authenticate,
+    /// What one request may ask (`--max-*`).
+    pub limits: Limits,
 }
 
 /// Bounded concurrency plus a bounded queue (TGI-style admission).
@@ -77,6 +81,27 @@ pub struct OrchestratorService {
     stopping: Arc<AtomicBool>,
     /// Requests admitted or queued and not finished (their blocking work included).
     active: Arc<AtomicUsize>,
+    limits: Arc<Limits>,
+    /// Calls in flight per client connection (TCP peer address), for `--max-concurrent-streams`.
+    streams: Arc<Mutex<HashMap<SocketAddr, u32>>>,
+}
+
+/// One call counted against its connection's `--max-concurrent-streams` until dropped.
+struct StreamSlot {
+    streams: Arc<Mutex<HashMap<SocketAddr, u32>>>,
+    peer: SocketAddr,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = streams.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Sets a flag when dropped: a call whose client went away (or whose deadline passed) drops the
@@ -256,7 +281,33 @@ impl OrchestratorService {
             draining: Arc::new(AtomicBool::new(false)),
             stopping: Arc::new(AtomicBool::new(false)),
             active: Arc::new(AtomicUsize::new(0)),
+            limits: Arc::new(Limits::unlimited()),
+            streams: Arc::default(),
         }
+    }
+
+    /// The same service enforcing `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Arc::new(limits);
+        self
+    }
+
+    /// Counts a call against its connection; RESOURCE_EXHAUSTED beyond `--max-concurrent-streams`.
+    /// Calls over a Unix socket have no peer to tell connections apart and are not counted.
+    fn stream_slot<T>(&self, req: &Request<T>) -> Result<Option<StreamSlot>, Status> {
+        let Some(peer) = req.remote_addr() else {
+            return Ok(None);
+        };
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let n = streams.entry(peer).or_insert(0);
+        if *n >= self.limits.max_concurrent_streams {
+            return Err(self.limits.too_many_streams());
+        }
+        *n += 1;
+        Ok(Some(StreamSlot {
+            streams: self.streams.clone(),
+            peer,
+        }))
     }
 
     /// Whether a drain has begun.
@@ -340,7 +391,14 @@ impl OrchestratorService {
     ) -> Result<v1::GenerateResponse, Status> {
         let started = Instant::now();
         let arrived = transport::arrived(&req).unwrap_or(started);
-        let deadline = grpc_timeout(&req).and_then(|d| arrived.checked_add(d));
+        let asked = grpc_timeout(&req).and_then(|d| arrived.checked_add(d));
+        // The operator's cap applies whatever the client asked (or when it asked for nothing).
+        let cap = arrived.checked_add(self.limits.max_deadline());
+        let deadline = match (asked, cap) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        };
+        let capped = cap.is_some() && deadline == cap;
         let id = request_id(&req);
         let task = task_label(req.get_ref().task);
         let model = req.get_ref().model.trim().to_string();
@@ -352,9 +410,17 @@ impl OrchestratorService {
             started,
             done: false,
         };
-        let work = self
-            .run_admitted(req, id.clone(), deadline, events, cancelled)
-            .instrument(span.clone());
+        let _slot = self.stream_slot(&req);
+        let checked = match &_slot {
+            Err(s) => Err(s.clone()),
+            Ok(_) => self.limits.check(req.get_ref()),
+        };
+        let work = async {
+            checked?;
+            self.run_admitted(req, id.clone(), deadline, events, cancelled)
+                .await
+        }
+        .instrument(span.clone());
         let result = match deadline {
             Some(d) => {
                 let at = d.checked_sub(DEADLINE_MARGIN).unwrap_or(d);
@@ -367,6 +433,13 @@ impl OrchestratorService {
             }
             None => work.await,
         };
+        let result = result.map_err(|s| match s.code() {
+            tonic::Code::DeadlineExceeded if capped => Status::deadline_exceeded(format!(
+                "deadline exceeded: requests run at most {} s on this server (--max-deadline)",
+                self.limits.max_deadline
+            )),
+            _ => s,
+        });
         outcome.done(
             result
                 .as_ref()
@@ -476,6 +549,7 @@ impl v1::orchestrator_server::Orchestrator for OrchestratorService {
         &self,
         req: Request<v1::ResolveRequest>,
     ) -> Result<Response<v1::ResolveResponse>, Status> {
+        let _slot = self.stream_slot(&req)?;
         let inner = self.inner.clone();
         let body = req.into_inner();
         tokio::task::spawn_blocking(move || inner.resolve(&body))
@@ -504,7 +578,8 @@ pub async fn serve(
         orchestrator.clone(),
         options.max_concurrency,
         options.max_queue,
-    );
+    )
+    .with_limits(options.limits.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     if options.preload.is_empty() {
         health
@@ -542,12 +617,17 @@ pub async fn serve(
     let router = transport::server()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            OrchestratorServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            options.auth.clone(),
-        ));
+        .add_service(RequestBytesLimit {
+            inner: tonic::service::interceptor::InterceptedService::new(
+                OrchestratorServer::new(service)
+                    .max_decoding_message_size(
+                        options.limits.max_request_bytes.min(MAX_MESSAGE_BYTES),
+                    )
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                options.auth.clone(),
+            ),
+            limits: Arc::new(options.limits.clone()),
+        });
     // Drain while still accepting connections, so probes see NOT_SERVING and late clients get a
     // clear UNAVAILABLE instead of a refused connection; only then stop the server.
     let drain_timeout = options.drain_timeout;
@@ -619,5 +699,63 @@ async fn warm_up(
         health
             .set_serving::<OrchestratorServer<OrchestratorService>>()
             .await;
+    }
+}
+
+/// tonic refuses a request message over its decoding limit itself, before any handler runs, with
+/// OUT_OF_RANGE and words of its own; this wrapper gives that refusal autopipe's status for it
+/// (RESOURCE_EXHAUSTED naming the limit and `--max-request-bytes`). Only the status headers of
+/// such a refusal are rewritten.
+#[derive(Clone)]
+struct RequestBytesLimit<S> {
+    inner: S,
+    limits: Arc<Limits>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for RequestBytesLimit<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>>
+    for RequestBytesLimit<S>
+where
+    S: tonic::codegen::Service<
+        tonic::codegen::http::Request<tonic::body::Body>,
+        Response = tonic::codegen::http::Response<B>,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<B>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let response = self.inner.call(req);
+        let limits = self.limits.clone();
+        Box::pin(async move {
+            let mut response = response.await?;
+            // tonic's refusal carries its Status in the response extensions (Status::into_http).
+            let too_large = response.extensions().get::<Status>().is_some_and(|s| {
+                s.code() == tonic::Code::OutOfRange
+                    && s.message().contains("decoded message length too large")
+            });
+            if too_large {
+                let status = limits.request_too_large();
+                let headers = response.headers_mut();
+                headers.remove("grpc-message");
+                if status.add_header(headers).is_ok() {
+                    response.extensions_mut().insert(status);
+                }
+            }
+            Ok(response)
+        })
     }
 }
