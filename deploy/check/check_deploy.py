@@ -939,6 +939,12 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
             for var in ("AUTOPIPE_LISTEN", "AUTOPIPE_STORE_LISTEN", "AUTOPIPE_STORE", "AUTOPIPE_METRICS_LISTEN"):
                 if var in env and var in d.help.by_env():
                     env[var] = move(d, env[var])
+            stand_ins = volume_stand_ins(d, tmp)
+            for var, val in list(env.items()):  # paths on Secrets and claims: their local stand-ins
+                for mount, local in stand_ins.items():
+                    mount = mount.rstrip("/")
+                    if val == mount or val.startswith(mount + "/"):
+                        env[var] = local + val[len(mount):]
             if env.get("AUTOPIPE_DEVICE", "cpu").startswith("cuda"):
                 env["AUTOPIPE_DEVICE"] = "cpu"  # no GPU here; the CUDA path is for a GPU runner
             args = [a for a in list(d.container.get("command") or [])[1:] + list(d.container.get("args") or [])]
@@ -979,6 +985,28 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
                 p.kill()
                 p.wait()
             log.close()
+
+
+def volume_stand_ins(d: Daemon, tmp: Path) -> dict[str, str]:
+    """A container's Secret and PersistentVolumeClaim mounts -> local folders standing in for them:
+    a Secret's folder holds a stand-in for each key (one token per Secret, so an orchestrator and
+    the store it authenticates to share it, as they share the Secret); a claim's folder is empty."""
+    volumes = {v["name"]: v for v in d.workload["spec"]["template"]["spec"].get("volumes") or []}
+    out: dict[str, str] = {}
+    for m in d.container.get("volumeMounts") or []:
+        volume = volumes.get(m["name"], {})
+        if secret := volume.get("secret"):
+            local = tmp / "secrets" / secret["secretName"]
+            local.mkdir(parents=True, exist_ok=True)
+            for item in secret.get("items") or []:
+                (local / item["path"]).write_text(f"check-deploy-{secret['secretName']}\n")
+        elif claim := volume.get("persistentVolumeClaim"):
+            local = tmp / "claims" / claim["claimName"]
+            local.mkdir(parents=True, exist_ok=True)
+        else:
+            continue
+        out[m["mountPath"]] = str(local)
+    return out
 
 
 def http_ok(url: str) -> bool:

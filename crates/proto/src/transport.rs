@@ -78,6 +78,10 @@ impl Incoming {
                     std::fs::create_dir_all(dir)?;
                 }
                 let listener = tokio::net::UnixListener::bind(path)?;
+                // Owner and group only (the orchestrator beside the store shares the pod's group):
+                // a Unix socket carries no TLS and no token, its file mode is its access control.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
                 Ok(Self::Unix(
                     tokio_stream::wrappers::UnixListenerStream::new(listener),
                     path.clone(),
@@ -223,6 +227,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn unix_sockets_are_created_for_owner_and_group_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("autopipe-mode-{}.sock", std::process::id()));
+        let incoming = Incoming::bind(&Address::Unix(path.clone())).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+        drop(incoming);
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn parses_addresses() {
