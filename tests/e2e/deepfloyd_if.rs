@@ -154,7 +154,12 @@ fn deepfloyd_if_bad_requests_name_the_field_and_load_nothing() {
         (
             "if_t2i_sr",
             "upscale_model",
-            Box::new(|r| r.upscale_model = "/nonexistent/if-sr".into()),
+            Box::new(|r| {
+                r.upscale_model = scratch_models()
+                    .join("nonexistent/if-sr")
+                    .display()
+                    .to_string()
+            }),
         ),
         (
             "if_t2i",

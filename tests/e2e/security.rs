@@ -224,6 +224,12 @@ fn orchestrator_attacks(
         req.controlnet = vec![net.into()];
         generate(req)
     };
+    // DeepFloyd IF's stage II: a second model reference in the same request.
+    let upscale = |model: &str| {
+        let mut req = reference_request("if_t2i_sr");
+        req.upscale_model = model.into();
+        generate(req)
+    };
     for (attack, existing, missing) in model_attacks(t) {
         rows.push(Row {
             target,
@@ -251,6 +257,15 @@ fn orchestrator_attacks(
             twin: controlnet(&missing),
             want: Code::PermissionDenied,
             field: "controlnet: ",
+        });
+        rows.push(Row {
+            target,
+            rpc: "Generate",
+            attack: format!("upscale_model: {attack}"),
+            got: upscale(&existing),
+            twin: upscale(&missing),
+            want: Code::PermissionDenied,
+            field: "upscale_model: ",
         });
     }
     // The legitimate path still works: a name relative to a root.
@@ -738,6 +753,13 @@ fn limit_cases() -> Vec<(
             with("sd1_t2i_euler", &|r| r.prior_num_inference_steps = Some(6)),
             Code::InvalidArgument,
             "prior_num_inference_steps: ",
+            "--max-steps",
+        ),
+        (
+            "too many upscale steps",
+            with("if_t2i_sr", &|r| r.upscale_num_inference_steps = Some(6)),
+            Code::InvalidArgument,
+            "upscale_num_inference_steps: ",
             "--max-steps",
         ),
         (

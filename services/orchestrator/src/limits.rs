@@ -22,7 +22,8 @@ pub struct Limits {
     /// Most images one request may generate (num_images_per_prompt).
     #[arg(long, env = "AUTOPIPE_MAX_IMAGES_PER_REQUEST", default_value_t = 4)]
     pub max_images_per_request: u32,
-    /// Most denoising steps of any loop a request runs (num_inference_steps, the prior's).
+    /// Most denoising steps of any loop a request runs (num_inference_steps, the prior's, the
+    /// upscale stage's).
     #[arg(long, env = "AUTOPIPE_MAX_STEPS", default_value_t = 150)]
     pub max_steps: u32,
     /// Most Generate/GenerateStream/Resolve calls in flight on one client connection.
@@ -84,6 +85,10 @@ impl Limits {
         for (field, steps) in [
             ("num_inference_steps", req.num_inference_steps),
             ("prior_num_inference_steps", req.prior_num_inference_steps),
+            (
+                "upscale_num_inference_steps",
+                req.upscale_num_inference_steps,
+            ),
         ] {
             if let Some(n) = steps.filter(|&n| n > self.max_steps) {
                 return Err(over(
