@@ -187,6 +187,14 @@ impl Checkpoint {
         &self.index
     }
 
+    /// The class `model_index.json` declares for a component (or a connected checkpoint's does).
+    pub fn component_class(&self, name: &str) -> Option<&str> {
+        match self.connected_components.get(name) {
+            Some((at, inner)) => self.connected[*at].1.component_class(inner),
+            None => self.index.component_class(name),
+        }
+    }
+
     /// The folder of a component listed in `model_index.json` (or of a connected checkpoint).
     pub fn component_dir(&self, name: &str) -> Result<PathBuf> {
         if let Some((at, inner)) = self.connected_components.get(name) {

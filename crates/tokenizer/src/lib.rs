@@ -1,6 +1,7 @@
 //! autopipe-tokenizer: the CLIP tokenizer exactly as Stable Diffusion pipelines call it, the T5
 //! tokenizer of DeepFloyd IF ([`t5`], from `tokenizer.json` or a converted `spiece.model`) and
-//! XLM-RoBERTa's (Kandinsky 2.1, [`PretrainedTokenizer`], from `tokenizer.json`).
+//! XLM-RoBERTa's (Kandinsky 2.1, [`PretrainedTokenizer`], from `tokenizer.json` or a converted
+//! `sentencepiece.bpe.model`).
 //!
 //! Follows transformers 5.24 `models/clip/tokenization_clip.py` (`CLIPTokenizer`, a `tokenizers` backend:
 //! NFC + `\s+`→" " + lowercase, CLIP's split regex + byte-level, BPE with "</w>", BOS/EOS post-processor),
@@ -34,7 +35,7 @@ use tokenizers::{
 };
 
 pub use files::{CONFIG_FILE, MERGES_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, VOCAB_FILE};
-pub use pretrained::{PretrainedTokenizer, TokenizerClass};
+pub use pretrained::{PretrainedTokenizer, TokenizerClass, SENTENCEPIECE_BPE_FILE};
 pub use t5::{T5Tokenizer, SPIECE_FILE};
 
 /// CLIP's pre-tokenizer split pattern (`CLIPTokenizer.__init__`).

@@ -1,34 +1,34 @@
-//! Tokenizers that transformers 5.24 builds on a `tokenizers` pipeline from a folder's tokenizer.json
-//! (`TokenizersBackend` subclasses), chosen by tokenizer_config.json's `tokenizer_class`.
+//! Tokenizers that transformers 5.24 builds on a `tokenizers` pipeline (`TokenizersBackend`
+//! subclasses), chosen by tokenizer_config.json's `tokenizer_class` (else the class the checkpoint's
+//! model_index.json names), from a folder's tokenizer.json or, without one, the class's SentencePiece
+//! model file.
 //!
 //! Like transformers, each class takes only the model (its vocabulary) and the SentencePiece
 //! `Precompiled` normaliser out of tokenizer.json and rebuilds the rest of the pipeline the way its
-//! `__init__` does (`TokenizersBackend.convert_to_native_format`); special and added tokens resolve as
-//! for CLIP (`special.rs`). Supported classes: `XLMRobertaTokenizer`
+//! `__init__` does (`TokenizersBackend.convert_to_native_format`); from a `.model` file the class's
+//! converter lays the vocabulary out (`convert_from_spm` in `convert_slow_tokenizer.py`). Special and
+//! added tokens resolve as for CLIP (`special.rs`). Supported classes: `XLMRobertaTokenizer`
 //! (transformers/models/xlm_roberta/tokenization_xlm_roberta.py).
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
-use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
-use tokenizers::models::unigram::Unigram;
-use tokenizers::normalizers::NormalizerWrapper;
-use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
-use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+use serde_json::Value;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::utils::padding::pad_encodings;
 use tokenizers::utils::truncation::truncate_encodings;
 use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, PostProcessor, Tokenizer,
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, PostProcessor, Tokenizer,
     TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 use crate::files::{self, bad};
+use crate::sentencepiece::{Piece, UnigramParts};
 use crate::{config_side, config_usize, special, tk_err, Encoded, Error, Result};
 
-/// SentencePiece's word-boundary mark.
-const METASPACE: char = '\u{2581}';
+/// The SentencePiece model file XLM-RoBERTa checkpoints ship (`VOCAB_FILES_NAMES["vocab_file"]`).
+pub const SENTENCEPIECE_BPE_FILE: &str = "sentencepiece.bpe.model";
+/// `XLMRobertaTokenizer` builds its Unigram with this unknown-token id (fairseq's `<unk>`).
+const XLM_ROBERTA_UNK_ID: usize = 3;
 
 /// The tokenizer classes this crate rebuilds (tokenizer_config.json `tokenizer_class`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,13 @@ impl TokenizerClass {
         match name.strip_suffix("Fast").unwrap_or(name) {
             "XLMRobertaTokenizer" => Some(Self::XlmRoberta),
             _ => None,
+        }
+    }
+
+    /// The SentencePiece model file the class converts when the folder has no tokenizer.json.
+    pub fn sentencepiece_file(self) -> &'static str {
+        match self {
+            Self::XlmRoberta => SENTENCEPIECE_BPE_FILE,
         }
     }
 
@@ -76,31 +83,49 @@ pub struct PretrainedTokenizer {
 }
 
 impl PretrainedTokenizer {
-    /// Loads a tokenizer folder: tokenizer.json + tokenizer_config.json (+ special_tokens_map.json).
+    /// Loads a tokenizer folder whose tokenizer_config.json names its `tokenizer_class`.
     pub fn from_folder(dir: &Path) -> Result<Self> {
+        Self::from_folder_declared(dir, None)
+    }
+
+    /// Loads a tokenizer folder: tokenizer.json, else the class's SentencePiece model file; plus
+    /// tokenizer_config.json (+ special_tokens_map.json). The class is tokenizer_config.json's
+    /// `tokenizer_class`, else `declared_class` (what model_index.json names for the component).
+    pub fn from_folder_declared(dir: &Path, declared_class: Option<&str>) -> Result<Self> {
         let located = files::FolderFiles::locate(dir)?;
         let config = files::read_json_object(&located.config)?;
-        let class_name = config
-            .get("tokenizer_class")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(&located.config, "no tokenizer_class"))?;
+        let class_name = match config.get("tokenizer_class") {
+            Some(Value::String(name)) => name.as_str(),
+            None | Some(Value::Null) => declared_class.ok_or_else(|| {
+                bad(
+                    &located.config,
+                    "no tokenizer_class, and the checkpoint declares no tokenizer class",
+                )
+            })?,
+            Some(v) => {
+                return Err(bad(
+                    &located.config,
+                    format!("tokenizer_class is not a string: {v}"),
+                ))
+            }
+        };
         let class = TokenizerClass::from_name(class_name).ok_or_else(|| {
             bad(
                 &located.config,
                 format!("tokenizer_class {class_name:?} is not supported"),
             )
         })?;
-        let json_path = located
-            .tokenizer_json
-            .clone()
-            .ok_or_else(|| Error::MissingFile {
-                path: dir.join(files::TOKENIZER_FILE),
-            })?;
-        let json = files::read_json_object(&json_path)?;
-        let added_tokens = match json.get("added_tokens") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(tokens)) => tokens.clone(),
-            Some(_) => return Err(bad(&json_path, "added_tokens is not an array")),
+        let json = match &located.tokenizer_json {
+            Some(path) => Some((path.as_path(), files::read_json_object(path)?)),
+            None => None,
+        };
+        let added_tokens = match &json {
+            None => Vec::new(),
+            Some((path, json)) => match json.get("added_tokens") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(tokens)) => tokens.clone(),
+                Some(_) => return Err(bad(path, "added_tokens is not an array")),
+            },
         };
         let special_map = match &located.special_tokens_map {
             Some(path) => Some((path.as_path(), files::read_json_object(path)?)),
@@ -109,7 +134,9 @@ impl PretrainedTokenizer {
         let specials = special::resolve(&special::SpecialSources {
             config: (&located.config, &config),
             special_tokens_map: special_map.as_ref().map(|(p, m)| (*p, m)),
-            tokenizer_json_added: Some((&json_path, added_tokens.as_slice())),
+            tokenizer_json_added: json
+                .as_ref()
+                .map(|(path, _)| (*path, added_tokens.as_slice())),
             class_default: class.special_defaults(),
         })?;
         let token = |key: &str| -> Result<String> {
@@ -119,10 +146,57 @@ impl PretrainedTokenizer {
                 .ok_or_else(|| bad(&located.config, format!("{key} is null")))
         };
 
-        let mut tokenizer = match class {
-            TokenizerClass::XlmRoberta => xlm_roberta_pipeline(&json_path, &json)?,
+        // tokenizer.json's added tokens are resolved with the specials; a .model file's control and
+        // user-defined pieces are added after them, as `SentencePieceExtractor` passes them on.
+        let (parts, source, file_added) = match &json {
+            Some((path, json)) => (
+                UnigramParts::from_tokenizer_json(path, json)?,
+                path.to_path_buf(),
+                Vec::new(),
+            ),
+            None => {
+                let path = dir.join(class.sentencepiece_file());
+                let mut parts = match class {
+                    TokenizerClass::XlmRoberta => {
+                        let name = |key: &str| {
+                            specials
+                                .get(key)
+                                .or_else(|| (class.special_defaults())(key))
+                                .unwrap_or_default()
+                        };
+                        let names = [
+                            name("bos_token"),
+                            name("pad_token"),
+                            name("eos_token"),
+                            name("unk_token"),
+                            name("mask_token"),
+                        ];
+                        UnigramParts::from_sentencepiece(&path, |pieces| {
+                            xlm_roberta_vocab(pieces, names)
+                        })?
+                    }
+                };
+                let added = std::mem::take(&mut parts.added);
+                (parts, path, added)
+            }
         };
+        let unk_id = match class {
+            TokenizerClass::XlmRoberta => XLM_ROBERTA_UNK_ID,
+        };
+        let mut tokenizer = parts.pipeline(unk_id, &source)?;
         tokenizer.add_tokens(&specials.added);
+        let (special_pieces, plain_pieces): (Vec<_>, Vec<_>) = file_added
+            .into_iter()
+            .filter(|(content, _)| !specials.added.iter().any(|t| &t.content == content))
+            .partition(|(_, special)| *special);
+        let as_tokens = |pieces: Vec<(String, bool)>, special: bool| -> Vec<AddedToken> {
+            pieces
+                .into_iter()
+                .map(|(t, _)| AddedToken::from(t, special).normalized(false))
+                .collect()
+        };
+        tokenizer.add_special_tokens(&as_tokens(special_pieces, true));
+        tokenizer.add_tokens(&as_tokens(plain_pieces, false));
         let id_of = |key: &str, token: &str| {
             tokenizer.token_to_id(token).ok_or_else(|| {
                 bad(
@@ -243,73 +317,15 @@ impl PretrainedTokenizer {
     }
 }
 
-/// `XLMRobertaTokenizer.__init__`: the Unigram vocabulary (`<unk>` at id 3), the Precompiled
-/// normaliser when tokenizer.json has one, whitespace split + metaspace (always prepended).
-fn xlm_roberta_pipeline(path: &Path, json: &Map<String, Value>) -> Result<Tokenizer> {
-    let model = json
-        .get("model")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad(path, "no \"model\" object"))?;
-    match model.get("type").and_then(Value::as_str) {
-        Some("Unigram") => {}
-        other => return Err(bad(path, format!("model type {other:?} is not Unigram"))),
-    }
-    let vocab = model
-        .get("vocab")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad(path, "no model.vocab array"))?
-        .iter()
-        .enumerate()
-        .map(|(i, entry)| match entry.as_array().map(Vec::as_slice) {
-            Some([Value::String(piece), score]) if score.is_number() => {
-                Ok((piece.clone(), score.as_f64().unwrap_or_default()))
-            }
-            _ => Err(bad(
-                path,
-                format!("model.vocab[{i}] is not a [piece, score] pair: {entry}"),
-            )),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let unigram = Unigram::from(vocab, Some(3), false).map_err(|e| bad(path, e.to_string()))?;
-    let mut tokenizer = Tokenizer::new(unigram);
-    if let Some(normalizer) = precompiled_normalizer(path, json)? {
-        tokenizer.with_normalizer(Some(normalizer));
-    }
-    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
-        WhitespaceSplit.into(),
-        Metaspace::new(METASPACE, PrependScheme::Always, true).into(),
-    ])));
-    tokenizer.with_decoder(Some(MetaspaceDecoder::new(
-        METASPACE,
-        PrependScheme::Always,
-        true,
-    )));
-    Ok(tokenizer)
-}
-
-/// The SentencePiece `Precompiled` normaliser of tokenizer.json (alone or inside a `Sequence`).
-fn precompiled_normalizer(
-    path: &Path,
-    json: &Map<String, Value>,
-) -> Result<Option<NormalizerWrapper>> {
-    let normalizers = match json.get("normalizer") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(n) if n.get("type").and_then(Value::as_str) == Some("Sequence") => n
-            .get("normalizers")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
-        Some(n) => vec![n.clone()],
-    };
-    normalizers
+/// `XLMRobertaConverter.convert_from_spm`'s vocabulary: fairseq's four specials first (named as
+/// the tokenizer's own `<s>`, `<pad>`, `</s>`, `<unk>`), the pieces after SentencePiece's own three
+/// (`<unk>`, `<s>`, `</s>`) shifted up by one, `<mask>` last.
+fn xlm_roberta_vocab(pieces: Vec<Piece>, specials: [&str; 5]) -> Vec<(String, f64)> {
+    let [bos, pad, eos, unk, mask] = specials;
+    [bos, pad, eos, unk]
         .into_iter()
-        .find(|n| {
-            n.get("type").and_then(Value::as_str) == Some("Precompiled")
-                && n.get("precompiled_charsmap").is_some()
-        })
-        .map(|n| {
-            serde_json::from_value::<NormalizerWrapper>(n)
-                .map_err(|e| bad(path, format!("Precompiled normalizer: {e}")))
-        })
-        .transpose()
+        .map(|t| (t.to_owned(), 0.0))
+        .chain(pieces.into_iter().skip(3).map(|p| (p.piece, p.score)))
+        .chain([(mask.to_owned(), 0.0)])
+        .collect()
 }

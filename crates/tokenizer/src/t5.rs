@@ -8,12 +8,6 @@
 use std::path::Path;
 
 use serde_json::{Map, Value};
-use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
-use tokenizers::models::unigram::Unigram;
-use tokenizers::normalizers::precompiled::Precompiled;
-use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
-use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
     AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
@@ -21,23 +15,13 @@ use tokenizers::{
 };
 
 use crate::files::{self, bad, CONFIG_FILE, TOKENIZER_FILE};
-use crate::sentencepiece::{PieceType, SentencePieceModel};
+use crate::sentencepiece::{Piece, UnigramParts};
 use crate::{tk_err, Encoded, Result};
 
 /// The SentencePiece model file T5 checkpoints ship.
 pub const SPIECE_FILE: &str = "spiece.model";
 /// `T5Tokenizer` builds its Unigram with this unknown-token id.
 const UNK_ID: usize = 2;
-/// The Metaspace word-boundary marker.
-const METASPACE: char = '▁';
-
-/// What the pipeline is built from, by source file.
-struct Parts {
-    vocab: Vec<(String, f64)>,
-    precompiled_charsmap: Option<Precompiled>,
-    /// Tokens matched whole before normalization, `(content, special)`.
-    added: Vec<(String, bool)>,
-}
 
 /// transformers' `T5Tokenizer` loaded from a tokenizer folder, for DeepFloyd IF's call
 /// `tokenizer(prompt, padding="max_length", max_length=…, truncation=True)`.
@@ -86,41 +70,27 @@ impl T5Tokenizer {
         };
 
         let json_path = dir.join(TOKENIZER_FILE);
-        let (parts, source) = if json_path.is_file() {
-            (from_tokenizer_json(&json_path)?, json_path)
+        let (mut parts, source) = if json_path.is_file() {
+            let json = files::read_json_object(&json_path)?;
+            (
+                UnigramParts::from_tokenizer_json(&json_path, &json)?,
+                json_path,
+            )
         } else {
             let spiece = dir.join(SPIECE_FILE);
-            (from_spiece(&spiece, extra_ids)?, spiece)
+            let parts =
+                UnigramParts::from_sentencepiece(&spiece, |pieces| t5_vocab(pieces, extra_ids))?;
+            (parts, spiece)
         };
-        if parts.vocab.len() <= UNK_ID {
-            return Err(bad(
-                &source,
-                format!("{} pieces: too few for unk id {UNK_ID}", parts.vocab.len()),
-            ));
-        }
-
-        let unigram = Unigram::from(parts.vocab, Some(UNK_ID), false)
-            .map_err(|e| bad(&source, e.to_string()))?;
-        let mut tokenizer = Tokenizer::new(unigram);
-        if let Some(charsmap) = parts.precompiled_charsmap {
-            tokenizer.with_normalizer(Some(charsmap));
-        }
-        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
-            WhitespaceSplit.into(),
-            Metaspace::new(METASPACE, PrependScheme::Always, true).into(),
-        ])));
-        tokenizer.with_decoder(Some(MetaspaceDecoder::new(
-            METASPACE,
-            PrependScheme::Always,
-            true,
-        )));
+        let file_added = std::mem::take(&mut parts.added);
+        let mut tokenizer = parts.pipeline(UNK_ID, &source)?;
         // Special tokens and sentinels are matched whole on the raw text, as transformers adds them.
         let mut added: Vec<(String, bool)> = [&pad, &eos, &unk]
             .into_iter()
             .map(|t| (t.clone(), true))
             .chain((0..extra_ids).map(|i| (format!("<extra_id_{i}>"), true)))
             .collect();
-        added.extend(parts.added);
+        added.extend(file_added);
         let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|(_, s)| *s);
         let as_tokens = |v: Vec<(String, bool)>, special: bool| -> Vec<AddedToken> {
             v.into_iter()
@@ -205,97 +175,16 @@ impl T5Tokenizer {
     }
 }
 
-/// `T5Converter.convert_from_spm`: the pieces, then `<extra_id_{N-1}>` … `<extra_id_0>` (score 0);
-/// control pieces become special added tokens, user-defined ones plain added tokens.
-fn from_spiece(path: &Path, extra_ids: u64) -> Result<Parts> {
-    let model = SentencePieceModel::read(path)?;
-    let precompiled_charsmap = model
-        .precompiled_charsmap
-        .as_deref()
-        .map(|c| Precompiled::from(c).map_err(|e| bad(path, format!("precompiled_charsmap: {e}"))))
-        .transpose()?;
-    let added = model
-        .pieces
-        .iter()
-        .filter_map(|p| match p.kind {
-            PieceType::Control => Some((p.piece.clone(), true)),
-            PieceType::UserDefined => Some((p.piece.clone(), false)),
-            _ => None,
-        })
-        .collect();
-    let mut vocab: Vec<(String, f64)> = model
-        .pieces
+/// `T5Converter.convert_from_spm`'s vocabulary: the pieces, then `<extra_id_{N-1}>` …
+/// `<extra_id_0>` (score 0).
+fn t5_vocab(pieces: Vec<Piece>, extra_ids: u64) -> Vec<(String, f64)> {
+    pieces
         .into_iter()
         .map(|p| (p.piece, p.score))
-        .collect();
-    vocab.extend(
-        (0..extra_ids)
-            .rev()
-            .map(|i| (format!("<extra_id_{i}>"), 0.0)),
-    );
-    Ok(Parts {
-        vocab,
-        precompiled_charsmap,
-        added,
-    })
-}
-
-/// The Unigram vocabulary, the `Precompiled` normalizer (alone or in a `Sequence`) and the added
-/// tokens of a `tokenizer.json`, as `convert_to_native_format` extracts them.
-fn from_tokenizer_json(path: &Path) -> Result<Parts> {
-    let json = files::read_json_object(path)?;
-    let model = json
-        .get("model")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad(path, "no model object"))?;
-    if model.get("type").and_then(Value::as_str) != Some("Unigram") {
-        return Err(bad(path, "model.type is not \"Unigram\""));
-    }
-    let vocab = model
-        .get("vocab")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad(path, "model.vocab is not a list"))?
-        .iter()
-        .map(|entry| match entry.as_array().map(Vec::as_slice) {
-            Some([Value::String(piece), score]) => score
-                .as_f64()
-                .map(|s| (piece.clone(), s))
-                .ok_or_else(|| bad(path, format!("model.vocab: bad score in {entry}"))),
-            _ => Err(bad(path, format!("model.vocab: bad entry {entry}"))),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let normalizers = match json.get("normalizer") {
-        Some(Value::Object(n)) if n.get("type").and_then(Value::as_str) == Some("Sequence") => n
-            .get("normalizers")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
-        Some(n @ Value::Object(_)) => vec![n.clone()],
-        _ => Vec::new(),
-    };
-    let precompiled_charsmap = normalizers
-        .into_iter()
-        .find(|n| n.get("type").and_then(Value::as_str) == Some("Precompiled"))
-        .map(|n| {
-            // From text: the base64 charsmap deserializes from a borrowed string only.
-            serde_json::from_str::<Precompiled>(&n.to_string())
-                .map_err(|e| bad(path, format!("normalizer: {e}")))
-        })
-        .transpose()?;
-    let added = match json.get("added_tokens") {
-        Some(Value::Array(tokens)) => tokens
-            .iter()
-            .filter_map(|t| {
-                let content = t.get("content")?.as_str()?.to_string();
-                let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
-                Some((content, special))
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    Ok(Parts {
-        vocab,
-        precompiled_charsmap,
-        added,
-    })
+        .chain(
+            (0..extra_ids)
+                .rev()
+                .map(|i| (format!("<extra_id_{i}>"), 0.0)),
+        )
+        .collect()
 }

@@ -30,18 +30,17 @@ impl TokenizerCache {
         )
     }
 
-    /// The tokenizers-backed tokenizer (XLM-RoBERTa, …) in `checkpoint`'s `component` folder.
+    /// The tokenizers-backed tokenizer (XLM-RoBERTa, …) in `checkpoint`'s `component` folder: the
+    /// class its tokenizer_config.json names, else the one model_index.json declares.
     pub fn pretrained(
         &self,
         checkpoint: &Checkpoint,
         component: &str,
     ) -> Result<Arc<PretrainedTokenizer>> {
-        cached(
-            &self.pretrained,
-            checkpoint,
-            component,
-            PretrainedTokenizer::from_folder,
-        )
+        let declared = checkpoint.component_class(component);
+        cached(&self.pretrained, checkpoint, component, |dir| {
+            PretrainedTokenizer::from_folder_declared(dir, declared)
+        })
     }
 
     /// The T5 tokenizer in `checkpoint`'s `component` folder, padding and truncating to
@@ -58,7 +57,7 @@ fn cached<T>(
     cache: &Mutex<HashMap<PathBuf, Arc<T>>>,
     checkpoint: &Checkpoint,
     component: &str,
-    load: fn(&Path) -> autopipe_tokenizer::Result<T>,
+    load: impl FnOnce(&Path) -> autopipe_tokenizer::Result<T>,
 ) -> Result<Arc<T>> {
     let lock = || cache.lock().unwrap_or_else(|p| p.into_inner());
     let dir = checkpoint.component_dir(component)?;
