@@ -1,7 +1,8 @@
 //! Variational autoencoder of Stable Diffusion, following diffusers'
 //! `models/autoencoders/autoencoder_kl.py` (`AutoencoderKL`), `autoencoders/vae.py` (`Encoder`,
 //! `Decoder`, `DiagonalGaussianDistribution`) and `unets/unet_2d_blocks.py` (`DownEncoderBlock2D`,
-//! `UpDecoderBlock2D`, `UNetMidBlock2D` with its single-head `Attention` / `AttnProcessor2_0`).
+//! `UpDecoderBlock2D`, their `Attn…` variants with a self-attention after each resnet, and
+//! `UNetMidBlock2D`; every attention is diffusers' single-head `Attention` / `AttnProcessor2_0`).
 //!
 //! `encode`/`decode` take `&self` and never mutate weights, so one loaded model serves many
 //! threads; running them under `tch::no_grad` is the caller's job.
@@ -72,10 +73,10 @@ pub struct AutoencoderKLConfig {
     /// Image channels out.
     #[serde(default = "default_channels")]
     pub out_channels: i64,
-    /// Encoder block classes; only `DownEncoderBlock2D` is supported.
+    /// Encoder block classes: `DownEncoderBlock2D` or `AttnDownEncoderBlock2D`.
     #[serde(default = "default_down_block_types")]
     pub down_block_types: Vec<String>,
-    /// Decoder block classes; only `UpDecoderBlock2D` is supported.
+    /// Decoder block classes: `UpDecoderBlock2D` or `AttnUpDecoderBlock2D`.
     #[serde(default = "default_up_block_types")]
     pub up_block_types: Vec<String>,
     /// Channels of each resolution level.
@@ -141,19 +142,11 @@ impl AutoencoderKLConfig {
                 self.up_block_types.len()
             )));
         }
-        if let Some(t) = self
-            .down_block_types
-            .iter()
-            .find(|t| *t != "DownEncoderBlock2D")
-        {
-            return Err(Error::Config(format!("unsupported down block type {t:?}")));
+        for t in &self.down_block_types {
+            block_has_attention(t, "DownEncoderBlock2D", "down_block_types")?;
         }
-        if let Some(t) = self
-            .up_block_types
-            .iter()
-            .find(|t| *t != "UpDecoderBlock2D")
-        {
-            return Err(Error::Config(format!("unsupported up block type {t:?}")));
+        for t in &self.up_block_types {
+            block_has_attention(t, "UpDecoderBlock2D", "up_block_types")?;
         }
         if self.act_fn != "silu" && self.act_fn != "swish" {
             return Err(Error::Config(format!(
@@ -187,6 +180,25 @@ impl AutoencoderKLConfig {
         Ok(())
     }
 
+    /// The group-normed attentions of block `bvs` (class `name`), one per resnet for an `Attn…`
+    /// class, none otherwise: single-head, as diffusers' `Encoder`/`Decoder` pass
+    /// `attention_head_dim=output_channel`.
+    fn block_attentions(
+        &self,
+        name: &str,
+        plain: &str,
+        bvs: &nn::Path,
+        layers: i64,
+        channels: i64,
+    ) -> Vec<VaeAttention> {
+        if !block_has_attention(name, plain, "").unwrap_or(false) {
+            return Vec::new();
+        }
+        (0..layers)
+            .map(|j| VaeAttention::new(bvs / "attentions" / j, channels, self.norm_num_groups))
+            .collect()
+    }
+
     pub(crate) fn resnet(&self, in_channels: i64, out_channels: i64) -> ResnetBlock2DConfig {
         ResnetBlock2DConfig {
             temb_channels: None,
@@ -194,6 +206,18 @@ impl AutoencoderKLConfig {
             eps: VAE_EPS,
             ..ResnetBlock2DConfig::new(in_channels, out_channels)
         }
+    }
+}
+
+/// Whether the VAE block class `name` (`plain` or `Attn` + `plain`) has attentions; an error
+/// naming `field` for any other class.
+pub(crate) fn block_has_attention(name: &str, plain: &str, field: &str) -> Result<bool> {
+    match name.strip_prefix("Attn") {
+        None if name == plain => Ok(false),
+        Some(rest) if rest == plain => Ok(true),
+        _ => Err(Error::Config(format!(
+            "{field}: unsupported block type {name:?} (supported: {plain}, Attn{plain})"
+        ))),
     }
 }
 
@@ -309,10 +333,13 @@ impl UNetMidBlock2D {
     }
 }
 
-/// diffusers' `DownEncoderBlock2D` / `UpDecoderBlock2D`: resnets, then an optional resampler.
+/// diffusers' `DownEncoderBlock2D` / `UpDecoderBlock2D` (and the `Attn…` variants: one
+/// attention after each resnet): resnets, then an optional resampler.
 #[derive(Debug)]
 struct ResnetStack {
     resnets: Vec<ResnetBlock2D>,
+    /// Empty, or one per resnet.
+    attentions: Vec<VaeAttention>,
     downsampler: Option<Downsample2D>,
     upsampler: Option<Upsample2D>,
 }
@@ -320,8 +347,11 @@ struct ResnetStack {
 impl ResnetStack {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let mut xs = xs.shallow_clone();
-        for r in &self.resnets {
+        for (i, r) in self.resnets.iter().enumerate() {
             xs = r.forward(&xs, None);
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs);
+            }
         }
         if let Some(d) = &self.downsampler {
             xs = d.forward(&xs);
@@ -345,6 +375,7 @@ pub(crate) struct Encoder {
 }
 
 impl Encoder {
+    /// Declares the encoder; `cfg` must have passed `validate`.
     pub(crate) fn new(vs: nn::Path, cfg: &AutoencoderKLConfig, double_z: bool) -> Self {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
@@ -360,10 +391,18 @@ impl Encoder {
                     ResnetBlock2D::new(&(&bvs / "resnets" / j), &cfg.resnet(rin, out_c))
                 })
                 .collect();
+            let attentions = cfg.block_attentions(
+                &cfg.down_block_types[i],
+                "DownEncoderBlock2D",
+                &bvs,
+                cfg.layers_per_block,
+                out_c,
+            );
             let downsampler = (i + 1 < n)
                 .then(|| Downsample2D::new(&(&bvs / "downsamplers" / 0), out_c, true, out_c, 0));
             down_blocks.push(ResnetStack {
                 resnets,
+                attentions,
                 downsampler,
                 upsampler: None,
             });
@@ -412,6 +451,7 @@ pub(crate) struct Decoder {
 }
 
 impl Decoder {
+    /// Declares the decoder; `cfg` must have passed `validate`.
     pub(crate) fn new(vs: nn::Path, cfg: &AutoencoderKLConfig) -> Self {
         let rev: Vec<i64> = cfg.block_out_channels.iter().rev().copied().collect();
         let n = rev.len();
@@ -427,10 +467,18 @@ impl Decoder {
                     ResnetBlock2D::new(&(&bvs / "resnets" / j), &cfg.resnet(rin, out_c))
                 })
                 .collect();
+            let attentions = cfg.block_attentions(
+                &cfg.up_block_types[i],
+                "UpDecoderBlock2D",
+                &bvs,
+                cfg.layers_per_block + 1,
+                out_c,
+            );
             let upsampler =
                 (i + 1 < n).then(|| Upsample2D::new(&(&bvs / "upsamplers" / 0), out_c, out_c));
             up_blocks.push(ResnetStack {
                 resnets,
+                attentions,
                 downsampler: None,
                 upsampler,
             });

@@ -1,7 +1,9 @@
 //! The VQ autoencoder of Kandinsky (MoVQ), following diffusers 0.42.1
 //! `models/autoencoders/vq_model.py` (`VQModel`), `autoencoders/vae.py` (`Encoder` with
 //! `double_z=False`, `Decoder` with `norm_type="spatial"`), `models/attention_processor.py`
-//! (`SpatialNorm`) and `models/resnet.py` (`ResnetBlockCondNorm2D`).
+//! (`SpatialNorm`) and `models/resnet.py` (`ResnetBlockCondNorm2D`). The real MoVQ (kandinsky-2-1 /
+//! 2-2 `movq/config.json`) ends its encoder with an `AttnDownEncoderBlock2D` (the VAE's block) and
+//! starts its decoder with an `AttnUpDecoderBlock2D`, whose attentions are spatially normalised.
 //!
 //! Pipelines decode with `force_not_quantize=True` and never look up the codebook, so the
 //! quantizer's codebook is not part of this model (its weights are skipped on load).
@@ -14,7 +16,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::resnet::Upsample2D;
-use crate::vae::{AutoencoderKLConfig, Decoder, Encoder, SampleSize, SpatialSelfAttention};
+use crate::vae::{
+    block_has_attention, AutoencoderKLConfig, Decoder, Encoder, SampleSize, SpatialSelfAttention,
+};
 use crate::weights;
 
 /// Epsilon diffusers hard-codes for every norm of the decoder.
@@ -200,10 +204,13 @@ impl SpatialAttention {
     }
 }
 
-/// An `UpDecoderBlock2D` with spatially normalised resnets.
+/// An `UpDecoderBlock2D` (or `AttnUpDecoderBlock2D`: one attention after each resnet) with
+/// spatially normalised resnets and attentions.
 #[derive(Debug)]
 struct SpatialUpBlock {
     resnets: Vec<CondResnet>,
+    /// Empty, or one per resnet.
+    attentions: Vec<SpatialAttention>,
     upsampler: Option<Upsample2D>,
 }
 
@@ -219,6 +226,7 @@ struct SpatialDecoder {
 }
 
 impl SpatialDecoder {
+    /// Declares the decoder; `cfg`'s block types must have passed `AutoencoderKLConfig::validate`.
     fn new(vs: nn::Path, cfg: &VQModelConfig) -> Self {
         let zq = cfg.latent_channels;
         let rev: Vec<i64> = cfg.block_out_channels.iter().rev().copied().collect();
@@ -237,9 +245,23 @@ impl SpatialDecoder {
                     CondResnet::new(&(&bvs / "resnets" / j), rin, out_c, zq)
                 })
                 .collect();
+            let attended =
+                block_has_attention(&cfg.up_block_types[i], "UpDecoderBlock2D", "up_block_types")
+                    .unwrap_or(false);
+            let attentions = if attended {
+                (0..cfg.layers_per_block + 1)
+                    .map(|j| SpatialAttention::new(&(&bvs / "attentions" / j), out_c, zq))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let upsampler =
                 (i + 1 < n).then(|| Upsample2D::new(&(&bvs / "upsamplers" / 0), out_c, out_c));
-            up_blocks.push(SpatialUpBlock { resnets, upsampler });
+            up_blocks.push(SpatialUpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
         }
         let first = cfg.block_out_channels[0];
         Self {
@@ -264,8 +286,11 @@ impl SpatialDecoder {
         }
         xs = self.mid_resnets[1].forward(&xs, zq);
         for block in &self.up_blocks {
-            for r in &block.resnets {
+            for (i, r) in block.resnets.iter().enumerate() {
                 xs = r.forward(&xs, zq);
+                if let Some(attn) = block.attentions.get(i) {
+                    xs = attn.forward(&xs, zq);
+                }
             }
             if let Some(u) = &block.upsampler {
                 xs = u.forward(&xs, None);
@@ -276,7 +301,10 @@ impl SpatialDecoder {
     }
 }
 
+/// The decoder a `norm_type` selects.
 #[derive(Debug)]
+// One per loaded model, never moved in a loop: boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 enum VqDecoder {
     Group(Decoder),
     Spatial(SpatialDecoder),

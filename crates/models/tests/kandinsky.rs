@@ -2,7 +2,8 @@
 //! checkpoints' weights: 2.2's (`scripts/fixtures/kandinsky.py`, `component_goldens`)
 //! PriorTransformer (masked), CLIPVisionModelWithProjection, VQModel (MoVQ, spatial norm) and the
 //! image-conditioned UNet2DConditionModel; 2.1's (`kandinsky21.py`) MultilingualCLIP and the
-//! text_image UNet.
+//! text_image UNet; and VQModels with the real MoVQ's attention blocks
+//! (`scripts/fixtures/components_movq.py`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -117,6 +118,58 @@ fn movq_encode_and_decode_match_diffusers() {
         &movq.decode(&g["movq.latents"]).unwrap(),
         &g["movq.decoded"],
         1e-4,
+    );
+}
+
+/// Encode and decode of the `components/<case>` VQModel against its goldens.
+fn check_vq_case(case: &str) {
+    tch::set_num_threads(1);
+    let dir = fixtures().join("components");
+    let path = dir.join(format!("{case}_golden.safetensors"));
+    let g: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect();
+    let vq = VQModel::load(&dir.join(case), None, Kind::Float, Device::Cpu)
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+    let attn = |types: &[String]| types.iter().filter(|t| t.starts_with("Attn")).count();
+    assert_eq!(attn(&vq.config().down_block_types), 1, "{case}");
+    assert_eq!(attn(&vq.config().up_block_types), 1, "{case}");
+    assert_close(
+        &format!("{case} encode"),
+        &vq.encode(&g["image"]).unwrap(),
+        &g["encoded"],
+        1e-4,
+    );
+    assert_close(
+        &format!("{case} decode"),
+        &vq.decode(&g["latents"]).unwrap(),
+        &g["decoded"],
+        1e-4,
+    );
+}
+
+#[test]
+fn movq_with_attention_blocks_matches_diffusers() {
+    check_vq_case("movq_attn");
+}
+
+#[test]
+fn group_norm_vq_with_attention_blocks_matches_diffusers() {
+    check_vq_case("vq_attn_group");
+}
+
+#[test]
+fn unknown_vq_block_type_is_named() {
+    let cfg: autopipe_models::vq_model::VQModelConfig = serde_json::from_str(
+        r#"{"down_block_types": ["CrossAttnDownEncoderBlock2D"], "block_out_channels": [32]}"#,
+    )
+    .unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let err = VQModel::new(&vs.root(), cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("down_block_types") && err.contains("CrossAttnDownEncoderBlock2D"),
+        "{err}"
     );
 }
 
