@@ -45,8 +45,12 @@ fn run(case: &str, variant: Option<&str>, kind: Kind) -> (Tensor, Tensor) {
         }),
         _ => None,
     };
+    // Kandinsky 2.1's text_image conditioning: pooled text and image embeds together.
+    let image_embeds = g.get("image_embeds");
     let extra = UNetExtraInputs {
         added: added.as_ref(),
+        image_embeds,
+        text_embeds: image_embeds.and(g.get("text_embeds")),
         timestep_cond: g.get("timestep_cond"),
         class_labels: g.get("class_labels"),
         ..Default::default()
@@ -130,6 +134,16 @@ fn if_stage1_simple_cross_attn_matches_diffusers() {
 #[test]
 fn if_stage1_bf16_close_to_fp32_reference() {
     check_bf16("if1", None);
+}
+
+#[test]
+fn kandinsky21_decoder_architecture_matches_diffusers() {
+    check_fp32("kandinsky21", None);
+}
+
+#[test]
+fn kandinsky21_decoder_bf16_close_to_fp32_reference() {
+    check_bf16("kandinsky21", None);
 }
 
 #[test]

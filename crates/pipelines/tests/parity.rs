@@ -405,6 +405,13 @@ fn deepfloyd_if_matches_diffusers() {
     run_cases_file("if_cases.json");
 }
 
+/// Kandinsky 2.1 with the real checkpoint's architecture: the IF-style UNet blocks with text_image
+/// conditioning, the MoVQ's attention blocks and an XLM-R tokenizer from `sentencepiece.bpe.model`.
+#[test]
+fn kandinsky21_real_architecture_matches_diffusers() {
+    run_cases_file("kandinsky21_arch_cases.json");
+}
+
 /// diffusers fails deep in the UNet (a conv shape error) when a 4-channel Kandinsky decoder is asked
 /// to inpaint; autopipe refuses the request up front, naming the model.
 #[test]
