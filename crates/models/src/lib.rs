@@ -6,6 +6,7 @@ pub mod clip;
 pub mod controlnet;
 pub mod embeddings;
 pub mod error;
+pub mod if_safety;
 pub mod prior_transformer;
 pub mod resnet;
 pub mod safety_checker;

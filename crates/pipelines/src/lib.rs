@@ -306,6 +306,9 @@ pub struct Output {
     /// Per image, whether the safety checker flagged it (and blacked it out); `None` when no
     /// checker ran (diffusers' `nsfw_content_detected`).
     pub nsfw_content_detected: Option<Vec<bool>>,
+    /// Per image, whether DeepFloyd IF's checker saw a watermark (and blacked the image out);
+    /// `None` when no such checker ran (diffusers' `watermark_detected`).
+    pub watermark_detected: Option<Vec<bool>>,
     pub timings: StageTimings,
     pub warnings: Vec<String>,
 }

@@ -95,6 +95,9 @@ struct Case {
     /// diffusers' per-image safety checker flags (safety_cases.json); absent = no checker ran.
     #[serde(default)]
     nsfw_content_detected: Option<Vec<bool>>,
+    /// diffusers' per-image watermark flags of DeepFloyd IF's checker (if_safety_cases.json).
+    #[serde(default)]
+    watermark_detected: Option<Vec<bool>>,
 }
 
 fn fixtures() -> PathBuf {
@@ -268,27 +271,31 @@ fn run_case(
         "{}: image count",
         case.name
     );
-    if out.nsfw_content_detected != case.nsfw_content_detected {
+    if out.nsfw_content_detected != case.nsfw_content_detected
+        || out.watermark_detected != case.watermark_detected
+    {
         return Err(format!(
-            "nsfw_content_detected {:?}, diffusers {:?}",
-            out.nsfw_content_detected, case.nsfw_content_detected
+            "nsfw_content_detected {:?}, watermark_detected {:?}; diffusers {:?}, {:?}",
+            out.nsfw_content_detected,
+            out.watermark_detected,
+            case.nsfw_content_detected,
+            case.watermark_detected
         ));
     }
-    for (i, flagged) in case.nsfw_content_detected.iter().flatten().enumerate() {
-        let black = image::load_from_memory(&out.images[i].png)
-            .unwrap()
-            .to_rgb8()
-            .as_raw()
-            .iter()
-            .all(|&v| v == 0);
-        if black != *flagged {
+    // A flagged image is black before any watermark is pasted on it: look at the float images.
+    let images_f32 = out.images_f32.as_ref().expect("images");
+    for (i, _) in out.images.iter().enumerate() {
+        let at = |flags: &Option<Vec<bool>>| flags.as_ref().is_some_and(|f| f[i]);
+        let flagged = at(&case.nsfw_content_detected) || at(&case.watermark_detected);
+        let black = images_f32.get(i as i64).abs().max().double_value(&[]) == 0.0;
+        if black != flagged {
             return Err(format!("image {i}: flagged {flagged}, black {black}"));
         }
     }
-    if let Some(flags) = &case.nsfw_content_detected {
+    if case.nsfw_content_detected.is_some() || case.watermark_detected.is_some() {
         println!(
-            "{:<40} nsfw_content_detected {flags:?} (as diffusers)",
-            case.name
+            "{:<40} nsfw_content_detected {:?} watermark_detected {:?} (as diffusers)",
+            case.name, case.nsfw_content_detected, case.watermark_detected
         );
     }
     let expected_f32 = read_tensor(&expected_file, "images");

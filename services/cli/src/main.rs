@@ -494,6 +494,12 @@ fn write_images(resp: &v1::GenerateResponse, output: &Path) -> anyhow::Result<()
                 path.display()
             );
         }
+        if img.watermark_detected {
+            eprintln!(
+                "warning: {}: the model's safety checker flagged image {i} (potential watermarked content); it is returned black",
+                path.display()
+            );
+        }
     }
     for w in &resp.warnings {
         eprintln!("warning: {w}");

@@ -422,6 +422,10 @@ impl Orchestrator {
                     seed: valid.params.seed,
                     nsfw_content_detected: flags.is_some_and(|f| f.get(i) == Some(&true)),
                     safety_checked: flags.is_some(),
+                    watermark_detected: out
+                        .watermark_detected
+                        .as_deref()
+                        .is_some_and(|f| f.get(i) == Some(&true)),
                 })
                 .collect(),
             pipeline: prepared.resolution.pipeline.to_string(),

@@ -661,6 +661,7 @@ impl Pipeline for Kandinsky {
                 images_f32: None,
                 latents: Some(latents),
                 nsfw_content_detected: None,
+                watermark_detected: None,
                 timings,
                 warnings,
             });
@@ -672,6 +673,7 @@ impl Pipeline for Kandinsky {
             images_f32: Some(images_f32),
             latents: None,
             nsfw_content_detected: None,
+            watermark_detected: None,
             timings,
             warnings,
         })

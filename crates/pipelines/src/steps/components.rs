@@ -158,9 +158,17 @@ impl<'a> Components<'a> {
         }
     }
 
-    /// The `StableDiffusionSafetyChecker` leased as `name`.
+    /// The safety checker (`StableDiffusionSafetyChecker` or `IFSafetyChecker`) leased as `name`.
     pub fn safety_checker(&'a self, name: &'a str) -> SafetyChecker<'a> {
         SafetyChecker {
+            components: self,
+            name,
+        }
+    }
+
+    /// The `IFWatermarker` leased as `name`.
+    pub fn watermarker(&'a self, name: &'a str) -> Watermarker<'a> {
+        Watermarker {
             components: self,
             name,
         }
@@ -560,20 +568,68 @@ impl ImageEncoder<'_> {
     }
 }
 
-/// `StableDiffusionSafetyChecker`.
+/// What a safety checker says about each image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SafetyFlags {
+    /// `has_nsfw_concepts` (Stable Diffusion) or `nsfw_detected` (DeepFloyd IF).
+    pub nsfw: Vec<bool>,
+    /// `watermark_detected`: DeepFloyd IF's checker only.
+    pub watermark: Option<Vec<bool>>,
+}
+
+/// A uint8 flag tensor as booleans.
+fn bools(flags: &Tensor) -> Result<Vec<bool>> {
+    let flags = Vec::<u8>::try_from(flags.to_kind(tch::Kind::Uint8).flatten(0, -1))?;
+    Ok(flags.into_iter().map(|f| f != 0).collect())
+}
+
+/// `StableDiffusionSafetyChecker` or `IFSafetyChecker`.
 pub struct SafetyChecker<'a> {
     components: &'a Components<'a>,
     name: &'a str,
 }
 
 impl SafetyChecker<'_> {
-    /// `has_nsfw_concepts` for each image of `clip_input` (the feature extractor's pixel values).
-    pub fn check(&self, clip_input: Tensor) -> Result<Vec<bool>> {
-        let flags = self
+    /// The flags for each image of `clip_input` (the feature extractor's pixel values).
+    pub fn check(&self, clip_input: Tensor) -> Result<SafetyFlags> {
+        let mut out =
+            self.components
+                .invoke(self.name, "check", vec![("clip_input".into(), clip_input)])?;
+        if let Ok(flags) = out.take("has_nsfw_concepts") {
+            return Ok(SafetyFlags {
+                nsfw: bools(&flags)?,
+                watermark: None,
+            });
+        }
+        Ok(SafetyFlags {
+            nsfw: bools(&out.take("nsfw_detected")?)?,
+            watermark: Some(bools(&out.take("watermark_detected")?)?),
+        })
+    }
+}
+
+/// `IFWatermarker`.
+pub struct Watermarker<'a> {
+    components: &'a Components<'a>,
+    name: &'a str,
+}
+
+impl Watermarker<'_> {
+    /// `watermark_image` as the RGBA image diffusers pastes (`Image.fromarray(…, mode="RGBA")`).
+    pub fn watermark_image(&self) -> Result<image::RgbaImage> {
+        let t = self
             .components
-            .invoke(self.name, "check", vec![("clip_input".into(), clip_input)])?
-            .take("has_nsfw_concepts")?;
-        let flags = Vec::<u8>::try_from(flags.to_kind(tch::Kind::Uint8).flatten(0, -1))?;
-        Ok(flags.into_iter().map(|f| f != 0).collect())
+            .invoke(self.name, "watermark_image", Vec::new())?
+            .take("watermark_image")?;
+        let size = t.size();
+        let [h, w, 4] = size[..] else {
+            return Err(PipelineError::Internal(format!(
+                "{}: watermark_image has shape {size:?}, not [H, W, 4]",
+                self.name
+            )));
+        };
+        let raw = Vec::<u8>::try_from(t.to_kind(tch::Kind::Uint8).flatten(0, -1))?;
+        image::RgbaImage::from_raw(w as u32, h as u32, raw)
+            .ok_or_else(|| PipelineError::Internal("watermark_image buffer size".into()))
     }
 }

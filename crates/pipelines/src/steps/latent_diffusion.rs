@@ -362,6 +362,7 @@ pub fn finish(
             images_f32: None,
             latents: Some(latents),
             nsfw_content_detected: None,
+            watermark_detected: None,
             timings,
             warnings,
         });
@@ -375,12 +376,14 @@ pub fn finish(
                 check.run(components, &mut decoded.images_f32, &mut decoded.images)
             })
         })
-        .transpose()?;
+        .transpose()?
+        .map(|flags| flags.nsfw);
     Ok(Output {
         images: decoded.images,
         images_f32: Some(decoded.images_f32),
         latents: None,
         nsfw_content_detected,
+        watermark_detected: None,
         timings,
         warnings,
     })

@@ -12,3 +12,4 @@ pub mod prompt;
 pub mod safety_checker;
 pub mod schedule;
 pub mod tokenizers;
+pub mod watermark;

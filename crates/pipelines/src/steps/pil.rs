@@ -1,9 +1,10 @@
-//! Pillow's `Image.resize` for 8-bit RGB and gray images (Pillow's `libImaging/Resample.c`), bit for bit:
-//! a horizontal then a vertical pass, each a convolution whose filter support is scaled by the
-//! downsampling factor, with coefficients normalised in double precision and applied in 22-bit
-//! fixed point. transformers' PIL image processors and diffusers' PIL inputs resize through it.
+//! Pillow's `Image.resize` for 8-bit RGB, gray and RGBA images (Pillow's `libImaging/Resample.c`)
+//! and its alpha-masked `paste`, bit for bit. A resize is a horizontal then a vertical pass, each a
+//! convolution whose filter support is scaled by the downsampling factor, with coefficients
+//! normalised in double precision and applied in 22-bit fixed point. transformers' PIL image
+//! processors, diffusers' PIL inputs and DeepFloyd IF's watermark resize through it.
 
-use image::{GrayImage, RgbImage};
+use image::{GrayImage, RgbImage, RgbaImage};
 
 /// Pillow's resampling filters (`PIL.Image.Resampling`), by the numbers configs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +189,79 @@ pub fn resize_gray(img: &GrayImage, width: u32, height: u32, filter: Filter) -> 
         filter,
     );
     GrayImage::from_raw(width, height, buf).expect("a buffer of width x height gray pixels")
+}
+
+/// `img.resize((width, height), resample=filter)` as Pillow computes it for mode "RGBA": an image of
+/// that size is copied as is; otherwise Pillow converts to premultiplied alpha ("RGBa"), resamples
+/// the four bands, and converts back, with `Convert.c`'s integer rounding both ways.
+pub fn resize_rgba(img: &RgbaImage, width: u32, height: u32, filter: Filter) -> RgbaImage {
+    if img.dimensions() == (width, height) {
+        return img.clone();
+    }
+    let premultiplied: Vec<u8> = img
+        .as_raw()
+        .chunks_exact(4)
+        .flat_map(|p| {
+            let alpha = p[3] as u32;
+            [
+                muldiv255(p[0], alpha),
+                muldiv255(p[1], alpha),
+                muldiv255(p[2], alpha),
+                p[3],
+            ]
+        })
+        .collect();
+    let mut buf = resample(
+        &premultiplied,
+        (img.width() as usize, img.height() as usize),
+        (width as usize, height as usize),
+        4,
+        filter,
+    );
+    for p in buf.chunks_exact_mut(4) {
+        // `rgba2rgbA`: fully transparent and opaque pixels keep their bytes; the rest divide,
+        // truncating, and clip.
+        let alpha = p[3] as u32;
+        if alpha != 0 && alpha != 255 {
+            for v in &mut p[..3] {
+                *v = (255 * *v as u32 / alpha).min(255) as u8;
+            }
+        }
+    }
+    RgbaImage::from_raw(width, height, buf).expect("a buffer of width x height RGBA pixels")
+}
+
+/// `dst.paste(src, box=(left, top, left + w, top + h), mask=src.split()[-1])` for an "RGB" `dst`
+/// and an "RGBA" `src` (Pillow's `paste_mask_L`): each colour byte becomes
+/// `(dst * (255 - alpha) + src * alpha) / 255`, rounded in integers; the box is clipped to `dst`.
+pub fn paste_with_alpha(dst: &mut RgbImage, src: &RgbaImage, left: i64, top: i64) {
+    let (dw, dh) = (dst.width() as i64, dst.height() as i64);
+    let x0 = left.max(0);
+    let y0 = top.max(0);
+    let x1 = (left + src.width() as i64).min(dw);
+    let y1 = (top + src.height() as i64).min(dh);
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let s = src.get_pixel((x - left) as u32, (y - top) as u32).0;
+            let alpha = s[3] as u32;
+            let d = dst.get_pixel_mut(x as u32, y as u32);
+            for (out, &v) in d.0.iter_mut().zip(&s[..3]) {
+                *out = div255(*out as u32 * (255 - alpha) + v as u32 * alpha);
+            }
+        }
+    }
+}
+
+/// Pillow's `DIV255`: `v / 255` rounded, in integers.
+fn div255(v: u32) -> u8 {
+    let t = v + 128;
+    (((t >> 8) + t) >> 8) as u8
+}
+
+/// Pillow's `MULDIV255`: `a * b / 255` rounded, in integers.
+fn muldiv255(a: u8, b: u32) -> u8 {
+    let t = a as u32 * b + 128;
+    (((t >> 8) + t) >> 8) as u8
 }
 
 /// Pillow's two passes over interleaved 8-bit pixels of `channels` bands.

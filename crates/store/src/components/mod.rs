@@ -11,6 +11,8 @@ mod autoencoder_kl;
 mod clip_text;
 mod clip_vision;
 mod controlnet;
+mod if_safety_checker;
+mod if_watermarker;
 mod multilingual_clip;
 mod prior_transformer;
 mod safety_checker;
@@ -37,6 +39,8 @@ const CLASSES: &[Class] = &[
     Class::of::<t5::T5EncoderModel>(),
     Class::of::<safety_checker::StableDiffusionSafetyChecker>(),
     Class::of::<multilingual_clip::MultilingualCLIP>(),
+    Class::of::<if_safety_checker::IFSafetyChecker>(),
+    Class::of::<if_watermarker::IFWatermarker>(),
 ];
 
 /// A component class the store loads: what `model_index.json` calls it, how it loads, and what
@@ -369,7 +373,7 @@ mod tests {
             supported(),
             "CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, ControlNetModel, \
              AutoencoderKL, CLIPVisionModelWithProjection, PriorTransformer, VQModel, T5EncoderModel, \
-             StableDiffusionSafetyChecker, MultilingualCLIP"
+             StableDiffusionSafetyChecker, MultilingualCLIP, IFSafetyChecker, IFWatermarker"
         );
         let names: HashSet<&str> = CLASSES.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), CLASSES.len());
