@@ -13,8 +13,13 @@
 //! bilinearly upscaled stage I image, noised to `noise_level` by `image_noising_scheduler`, beside
 //! the noisy image, with the noise level as the UNet's `class_labels`.
 //!
-//! Not run: IF's safety checker and watermarker (a checkpoint that ships them, instead of
-//! `[null, null]`, gets images without either).
+//! A checkpoint that ships IF's `safety_checker` (with its `feature_extractor`) and `watermarker`
+//! runs them as every IF pipeline does on its PIL output: the checker first (NSFW or watermark hits
+//! come back black), then the watermark on every image, black ones included, placed for the last
+//! stage's UNet `sample_size`. With `upscale_model` the chain's final images go through the request
+//! checkpoint's modules (diffusers' documentation hands stage I's modules on down the chain; the
+//! IF-II repos ship the same ones). `skip_safety_checker` skips the checker, not the watermark, as
+//! diffusers' `safety_checker=None` does.
 
 use crate::steps::components::Components;
 use crate::steps::denoise::{denoise, Conditioning};
@@ -22,7 +27,9 @@ use crate::steps::image;
 use crate::steps::latents::{Blend, Prepared};
 use crate::steps::pil::{self, Filter};
 use crate::steps::prompt::{PromptEncoder, Prompts, T5Prompt};
+use crate::steps::safety_checker::{SafetyCheck, FEATURE_EXTRACTOR, SAFETY_CHECKER};
 use crate::steps::schedule::{self, Start};
+use crate::steps::watermark::{Watermark, WATERMARKER};
 use crate::{
     as_python_float, Chain, Context, GenerateParams, InitImage, Output, OutputType, Pipeline,
     PipelineError, Result, StageTimings, StepObserver, Task,
@@ -155,6 +162,8 @@ struct Stage {
     unet: &'static str,
     /// (width, height) it denoises at.
     size: (u32, u32),
+    /// The UNet's `sample_size` (what the watermark is placed for).
+    sample_size: u32,
     guidance_scale: f64,
     scheduler: Box<dyn Scheduler>,
     timesteps: Vec<f64>,
@@ -178,6 +187,8 @@ struct Configured {
     stage_i: Stage,
     upscale: Option<Upscale>,
     num_images: i64,
+    safety_check: Option<SafetyCheck>,
+    watermark: Option<Watermark>,
 }
 
 /// A UNet's `config.json` fields IF reads.
@@ -374,6 +385,7 @@ impl DeepFloydIF {
         let stage_i = Stage {
             unet: "unet",
             size,
+            sample_size: unet.sample_size,
             guidance_scale: params
                 .guidance_scale
                 .map(as_python_float)
@@ -385,10 +397,15 @@ impl DeepFloydIF {
             Some(_) => Some(self.configure_upscale(ctx, params)?),
             None => None,
         };
+        let last_sample_size = upscale
+            .as_ref()
+            .map_or(stage_i.sample_size, |u| u.stage.sample_size);
         Ok(Configured {
             stage_i,
             upscale,
             num_images: params.num_images_per_prompt.unwrap_or(1).max(1) as i64,
+            safety_check: SafetyCheck::configure(ctx, params)?,
+            watermark: Watermark::configure(ctx, last_sample_size),
         })
     }
 
@@ -456,6 +473,7 @@ impl DeepFloydIF {
             stage: Stage {
                 unet: unet_name,
                 size,
+                sample_size: unet.sample_size,
                 guidance_scale: params
                     .upscale_guidance_scale
                     .map(as_python_float)
@@ -567,29 +585,6 @@ fn run_stage(
     )
 }
 
-/// IF's post-processing components autopipe does not run.
-const UNRUN: [&str; 4] = [
-    "safety_checker",
-    "watermarker",
-    "upscale_safety_checker",
-    "upscale_watermarker",
-];
-
-/// The warning for a checkpoint that ships an `IFSafetyChecker` or `IFWatermarker` (the official
-/// IF repos do): its images come back neither checked nor watermarked.
-fn unrun_components(ctx: &Context) -> Option<String> {
-    let shipped: Vec<&str> = UNRUN
-        .into_iter()
-        .filter(|c| ctx.checkpoint.index().component_class(c).is_some())
-        .collect();
-    (!shipped.is_empty()).then(|| {
-        format!(
-            "this checkpoint ships {}, which autopipe does not run: the images are neither safety-checked nor watermarked",
-            shipped.join(", ")
-        )
-    })
-}
-
 /// The stage's text conditioning from embeddings computed for `guide_any` (`[negative; positive]`
 /// when any stage guides): the positive half alone for a stage that does not guide.
 fn stage_embeds(embeds: &Tensor, guide_any: bool, stage: &Stage) -> Tensor {
@@ -607,7 +602,13 @@ impl Pipeline for DeepFloydIF {
 
     fn optional_components(&self) -> &'static [&'static str] {
         // Optional in IFPipeline (IF-II repos load without them); stage I needs both.
-        &["tokenizer", "text_encoder"]
+        &[
+            "tokenizer",
+            "text_encoder",
+            SAFETY_CHECKER,
+            FEATURE_EXTRACTOR,
+            WATERMARKER,
+        ]
     }
 
     fn warm_up(&self, ctx: &Context) -> Result<()> {
@@ -645,6 +646,8 @@ impl Pipeline for DeepFloydIF {
             mut stage_i,
             mut upscale,
             num_images,
+            safety_check,
+            watermark,
         } = self.configure(ctx, params)?;
         let mut generator = Generator::new(params.seed);
         let mut timings = StageTimings::default();
@@ -723,15 +726,26 @@ impl Pipeline for DeepFloydIF {
             }
         };
         timings.steps = steps as u32;
-        if let Some(warning) = unrun_components(ctx) {
-            warnings.push(warning);
+        let (mut images_f32, mut images) =
+            timings.time("postprocess", || image::postprocess(&images))?;
+        let flags = safety_check
+            .map(|check| {
+                timings.time("safety_checker", || {
+                    check.run(components, &mut images_f32, &mut images)
+                })
+            })
+            .transpose()?;
+        if let Some(watermark) = &watermark {
+            images = timings.time("watermark", || watermark.run(components, &images_f32))?;
         }
-        let (images_f32, images) = timings.time("postprocess", || image::postprocess(&images))?;
+        let (nsfw_content_detected, watermark_detected) =
+            flags.map_or((None, None), |f| (Some(f.nsfw), f.watermark));
         Ok(Output {
             images,
             images_f32: Some(images_f32),
             latents: None,
-            nsfw_content_detected: None,
+            nsfw_content_detected,
+            watermark_detected,
             timings,
             warnings,
         })
