@@ -2,18 +2,25 @@
 //! (tests/fixtures/checkpoints/sd1-safety-tiny, scripts/fixtures/safety.py) runs it by default,
 //! the response flags the same images as diffusers (black), the metric counts them; the operator
 //! turns it off with --safety-checker off, and a request may skip it only with
-//! --allow-request-safety-off. The CLI warns per flagged image.
+//! --allow-request-safety-off. The CLI warns per flagged image. DeepFloyd IF's checker
+//! (if-safety-tiny, scripts/fixtures/if_safety.py) adds `watermark_detected`, and its watermarker
+//! marks every image whether the checker runs or not.
 
 use autopipe_e2e::*;
 use autopipe_proto::v1;
 use tonic::Code;
 
-/// diffusers' flags for a case of safety_cases.json.
-fn expected_flags(case: &str) -> Vec<bool> {
-    let text = std::fs::read_to_string(fixtures().join("reference/safety_cases.json")).unwrap();
+/// diffusers' flags `field` for a case of the reference file `file`.
+fn flags_of(file: &str, case: &str, field: &str) -> Vec<bool> {
+    let text = std::fs::read_to_string(fixtures().join("reference").join(file)).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     let c = cases.iter().find(|c| c["name"] == case).unwrap();
-    serde_json::from_value(c["nsfw_content_detected"].clone()).unwrap()
+    serde_json::from_value(c[field].clone()).unwrap()
+}
+
+/// diffusers' flags for a case of safety_cases.json.
+fn expected_flags(case: &str) -> Vec<bool> {
+    flags_of("safety_cases.json", case, "nsfw_content_detected")
 }
 
 fn is_black(img: &image::RgbImage) -> bool {
@@ -149,4 +156,48 @@ fn the_cli_writes_diffusers_images_and_warns_per_flagged_image() {
         assert_eq!(stderr.contains(&warning), *flagged, "{stderr}");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn deepfloyd_if_flags_both_heads_and_always_watermarks() {
+    let split = Split::start_with(&[], &[]);
+    let off = start_orchestrator(&split.store.address, &["--safety-checker", "off"]);
+    let rt = runtime();
+    let generate = |address, req: v1::GenerateRequest| {
+        rt.block_on(async { orchestrator_client(address).await.generate(req).await })
+            .map(|r| r.into_inner())
+    };
+    let case = "if_safety_t2i";
+    let nsfw = flags_of("if_safety_cases.json", case, "nsfw_content_detected");
+    let watermark = flags_of("if_safety_cases.json", case, "watermark_detected");
+    let req = reference_request(case);
+
+    let resp = generate(&split.orchestrator.address, req.clone()).expect("generate");
+    assert_eq!(resp.pipeline, "IFPipeline");
+    let got = |f: fn(&v1::Image) -> bool| resp.images.iter().map(f).collect::<Vec<_>>();
+    assert_eq!(got(|i| i.nsfw_content_detected), nsfw);
+    assert_eq!(got(|i| i.watermark_detected), watermark);
+    assert!(resp.images.iter().all(|i| i.safety_checked));
+    for (i, img) in resp.images.iter().enumerate() {
+        // The references are diffusers' PIL outputs: checked, then watermarked.
+        let p = psnr(&decode(img), &reference_image(case, i));
+        println!(
+            "{case}_{i}: nsfw {} watermark {} PSNR {p:.2} dB",
+            nsfw[i], watermark[i]
+        );
+        assert!(p >= 40.0, "image {i}: PSNR {p:.2}");
+    }
+
+    // Checking off: no flags, nothing black, and the unflagged images (marked) as before.
+    let resp = generate(&off.address, req).expect("generate with the checker off");
+    for (i, img) in resp.images.iter().enumerate() {
+        assert!(!img.nsfw_content_detected && !img.watermark_detected && !img.safety_checked);
+        let got = decode(img);
+        assert!(!is_black(&got), "image {i} is black");
+        if !(nsfw[i] || watermark[i]) {
+            let p = psnr(&got, &reference_image(case, i));
+            assert!(p >= 40.0, "image {i}: PSNR {p:.2}");
+        }
+    }
+    assert_eq!(split.stats().active_leases, 0);
 }

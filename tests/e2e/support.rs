@@ -223,6 +223,7 @@ pub fn reference_request(name: &str) -> v1::GenerateRequest {
         "kandinsky21_cases.json",
         "safety_cases.json",
         "if_cases.json",
+        "if_safety_cases.json",
     ]
     .iter()
     .flat_map(|file| {
