@@ -197,9 +197,17 @@ impl SplitProcs {
             unix => unix.to_string(),
         };
         let threads = launch.threads.to_string();
+        // The servers read local models only under their roots: the checkpoint's own folder's parent.
+        let roots: Vec<String> = std::path::Path::new(&launch.model)
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.display().to_string()))
+            .map(|root| vec!["--model-root".to_string(), root])
+            .unwrap_or_default();
         let store = Command::new(launch.bin_dir.join("autopipe-store"))
             .args(["--listen", &store_addr.to_string(), "--threads", &threads, "--dtype", &launch.dtype])
             .args(["--lease-ttl", "600"])
+            .args(&roots)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file(launch, "split-store")?))
@@ -213,6 +221,7 @@ impl SplitProcs {
         let orchestrator = Command::new(launch.bin_dir.join("autopipe-orchestrator"))
             .args(["--listen", &orch_addr.to_string(), "--store", &store_url])
             .args(["--dtype", &launch.dtype])
+            .args(&roots)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file(launch, "split-orchestrator")?))
