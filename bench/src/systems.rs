@@ -6,6 +6,7 @@
 
 use crate::spec::{reply_from_response, Reply, Spec};
 use anyhow::{bail, Context, Result};
+use autopipe_proto::tls::ClientTls;
 use autopipe_proto::transport::{self, Address};
 use autopipe_proto::v1;
 use serde_json::Value;
@@ -144,7 +145,7 @@ fn free_port() -> Result<u16> {
 }
 
 async fn serving(address: &Address) -> bool {
-    let Ok(channel) = transport::channel(address) else {
+    let Ok(channel) = transport::channel(address, &ClientTls::none()) else {
         return false;
     };
     let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -241,11 +242,16 @@ impl SplitProcs {
             }
         }
         let _entered = rt.enter();
-        let client =
-            v1::orchestrator_client::OrchestratorClient::new(transport::channel(&orch_addr)?)
-                .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(transport::MAX_MESSAGE_BYTES);
-        let store_client = v1::store_client::StoreClient::new(transport::channel(&store_addr)?);
+        let client = v1::orchestrator_client::OrchestratorClient::new(transport::channel(
+            &orch_addr,
+            &ClientTls::none(),
+        )?)
+        .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(transport::MAX_MESSAGE_BYTES);
+        let store_client = v1::store_client::StoreClient::new(transport::channel(
+            &store_addr,
+            &ClientTls::none(),
+        )?);
         drop(_entered);
         Ok(Self {
             store,

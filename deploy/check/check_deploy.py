@@ -154,12 +154,14 @@ def parse_budget(s: str) -> float | None:
 
 
 def split_address(addr: str) -> tuple[str, str]:
-    """('unix', path) or ('tcp', 'host:port'), as crates/proto's transport::Address reads it."""
+    """('unix', path) or ('tcp', 'host:port'), as crates/proto's transport::Address reads it
+    (https:// is TCP with TLS)."""
     addr = addr.strip()
     if addr.startswith("unix://"):
         return "unix", addr[len("unix://") :]
-    if addr.startswith("http://"):
-        addr = addr[len("http://") :]
+    for scheme in ("http://", "https://"):
+        if addr.startswith(scheme):
+            addr = addr[len(scheme) :]
     return "tcp", addr.rstrip("/")
 
 
@@ -582,7 +584,7 @@ def check_daemon(d: Daemon, all_daemons: list[Daemon], r: Render, services: set[
                     "kubelet probes and Services connect to the pod IP")
         else:
             R.check(mounted(where) is not None, f"{d.label}: socket {where} on a volume", "not under any volumeMount")
-    for flag in ("--metrics-listen",):
+    for flag in ("--metrics-listen", "--health-listen"):
         if flag in s and s[flag]:
             kind, where = split_address(s[flag])
             if kind == "tcp":
@@ -598,8 +600,12 @@ def check_daemon(d: Daemon, all_daemons: list[Daemon], r: Render, services: set[
         if "grpc" in p:
             port = p["grpc"]["port"]
             svc = p["grpc"].get("service", "")
-            lk, lw = split_address(listen or "")
-            R.check(lk == "tcp" and lw.endswith(f":{port}"), f"{d.label}: {kind} gRPC port {port} = --listen {listen}")
+            # The kubelet's gRPC probes speak no TLS: with --tls-cert they need --health-listen.
+            target_flag = "--health-listen" if s.get("--tls-cert") else "--listen"
+            target = s.get(target_flag) or ""
+            lk, lw = split_address(target)
+            R.check(lk == "tcp" and lw.endswith(f":{port}"), f"{d.label}: {kind} gRPC port {port} = {target_flag} {target}",
+                    "a TLS listener cannot answer the kubelet's plaintext probe" if s.get("--tls-cert") else "")
             R.check(svc == "" or svc in own, f"{d.label}: {kind} asks for service {svc!r}",
                     f"{d.binary} reports health for '' and {sorted(own)} (from proto/)")
         elif "exec" in p:
@@ -924,11 +930,12 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
         kind, where = split_address(addr)
         if kind == "unix":
             return f"unix://{local_dir(d)}{where}"
+        scheme = "https://" if addr.strip().startswith("https://") else ""
         host, _, port = where.rpartition(":")
         if host in ("0.0.0.0", "[::]", "::", "127.0.0.1", "localhost"):
-            return f"127.0.0.1:{portmap.get((id(d.workload), int(port)), port)}"
+            return f"{scheme}127.0.0.1:{portmap.get((id(d.workload), int(port)), port)}"
         key = f"{host.split('.')[0]}:{port}"
-        return f"127.0.0.1:{svc_map[key]}" if key in svc_map else addr
+        return f"{scheme}127.0.0.1:{svc_map[key]}" if key in svc_map else addr
 
     procs = []
     order = sorted(daemons, key=lambda d: d.binary != "autopipe-store")  # stores first, as the sidecar starts first
@@ -936,7 +943,7 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
         for d in order:
             env = dict(bins.env)
             env.update(d.env)
-            for var in ("AUTOPIPE_LISTEN", "AUTOPIPE_STORE_LISTEN", "AUTOPIPE_STORE", "AUTOPIPE_METRICS_LISTEN"):
+            for var in ("AUTOPIPE_LISTEN", "AUTOPIPE_STORE_LISTEN", "AUTOPIPE_STORE", "AUTOPIPE_METRICS_LISTEN", "AUTOPIPE_HEALTH_LISTEN"):
                 if var in env and var in d.help.by_env():
                     env[var] = move(d, env[var])
             stand_ins = volume_stand_ins(d, tmp)
@@ -987,10 +994,59 @@ def smoke_render(r: Render, daemons: list[Daemon], bins: Binaries, tmp: Path) ->
             log.close()
 
 
+def stand_in_pki(tmp: Path) -> dict[str, bytes]:
+    """One CA for the whole render (what a cluster's cert-manager issuer is) and a certificate from
+    it valid for 127.0.0.1 and localhost, where the smoke run reaches every daemon: PEM by key
+    name, for the kubernetes.io/tls keys tls.crt, tls.key and ca.crt."""
+    cached = tmp / "secrets" / ".pki"
+    if cached.is_dir():
+        return {f.name: f.read_bytes() for f in cached.iterdir()}
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(k) -> bytes:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("check-deploy CA")).issuer_name(name("check-deploy CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("autopipe")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pki = {"ca.crt": ca.public_bytes(serialization.Encoding.PEM),
+           "tls.crt": cert.public_bytes(serialization.Encoding.PEM), "tls.key": pem_key(key)}
+    cached.mkdir(parents=True)
+    for k, v in pki.items():
+        (cached / k).write_bytes(v)
+    return pki
+
+
 def volume_stand_ins(d: Daemon, tmp: Path) -> dict[str, str]:
     """A container's Secret and PersistentVolumeClaim mounts -> local folders standing in for them:
     a Secret's folder holds a stand-in for each key (one token per Secret, so an orchestrator and
-    the store it authenticates to share it, as they share the Secret); a claim's folder is empty."""
+    the store it authenticates to share it, as they share the Secret; real PEM from one CA for the
+    TLS keys, so every TLS hop of the render handshakes); a claim's folder is empty."""
     volumes = {v["name"]: v for v in d.workload["spec"]["template"]["spec"].get("volumes") or []}
     out: dict[str, str] = {}
     for m in d.container.get("volumeMounts") or []:
@@ -999,7 +1055,10 @@ def volume_stand_ins(d: Daemon, tmp: Path) -> dict[str, str]:
             local = tmp / "secrets" / secret["secretName"]
             local.mkdir(parents=True, exist_ok=True)
             for item in secret.get("items") or []:
-                (local / item["path"]).write_text(f"check-deploy-{secret['secretName']}\n")
+                if item["key"] in ("tls.crt", "tls.key", "ca.crt"):
+                    (local / item["path"]).write_bytes(stand_in_pki(tmp)[item["key"]])
+                else:
+                    (local / item["path"]).write_text(f"check-deploy-{secret['secretName']}\n")
         elif claim := volume.get("persistentVolumeClaim"):
             local = tmp / "claims" / claim["claimName"]
             local.mkdir(parents=True, exist_ok=True)

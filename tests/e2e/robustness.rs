@@ -697,6 +697,8 @@ fn the_request_id_reaches_every_store_call() {
         preload: Vec::new(),
         auth: Default::default(),
         limits: Default::default(),
+        tls: None,
+        health_listen: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     rt.spawn(serve(

@@ -964,6 +964,8 @@ fn calls_beyond_max_concurrent_streams_on_one_connection_are_resource_exhausted(
             max_concurrent_streams: 1,
             ..Limits::unlimited()
         },
+        tls: None,
+        health_listen: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     rt.spawn(serve(

@@ -2,6 +2,7 @@
 //! binaries on loopback, wait for grpc.health.v1 to say SERVING, and build requests from the
 //! diffusers reference cases.
 
+pub use autopipe_proto::tls::ClientTls;
 use autopipe_proto::transport::{self, Address};
 use autopipe_proto::v1;
 use std::net::TcpListener;
@@ -70,6 +71,8 @@ pub struct Service {
     pub child: Child,
     pub address: Address,
     pub name: &'static str,
+    /// How this harness reaches it (health checks): plaintext unless it serves TLS.
+    pub tls: ClientTls,
 }
 
 impl Service {
@@ -84,6 +87,17 @@ impl Service {
         address: Address,
         args: &[String],
         env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_with_tls(name, address, args, env, ClientTls::none())
+    }
+
+    /// Like [`Service::start_with_env`] for a service this harness reaches over `tls`.
+    pub fn start_with_tls(
+        name: &'static str,
+        address: Address,
+        args: &[String],
+        env: &[(&str, &str)],
+        tls: ClientTls,
     ) -> Self {
         let child = Command::new(bin(name))
             .args(args)
@@ -102,6 +116,7 @@ impl Service {
             child,
             address,
             name,
+            tls,
         };
         service.wait_serving(Duration::from_secs(60));
         service
@@ -116,7 +131,7 @@ impl Service {
         let deadline = Instant::now() + timeout;
         loop {
             let ok = rt.block_on(async {
-                let channel = transport::channel(&self.address).ok()?;
+                let channel = transport::channel(&self.address, &self.tls).ok()?;
                 let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
                 let r = c
                     .check(tonic_health::pb::HealthCheckRequest {
@@ -202,15 +217,95 @@ pub fn orchestrator_with_env(store: &Address, env: &[(&str, &str)]) -> Service {
 pub async fn orchestrator_client(
     address: &Address,
 ) -> v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel> {
-    v1::orchestrator_client::OrchestratorClient::new(transport::channel(address).expect("channel"))
-        .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+    orchestrator_client_over(address, &ClientTls::none())
+}
+
+/// An orchestrator client over a real socket, TLS on TCP when `tls` is configured.
+pub fn orchestrator_client_over(
+    address: &Address,
+    tls: &ClientTls,
+) -> v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel> {
+    v1::orchestrator_client::OrchestratorClient::new(
+        transport::channel(address, tls).expect("channel"),
+    )
+    .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
 }
 
 /// A store client over a real socket.
 pub async fn store_client(
     address: &Address,
 ) -> v1::store_client::StoreClient<tonic::transport::Channel> {
-    v1::store_client::StoreClient::new(transport::channel(address).expect("channel"))
+    v1::store_client::StoreClient::new(
+        transport::channel(address, &ClientTls::none()).expect("channel"),
+    )
+}
+
+/// A certificate authority made in the test, issuing PEM files into a folder: the CA
+/// certificate, and certificates for `localhost` / `127.0.0.1` usable by servers and clients.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    /// The CA certificate (what `--tls-ca` / `--tls-client-ca` name).
+    pub cert: PathBuf,
+    dir: PathBuf,
+}
+
+impl TestCa {
+    /// A new CA named `name`, its certificate written to `dir/name-ca.pem`.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("autopipe test CA {name}"),
+        );
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let cert = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&cert, AsRef::<rcgen::Certificate>::as_ref(&issuer).pem()).unwrap();
+        Self {
+            issuer,
+            cert,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Issues a certificate named `name` (`dir/name.pem`, `dir/name.key`).
+    pub fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        self.issue_to(name, &cert, &key);
+        (cert, key)
+    }
+
+    /// Issues a certificate with common name `name` into `cert` and `key`, each replaced
+    /// atomically (rename), as a rotation rewrites a mounted Secret.
+    pub fn issue_to(&self, name: &str, cert: &Path, key: &Path) {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let signed = params.signed_by(&pair, &self.issuer).unwrap();
+        for (path, pem) in [(key, pair.serialize_pem()), (cert, signed.pem())] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, pem).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+    }
 }
 
 /// The `GenerateRequest` for a diffusers reference case in tests/fixtures/reference/*cases.json.
@@ -523,7 +618,7 @@ impl Service {
             .build()
             .ok()?;
         rt.block_on(async {
-            let channel = transport::channel(&self.address).ok()?;
+            let channel = transport::channel(&self.address, &self.tls).ok()?;
             let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
             let r = c
                 .check(tonic_health::pb::HealthCheckRequest {

@@ -7,71 +7,25 @@
 //! line revokes that token without a restart. grpc.health.v1 and reflection are served beside the
 //! intercepted services, never behind them: probes need no token.
 
+use crate::watch::{read_text, OnFailure, Watched};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::path::Path;
+use std::sync::Arc;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};
 
-/// What identifies a version of a file without reading it: a change to any of these re-reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    inode: u64,
-    changed_ns: i64,
-}
-
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok(Stamp {
-        len: m.len(),
-        modified: m.modified().ok(),
-        inode: m.ino(),
-        changed_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
-    })
-}
-
-/// A file's parsed contents, parsed again whenever the file changes.
-#[derive(Debug)]
-struct Watched<T> {
-    path: PathBuf,
+/// Watches one text file, parsed by `parse`; failing to read it now is an error.
+fn watch_text<T: 'static>(
+    path: &Path,
     parse: fn(&str) -> T,
-    state: Mutex<(Option<Stamp>, Arc<T>)>,
-}
-
-impl<T: Default> Watched<T> {
-    fn open(path: &Path, parse: fn(&str) -> T) -> std::io::Result<Self> {
-        let text = std::fs::read_to_string(path)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            parse,
-            state: Mutex::new((stamp(path).ok(), Arc::new(parse(&text)))),
-        })
-    }
-
-    /// The current contents. A file that can no longer be read parses as empty (fail closed:
-    /// deleting a tokens file revokes every token).
-    fn get(&self) -> Arc<T> {
-        let now = stamp(&self.path).ok();
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.0 != now || now.is_none() {
-            let parsed = match std::fs::read_to_string(&self.path) {
-                Ok(text) => (self.parse)(&text),
-                Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot read; treating as empty");
-                    T::default()
-                }
-            };
-            if state.0.is_some() {
-                tracing::info!(path = %self.path.display(), "reloaded");
-            }
-            *state = (now, Arc::new(parsed));
-        }
-        state.1.clone()
-    }
+    on_failure: OnFailure<T>,
+) -> std::io::Result<Watched<T>> {
+    Watched::open(
+        vec![path.to_path_buf()],
+        move |paths| read_text(&paths[0]).map(|t| parse(&t)),
+        on_failure,
+    )
+    .map_err(std::io::Error::other)
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -101,7 +55,7 @@ impl TokenAuth {
     /// Reads `path` (one token per line); fails when it cannot be read now.
     pub fn from_file(path: &Path) -> std::io::Result<Self> {
         Ok(Self {
-            tokens: Arc::new(Watched::open(path, parse_tokens)?),
+            tokens: Arc::new(watch_text(path, parse_tokens, OnFailure::Use(Vec::new))?),
         })
     }
 
@@ -184,9 +138,10 @@ impl BearerToken {
 
     /// Sends the first token line of `path`, re-read when the file changes.
     pub fn from_file(path: &Path) -> std::io::Result<Self> {
-        Ok(Self(Some(TokenSource::File(Arc::new(Watched::open(
+        Ok(Self(Some(TokenSource::File(Arc::new(watch_text(
             path,
             first_token,
+            OnFailure::Use(String::new),
         )?)))))
     }
 
@@ -217,6 +172,7 @@ impl tonic::service::Interceptor for BearerToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn file(name: &str, text: &str) -> PathBuf {
         let p = std::env::temp_dir().join(format!("autopipe-auth-{name}-{}", std::process::id()));

@@ -12,5 +12,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("auto
 pub mod auth;
 pub mod metrics;
 mod tensor;
+pub mod tls;
 pub mod transport;
+mod watch;
 pub use tensor::{dtype_from_kind, kind_from_dtype, tensor_from_wire, tensor_to_wire, TensorError};

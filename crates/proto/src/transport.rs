@@ -1,8 +1,11 @@
-//! Addresses both services listen on and connect to: TCP (`host:port`, `http://host:port`) or a
-//! Unix socket (`unix:///path/to.sock`, the default between an orchestrator and its store in one pod).
+//! Addresses both services listen on and connect to: TCP (`host:port`, `http://host:port`), TCP
+//! with TLS (`https://host:port`, or any TCP address once TLS is configured: [`crate::tls`]) or a
+//! Unix socket (`unix:///path/to.sock`, the default between an orchestrator and its store in one
+//! pod; always plaintext).
 
+use crate::tls::{ClientTls, ServerTls};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -15,7 +18,10 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// A parsed listen or connect address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
+    /// `host:port`: plaintext unless TLS is configured.
     Tcp(String),
+    /// `https://host:port`: TLS, which must be configured.
+    Tls(String),
     Unix(PathBuf),
 }
 
@@ -30,13 +36,21 @@ impl std::str::FromStr for Address {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        let hostport = s.strip_prefix("http://").unwrap_or(s);
+        let (hostport, tls) = match s.strip_prefix("https://") {
+            Some(rest) => (rest, true),
+            None => (s.strip_prefix("http://").unwrap_or(s), false),
+        };
         if hostport.is_empty() || !hostport.contains(':') {
             return Err(format!(
-                "{s:?}: expected host:port, http://host:port or unix:///path"
+                "{s:?}: expected host:port, http://host:port, https://host:port or unix:///path"
             ));
         }
-        Ok(Self::Tcp(hostport.trim_end_matches('/').to_string()))
+        let hostport = hostport.trim_end_matches('/').to_string();
+        Ok(if tls {
+            Self::Tls(hostport)
+        } else {
+            Self::Tcp(hostport)
+        })
     }
 }
 
@@ -44,10 +58,19 @@ impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Tcp(hp) => write!(f, "{hp}"),
+            Self::Tls(hp) => write!(f, "https://{hp}"),
             Self::Unix(p) => write!(f, "unix://{}", p.display()),
         }
     }
 }
+
+/// TLS connections whose handshake finished, in the order they finished.
+type TlsConnections = tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+>;
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bound listener, as a stream of connections tonic can serve.
 pub enum Incoming {
@@ -55,14 +78,16 @@ pub enum Incoming {
         tokio_stream::wrappers::TcpListenerStream,
         std::net::SocketAddr,
     ),
+    Tls(TlsConnections, std::net::SocketAddr),
     Unix(tokio_stream::wrappers::UnixListenerStream, PathBuf),
 }
 
 impl Incoming {
-    /// Binds `address` (a stale Unix socket file is replaced).
-    pub async fn bind(address: &Address) -> std::io::Result<Self> {
-        match address {
-            Address::Tcp(hp) => {
+    /// Binds `address` (a stale Unix socket file is replaced). TCP listeners serve TLS when `tls`
+    /// is given (an `https://` address requires it); Unix sockets ignore it.
+    pub async fn bind(address: &Address, tls: Option<&ServerTls>) -> std::io::Result<Self> {
+        match (address, tls) {
+            (Address::Tcp(hp), None) => {
                 let listener = tokio::net::TcpListener::bind(hp).await?;
                 let local = listener.local_addr()?;
                 Ok(Self::Tcp(
@@ -70,7 +95,18 @@ impl Incoming {
                     local,
                 ))
             }
-            Address::Unix(path) => {
+            (Address::Tls(_), None) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{address}: an https:// address needs a certificate (--tls-cert, --tls-key)"
+                ),
+            )),
+            (Address::Tcp(hp) | Address::Tls(hp), Some(tls)) => {
+                let listener = tokio::net::TcpListener::bind(hp).await?;
+                let local = listener.local_addr()?;
+                Ok(Self::Tls(accept_tls(listener, tls.clone()), local))
+            }
+            (Address::Unix(path), _) => {
                 if path.exists() {
                     std::fs::remove_file(path)?;
                 }
@@ -94,14 +130,81 @@ impl Incoming {
     pub fn local_address(&self) -> Address {
         match self {
             Self::Tcp(_, a) => Address::Tcp(a.to_string()),
+            Self::Tls(_, a) => Address::Tls(a.to_string()),
             Self::Unix(_, p) => Address::Unix(p.clone()),
         }
     }
 }
 
-/// A lazily connecting channel to `address` (connection errors surface on the first call).
-pub fn channel(address: &Address) -> Result<Channel, tonic::transport::Error> {
+/// Accepts on `listener` and runs each handshake on a task of its own (a slow or hostile client
+/// holds up no one else); connections that finish it are served, the others are logged and closed.
+fn accept_tls(listener: tokio::net::TcpListener, tls: ServerTls) -> TlsConnections {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            // Small unary calls (Acquire, Invoke) must not wait for Nagle's algorithm.
+            let _ = tcp.set_nodelay(true);
+            let (tls, tx) = (tls.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp, None)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Why a channel could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}: an https:// address needs the CA to trust (--tls-ca)")]
+    NoCa(Address),
+}
+
+/// A lazily connecting channel to `address` (connection errors surface on the first call): TLS
+/// over TCP when `tls` is configured, plaintext otherwise; Unix sockets are always plaintext.
+pub fn channel(address: &Address, tls: &ClientTls) -> Result<Channel, ChannelError> {
     match address {
+        Address::Tcp(hp) | Address::Tls(hp) if tls.is_enabled() => {
+            let (hp, tls) = (hp.clone(), tls.clone());
+            let host = hp
+                .rsplit_once(':')
+                .map_or(hp.as_str(), |(h, _)| h)
+                .to_string();
+            Ok(
+                Endpoint::from_shared(format!("http://{hp}"))?.connect_with_connector_lazy(
+                    tower::service_fn(move |_: Uri| {
+                        let (hp, host, tls) = (hp.clone(), host.clone(), tls.clone());
+                        async move {
+                            let tcp = tokio::net::TcpStream::connect(&hp).await?;
+                            tcp.set_nodelay(true)?;
+                            let stream = tls.connect(&host, tcp).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    }),
+                ),
+            )
+        }
+        Address::Tls(_) => Err(ChannelError::NoCa(address.clone())),
         Address::Tcp(hp) => Ok(Endpoint::from_shared(format!("http://{hp}"))?.connect_lazy()),
         Address::Unix(path) => {
             let path = path.clone();
@@ -161,6 +264,47 @@ pub fn arrived<T>(req: &tonic::Request<T>) -> Option<Instant> {
     req.extensions().get::<Arrived>().map(|a| a.0)
 }
 
+/// Serves `router` on `incoming` until `stopped` resolves.
+async fn serve_incoming(
+    router: Router,
+    incoming: Incoming,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    match incoming {
+        Incoming::Tcp(s, _) => {
+            // Small unary calls (Acquire, Invoke) must not wait for Nagle's algorithm.
+            let s = tokio_stream::StreamExt::map(s, |conn| {
+                if let Ok(c) = &conn {
+                    let _ = c.set_nodelay(true);
+                }
+                conn
+            });
+            router.serve_with_incoming_shutdown(s, stopped).await
+        }
+        Incoming::Tls(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
+        Incoming::Unix(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
+    }
+}
+
+/// Serves `health` alone, in plaintext, on `listen` for as long as the process runs: kubelet's
+/// gRPC probes cannot speak TLS, so a TLS listener's probes go here (`--health-listen`).
+/// Returns the address listened on.
+pub async fn serve_health<H: tonic_health::pb::health_server::Health>(
+    listen: &Address,
+    health: tonic_health::pb::health_server::HealthServer<H>,
+) -> std::io::Result<Address> {
+    let incoming = Incoming::bind(listen, None).await?;
+    let local = incoming.local_address();
+    tracing::info!(listen = %local, "health serving (plaintext)");
+    let router = server().add_service(health);
+    tokio::spawn(async move {
+        if let Err(e) = serve_incoming(router, incoming, std::future::pending()).await {
+            tracing::error!(error = %e, "health listener failed");
+        }
+    });
+    Ok(local)
+}
+
 /// Serves `router` on `incoming` until `shutdown` resolves; then runs `on_drain` (mark health
 /// NOT_SERVING, refuse new work), lets in-flight calls finish, and stops after `drain_timeout` at
 /// the latest.
@@ -186,21 +330,7 @@ where
     let stopped = async move {
         let _ = stop_rx.await;
     };
-    let mut server = tokio::spawn(async move {
-        match incoming {
-            Incoming::Tcp(s, _) => {
-                // Small unary calls (Acquire, Invoke) must not wait for Nagle's algorithm.
-                let s = tokio_stream::StreamExt::map(s, |conn| {
-                    if let Ok(c) = &conn {
-                        let _ = c.set_nodelay(true);
-                    }
-                    conn
-                });
-                router.serve_with_incoming_shutdown(s, stopped).await
-            }
-            Incoming::Unix(s, _) => router.serve_with_incoming_shutdown(s, stopped).await,
-        }
-    });
+    let mut server = tokio::spawn(serve_incoming(router, incoming, stopped));
     let drain_deadline = async move {
         if draining_rx.await.is_ok() {
             tokio::time::sleep(drain_timeout).await;
@@ -232,7 +362,9 @@ mod tests {
     async fn unix_sockets_are_created_for_owner_and_group_only() {
         use std::os::unix::fs::PermissionsExt;
         let path = std::env::temp_dir().join(format!("autopipe-mode-{}.sock", std::process::id()));
-        let incoming = Incoming::bind(&Address::Unix(path.clone())).await.unwrap();
+        let incoming = Incoming::bind(&Address::Unix(path.clone()), None)
+            .await
+            .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o660, "{mode:o}");
         drop(incoming);
@@ -255,7 +387,11 @@ mod tests {
                 .unwrap(),
             Address::Unix("/run/autopipe/store.sock".into())
         );
-        for bad in ["", "unix://", "localhost", "http://"] {
+        assert_eq!(
+            "https://store:50052".parse::<Address>().unwrap(),
+            Address::Tls("store:50052".into())
+        );
+        for bad in ["", "unix://", "localhost", "http://", "https://"] {
             assert!(bad.parse::<Address>().is_err(), "{bad:?}");
         }
     }

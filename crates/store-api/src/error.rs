@@ -75,10 +75,24 @@ impl StoreError {
                 Code::Unavailable
             }
             tonic::Code::Unimplemented => Code::Unimplemented,
+            // A transport failure (a connection refused at its TLS handshake, or dropped) comes
+            // back from hyper as "operation was canceled", with the error as its source; a
+            // status the store itself answered has none. The first is an unreachable store.
+            tonic::Code::Cancelled if std::error::Error::source(s).is_some() => Code::Unavailable,
             tonic::Code::Cancelled => Code::Cancelled,
             tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
             _ => Code::Internal,
         };
-        Self::new(code, format!("store: {}", s.message()))
+        // The whole cause chain: a refused handshake's reason is at its bottom.
+        let mut message = format!("store: {}", s.message());
+        let mut cause = std::error::Error::source(s);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.ends_with(&text) {
+                message = format!("{message}: {text}");
+            }
+            cause = c.source();
+        }
+        Self::new(code, message)
     }
 }

@@ -9,6 +9,7 @@ use autopipe_orchestrator::{
 };
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
 use autopipe_proto::auth::{Authenticate, BearerToken, TokenAuth};
+use autopipe_proto::tls::{ClientTlsArgs, ServerTlsArgs};
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1;
 use autopipe_store::{Store, StoreConfig, StoreObserver};
@@ -90,6 +91,8 @@ struct ServeArgs {
     #[arg(long, env = "AUTOPIPE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: Address,
     #[command(flatten)]
+    tls: ServerTlsArgs,
+    #[command(flatten)]
     store: StoreArgs,
     /// Requests generating at once.
     #[arg(long, env = "AUTOPIPE_MAX_CONCURRENCY", default_value_t = 4)]
@@ -138,7 +141,8 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct GenerateArgs {
-    /// Orchestrator to call: host:port, http://host:port or unix:///path.sock.
+    /// Orchestrator to call: host:port, http://host:port, https://host:port (TLS: --tls-ca) or
+    /// unix:///path.sock.
     #[arg(long, env = "AUTOPIPE_SERVER", conflicts_with = "embedded")]
     server: Option<Address>,
     /// Bearer token for a server started with --auth-tokens-file.
@@ -149,6 +153,8 @@ struct GenerateArgs {
         default_value = ""
     )]
     token: String,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Run in this process (own store, no server).
     #[arg(long)]
     embedded: bool,
@@ -330,6 +336,8 @@ struct ResolveArgs {
         default_value = ""
     )]
     token: String,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     #[arg(long)]
     model: String,
     #[arg(long, default_value = "")]
@@ -343,7 +351,7 @@ struct ResolveArgs {
 
 #[derive(Debug, Args)]
 struct StatsArgs {
-    /// The store: host:port or unix:///path.sock.
+    /// The store: host:port, https://host:port (TLS: --tls-ca) or unix:///path.sock.
     #[arg(
         long,
         env = "AUTOPIPE_STORE",
@@ -358,6 +366,8 @@ struct StatsArgs {
         default_value = ""
     )]
     token: String,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
 }
 
 fn task(s: &str) -> anyhow::Result<v1::Task> {
@@ -532,10 +542,12 @@ impl StepObserver for BarObserver {
     }
 }
 
-/// An Orchestrator client for `server`, sending `token` (if any) with every call.
+/// An Orchestrator client for `server` (over `tls` on TCP), sending `token` (if any) with every
+/// call.
 fn orchestrator_client(
     server: &Address,
     token: &str,
+    tls: &ClientTlsArgs,
 ) -> anyhow::Result<
     v1::orchestrator_client::OrchestratorClient<
         tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
@@ -543,7 +555,7 @@ fn orchestrator_client(
 > {
     Ok(
         v1::orchestrator_client::OrchestratorClient::with_interceptor(
-            transport::channel(server)?,
+            transport::channel(server, &tls.load().map_err(anyhow::Error::msg)?)?,
             BearerToken::fixed(token),
         ),
     )
@@ -552,9 +564,10 @@ fn orchestrator_client(
 async fn generate_remote(
     server: &Address,
     token: &str,
+    tls: &ClientTlsArgs,
     req: v1::GenerateRequest,
 ) -> anyhow::Result<v1::GenerateResponse> {
-    let mut client = orchestrator_client(server, token)?
+    let mut client = orchestrator_client(server, token, tls)?
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let bar = progress_bar();
@@ -693,6 +706,8 @@ fn main() -> anyhow::Result<()> {
                         .context("--auth-tokens-file")?,
                 ),
                 limits: a.limits,
+                tls: a.tls.load().map_err(anyhow::Error::msg)?,
+                health_listen: a.tls.health_listen.clone(),
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.spawn(async move {
@@ -713,7 +728,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => {
             let req = request(&a)?;
             let resp = if let Some(server) = &a.server {
-                runtime.block_on(generate_remote(server, &a.token, req))?
+                runtime.block_on(generate_remote(server, &a.token, &a.tls, req))?
             } else if a.embedded {
                 let store = Arc::new(Store::new(a.store.config()?));
                 // In process, the caller is the operator: its own request decides.
@@ -742,7 +757,7 @@ fn main() -> anyhow::Result<()> {
             };
             let resp = match &a.server {
                 Some(server) => runtime.block_on(async {
-                    let mut c = orchestrator_client(server, &a.token)?;
+                    let mut c = orchestrator_client(server, &a.token, &a.tls)?;
                     Ok::<_, anyhow::Error>(c.resolve(req).await.map_err(status_error)?.into_inner())
                 })?,
                 None => {
@@ -767,7 +782,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Stats(a) => runtime.block_on(async {
             let mut c = v1::store_client::StoreClient::with_interceptor(
-                transport::channel(&a.store)?,
+                transport::channel(&a.store, &a.tls.load().map_err(anyhow::Error::msg)?)?,
                 BearerToken::fixed(&a.token),
             );
             let s = c

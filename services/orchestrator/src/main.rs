@@ -77,6 +77,23 @@ struct Args {
     /// changes): one of the store's --auth-tokens-file tokens.
     #[arg(long, env = "AUTOPIPE_STORE_TOKEN_FILE")]
     store_token_file: Option<PathBuf>,
+    /// PEM CA bundle the store's certificate must chain to: talk to a TCP store over TLS (an
+    /// https:// --store needs it).
+    #[arg(long, env = "AUTOPIPE_STORE_TLS_CA")]
+    store_tls_ca: Option<PathBuf>,
+    /// mTLS to the store: PEM client certificate chain to present (the store's --tls-client-ca
+    /// must have signed it).
+    #[arg(long, env = "AUTOPIPE_STORE_TLS_CLIENT_CERT", requires_all = ["store_tls_client_key", "store_tls_ca"])]
+    store_tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --store-tls-client-cert.
+    #[arg(
+        long,
+        env = "AUTOPIPE_STORE_TLS_CLIENT_KEY",
+        requires = "store_tls_client_cert"
+    )]
+    store_tls_client_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: autopipe_proto::tls::ServerTlsArgs,
     #[command(flatten)]
     limits: autopipe_orchestrator::Limits,
 }
@@ -109,8 +126,20 @@ fn main() -> anyhow::Result<()> {
             .transpose()
             .context("--auth-tokens-file")?,
     );
-    let store = RemoteStore::new(&args.store, runtime.handle().clone(), store_token)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store_tls = autopipe_proto::tls::ClientTls::from_flags(
+        args.store_tls_ca.as_deref(),
+        args.store_tls_client_cert.as_deref(),
+        args.store_tls_client_key.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("--store-tls-*: {e}"))?;
+    let tls = args.tls.load().map_err(|e| anyhow::anyhow!(e))?;
+    let store = RemoteStore::new(
+        &args.store,
+        runtime.handle().clone(),
+        store_token,
+        &store_tls,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let orchestrator = Arc::new(Orchestrator::new(
         Arc::new(store),
         OrchestratorConfig {
@@ -136,6 +165,8 @@ fn main() -> anyhow::Result<()> {
             .collect(),
         auth,
         limits: args.limits,
+        tls,
+        health_listen: args.tls.health_listen,
     };
     let result = runtime.block_on(serve(
         orchestrator,

@@ -2,6 +2,7 @@
 //! Pipelines run on blocking threads, so each call blocks on the async client.
 
 use autopipe_proto::auth::BearerToken;
+use autopipe_proto::tls::ClientTls;
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, store_client::StoreClient};
 use autopipe_proto::{tensor_from_wire, tensor_to_wire};
@@ -26,13 +27,14 @@ pub struct RemoteStore {
 
 impl RemoteStore {
     /// A client for the store at `address` (connects lazily), driven by `runtime`, sending `token`
-    /// with every call (`--store-token-file`).
+    /// with every call (`--store-token-file`), over `tls` on TCP (`--store-tls-*`).
     pub fn new(
         address: &Address,
         runtime: tokio::runtime::Handle,
         token: BearerToken,
+        tls: &ClientTls,
     ) -> Result<Self, StoreError> {
-        let channel = transport::channel(address).map_err(|e| {
+        let channel = transport::channel(address, tls).map_err(|e| {
             StoreError::new(
                 Code::InvalidArgument,
                 format!("store address {address}: {e}"),
@@ -174,8 +176,13 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let _entered = runtime.enter();
         let address: Address = "127.0.0.1:1".parse().expect("address");
-        let store = RemoteStore::new(&address, runtime.handle().clone(), BearerToken::none())
-            .expect("client");
+        let store = RemoteStore::new(
+            &address,
+            runtime.handle().clone(),
+            BearerToken::none(),
+            &ClientTls::none(),
+        )
+        .expect("client");
         let err = store
             .acquire(&AcquireRequest {
                 components: Vec::new(),

@@ -5,6 +5,7 @@ use crate::metrics::{spawn_metrics_server, Metrics};
 use crate::{Limits, Orchestrator};
 use autopipe_pipelines::{PipelineError, Progress, StepObserver};
 use autopipe_proto::auth::Authenticate;
+use autopipe_proto::tls::ServerTls;
 use autopipe_proto::transport::{self, Address, Incoming, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, orchestrator_server::OrchestratorServer};
 use std::collections::HashMap;
@@ -38,6 +39,10 @@ pub struct ServeOptions {
     pub auth: Authenticate,
     /// What one request may ask (`--max-*`).
     pub limits: Limits,
+    /// TLS on a TCP `listen` (`--tls-*`); `None` = plaintext.
+    pub tls: Option<ServerTls>,
+    /// Where to serve grpc.health.v1 alone, in plaintext, for probes (`--health-listen`).
+    pub health_listen: Option<Address>,
 }
 
 /// Bounded concurrency plus a bounded queue (TGI-style admission).
@@ -597,9 +602,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(autopipe_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let incoming = Incoming::bind(&options.listen).await?;
+    if let Some(health_listen) = &options.health_listen {
+        transport::serve_health(health_listen, health_service.clone()).await?;
+    }
+    let incoming = Incoming::bind(&options.listen, options.tls.as_ref()).await?;
     let local = incoming.local_address();
-    tracing::info!(listen = %local, "orchestrator serving");
+    tracing::info!(
+        listen = %local,
+        mtls = options.tls.as_ref().is_some_and(ServerTls::verifies_clients),
+        "orchestrator serving"
+    );
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }

@@ -61,6 +61,8 @@ struct Args {
     /// or org/*. Default: every repo id.
     #[arg(long = "allow-hub", env = "AUTOPIPE_ALLOW_HUB", value_delimiter = ',')]
     allow_hub: Vec<String>,
+    #[command(flatten)]
+    tls: autopipe_proto::tls::ServerTlsArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             .transpose()
             .context("--auth-tokens-file")?,
     );
+    let tls = args.tls.load().map_err(|e| anyhow::anyhow!(e))?;
     let metrics = Arc::new(metrics::Metrics::default());
     let store = Arc::new(
         Store::new(StoreConfig {
@@ -114,6 +117,8 @@ fn main() -> anyhow::Result<()> {
             args.metrics_listen,
             Duration::from_secs(args.drain_timeout),
             auth,
+            tls,
+            args.tls.health_listen,
         ))
         .context("store")
 }

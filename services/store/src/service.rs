@@ -2,6 +2,7 @@
 
 use crate::metrics::Metrics;
 use autopipe_proto::auth::Authenticate;
+use autopipe_proto::tls::ServerTls;
 use autopipe_proto::transport::{self, Address, Incoming, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1::{self, store_server::StoreServer};
 use autopipe_proto::{tensor_from_wire, tensor_to_wire};
@@ -299,7 +300,10 @@ impl v1::store_server::Store for StoreService {
 }
 
 /// Serves the store (plus grpc.health.v1 and reflection, which `auth` never guards) until
-/// SIGTERM/Ctrl-C, then drains.
+/// SIGTERM/Ctrl-C, then drains. A TCP `listen` serves TLS when `tls` is given (its client CA, if
+/// any, is how the store admits only orchestrators); `health_listen` serves grpc.health.v1 alone,
+/// in plaintext, for probes.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
@@ -307,6 +311,8 @@ pub async fn serve(
     metrics_listen: Option<String>,
     drain_timeout: Duration,
     auth: Authenticate,
+    tls: Option<ServerTls>,
+    health_listen: Option<Address>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<StoreServer<StoreService>>().await;
@@ -321,8 +327,16 @@ pub async fn serve(
         let local = crate::metrics::serve(addr, metrics.clone(), store.clone()).await?;
         tracing::info!(listen = %local, "metrics on http://{local}/metrics");
     }
-    let incoming = Incoming::bind(&listen).await?;
-    tracing::info!(listen = %incoming.local_address(), device = ?store.config().device, "store serving");
+    if let Some(health_listen) = &health_listen {
+        transport::serve_health(health_listen, health_service.clone()).await?;
+    }
+    let incoming = Incoming::bind(&listen, tls.as_ref()).await?;
+    tracing::info!(
+        listen = %incoming.local_address(),
+        device = ?store.config().device,
+        mtls = tls.as_ref().is_some_and(ServerTls::verifies_clients),
+        "store serving"
+    );
     // Expired leases are also reaped on every call; this keeps Stats honest when idle.
     let reaper = store.clone();
     tokio::spawn(async move {
