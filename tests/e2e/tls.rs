@@ -314,6 +314,13 @@ fn serve_over_tls_serves_a_rotated_certificate_without_a_restart() {
         before == after,
         "same request, same image across the rotation"
     );
+    // A certificate caught half-written keeps the last good one in service.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nMIIB").unwrap();
+    assert_eq!(
+        health(&rt, &addr, &trusts_two),
+        Ok(SERVING),
+        "a half-written certificate replaced the good one"
+    );
     // The connection opened before is still up (a reconnect would have failed: it trusts CA one).
     assert_eq!(
         rt.block_on(health_on(open)),

@@ -244,7 +244,7 @@ fn run_case(
     let out = autopipe_pipelines::generate(
         store,
         &ctx,
-        Some(Kind::Float),
+        Some(store.config().default_kind),
         case.variant.as_deref(),
         &params,
         &case.name,
@@ -316,12 +316,47 @@ fn run_case(
         .collect())
 }
 
+/// Where the cases run: the CPU in float32 unless `PARITY_DEVICE` (cpu, cuda, cuda:N) and
+/// `PARITY_DTYPE` (float32, float16, bfloat16) say otherwise, and the PSNR every image must reach
+/// (`PARITY_MIN_PSNR`, default 40 dB) or the largest |Δ| of a latent output
+/// (`PARITY_MAX_LATENT_DIFF`, default 1e-3). scripts/gpu-check runs the suite on a GPU with them;
+/// the references stay diffusers' CPU float32 outputs.
+fn run_config() -> (StoreConfig, f64, f64) {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let device = var("PARITY_DEVICE").map_or(Device::Cpu, |d| {
+        autopipe_store::open_device(&d).unwrap_or_else(|e| panic!("PARITY_DEVICE={d}: {e}"))
+    });
+    let default_kind = var("PARITY_DTYPE").map_or(Kind::Float, |k| {
+        autopipe_store::parse_kind(&k).unwrap_or_else(|e| panic!("PARITY_DTYPE={k}: {e}"))
+    });
+    let number = |name: &str, default: f64| {
+        var(name).map_or(default, |v| {
+            v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}"))
+        })
+    };
+    let (min_psnr, max_latent_diff) = (
+        number("PARITY_MIN_PSNR", 40.0),
+        number("PARITY_MAX_LATENT_DIFF", 1e-3),
+    );
+    let config = StoreConfig {
+        device,
+        default_kind,
+        ..StoreConfig::default()
+    };
+    (config, min_psnr, max_latent_diff)
+}
+
 fn run_cases_file(file: &str) {
     tch::set_num_threads(1);
     let path = fixtures().join("reference").join(file);
     let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let filter = std::env::var("PARITY_CASE").ok();
-    let store = Store::new(StoreConfig::default());
+    let (config, min_psnr, max_latent_diff) = run_config();
+    println!(
+        "device {:?}, default dtype {:?}, images must reach {min_psnr} dB",
+        config.device, config.default_kind
+    );
+    let store = Store::new(config);
     let tokenizers = TokenizerCache::default();
     let mut failures = Vec::new();
     println!("{:<40} {:>10} {:>12}", "case", "PSNR (dB)", "max |Δ| f32");
@@ -334,7 +369,7 @@ fn run_cases_file(file: &str) {
                 for (image, psnr, max_diff) in results {
                     println!("{image:<40} {psnr:>10.2} {max_diff:>12.2e}");
                     let latent = image.ends_with("(latents)");
-                    if (!latent && psnr < 40.0) || (latent && max_diff > 1e-3) {
+                    if (!latent && psnr < min_psnr) || (latent && max_diff > max_latent_diff) {
                         failures.push(format!(
                             "{image}: PSNR {psnr:.2} dB, max |Δ| {max_diff:.2e}"
                         ));
