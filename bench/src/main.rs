@@ -155,6 +155,7 @@ struct Driver<'a> {
     rss: Vec<report::Rss>,
     memory: Vec<report::Memory>,
     psnr: Vec<report::Psnr>,
+    cat: Vec<report::Cat>,
     versions: serde_json::Value,
 }
 
@@ -211,6 +212,8 @@ impl Driver<'_> {
             steps: reply.steps,
             acquire_ms: reply.acquire_ms,
             load_ms: reply.load_ms,
+            load_peak_rss_bytes: reply.load_peak_rss_bytes,
+            rss_before_bytes: reply.rss_before_bytes,
             loads_before: before,
             loads_after: reply.loads,
             resident_bytes: reply.resident_bytes,
@@ -258,6 +261,24 @@ impl Driver<'_> {
         let launch = self.launch(cfg)?;
         let inputs = make_inputs(&self.work, cfg.side)?;
         let mut running: Vec<Option<System>> = kinds.iter().map(|_| None).collect();
+        // What reading the weight files costs, right before the loads it is compared with.
+        let files =
+            report::leased_weight_files(Path::new(&cfg.model), self.args.variant.as_deref())?;
+        let cat_ms = report::time_cat(&files)?;
+        eprintln!(
+            "  cat {} weight files > /dev/null: {cat_ms:.1} ms",
+            files.len()
+        );
+        self.cat.push(report::Cat {
+            checkpoint: cfg.name.to_string(),
+            dtype: cfg.dtype.clone(),
+            file_bytes: files
+                .iter()
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| m.len())
+                .sum(),
+            cat_ms,
+        });
         // Cold start: process start → first image (text2img); the order rotates between rounds.
         for round in 0..cfg.cold_runs.max(1) {
             for j in 0..kinds.len() {
@@ -388,6 +409,7 @@ fn run(args: &RunArgs) -> Result<()> {
         rss: Vec::new(),
         memory: Vec::new(),
         psnr: Vec::new(),
+        cat: Vec::new(),
         versions: serde_json::Value::Null,
     };
     let started = std::time::SystemTime::now()
@@ -464,6 +486,7 @@ impl Driver<'_> {
             self.rss.clone(),
             self.memory.clone(),
             self.psnr.clone(),
+            self.cat.clone(),
         );
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;

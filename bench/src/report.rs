@@ -20,6 +20,8 @@ pub struct Sample {
     pub steps: u32,
     pub acquire_ms: Option<f64>,
     pub load_ms: Option<f64>,
+    pub load_peak_rss_bytes: Option<u64>,
+    pub rss_before_bytes: Option<u64>,
     pub loads_before: Option<u64>,
     pub loads_after: Option<u64>,
     pub resident_bytes: Option<u64>,
@@ -54,6 +56,43 @@ pub struct Memory {
     pub resident_bytes: Option<u64>,
     pub checkpoint_tensor_bytes: u64,
     pub ratio: Option<f64>,
+}
+
+/// `cat` of a configuration's weight files to `/dev/null` (page cache warm), the yardstick of the
+/// load row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cat {
+    pub checkpoint: String,
+    pub dtype: String,
+    pub file_bytes: u64,
+    /// Median of 3 runs after one that warms the page cache.
+    pub cat_ms: f64,
+}
+
+/// The load row of one system: the cold start's component loads against `cat`, its peak RSS
+/// when loaded against the resident tensor bytes, and the cold start against load + image.
+#[derive(Debug, Clone, Serialize)]
+pub struct Load {
+    pub checkpoint: String,
+    pub dtype: String,
+    pub system: &'static str,
+    /// Median over the cold starts.
+    pub load_ms: f64,
+    pub cat_ms: f64,
+    pub ratio_vs_cat: f64,
+    /// `VmHWM` as the last load ended (before any component ran), highest over the cold starts.
+    pub peak_rss_bytes: Option<u64>,
+    /// RSS before the loads (the process's own start-up: libtorch, tokenizers, binary).
+    pub rss_before_bytes: Option<u64>,
+    pub resident_bytes: Option<u64>,
+    /// peak RSS / resident bytes: the target.
+    pub peak_rss_ratio: Option<f64>,
+    /// (peak RSS − RSS before) / resident bytes: what loading itself added.
+    pub load_growth_ratio: Option<f64>,
+    pub cold_ms: f64,
+    pub text2img_ms: Option<f64>,
+    /// cold start / (load + steady text2img median).
+    pub cold_ratio: Option<f64>,
 }
 
 /// PSNR of an autopipe image against diffusers' on the same inputs.
@@ -122,6 +161,8 @@ pub struct Report {
     pub memory: Vec<Memory>,
     pub peak_rss: Vec<Rss>,
     pub psnr_vs_diffusers: Vec<Psnr>,
+    pub cat: Vec<Cat>,
+    pub loads: Vec<Load>,
     pub targets: Vec<Target>,
     pub samples: Vec<Sample>,
 }
@@ -151,6 +192,7 @@ impl Report {
         peak_rss: Vec<Rss>,
         memory: Vec<Memory>,
         psnr_vs_diffusers: Vec<Psnr>,
+        cat: Vec<Cat>,
     ) -> Self {
         let mut configs: Vec<(String, String)> = Vec::new();
         for s in &samples {
@@ -228,6 +270,60 @@ impl Report {
                 });
             }
         }
+        let mut loads = Vec::new();
+        for c in &cat {
+            for system in SYSTEMS {
+                let cold: Vec<&Sample> = samples
+                    .iter()
+                    .filter(|s| {
+                        s.checkpoint == c.checkpoint
+                            && s.dtype == c.dtype
+                            && s.system == system
+                            && s.phase == "cold"
+                            && s.load_ms.is_some()
+                    })
+                    .collect();
+                if cold.is_empty() {
+                    continue;
+                }
+                let load_ms =
+                    median(&mut cold.iter().filter_map(|s| s.load_ms).collect::<Vec<_>>());
+                let cold_ms = median(&mut cold.iter().map(|s| s.wall_ms).collect::<Vec<_>>());
+                let peak_rss_bytes = cold.iter().filter_map(|s| s.load_peak_rss_bytes).max();
+                let rss_before_bytes = cold.iter().filter_map(|s| s.rss_before_bytes).min();
+                let resident_bytes = cold.iter().find_map(|s| s.resident_bytes);
+                let text2img_ms = rows
+                    .iter()
+                    .find(|r| {
+                        r.checkpoint == c.checkpoint
+                            && r.dtype == c.dtype
+                            && r.system == system
+                            && r.row == "text2img"
+                    })
+                    .map(|r| r.median_ms);
+                loads.push(Load {
+                    checkpoint: c.checkpoint.clone(),
+                    dtype: c.dtype.clone(),
+                    system,
+                    load_ms,
+                    cat_ms: c.cat_ms,
+                    ratio_vs_cat: load_ms / c.cat_ms,
+                    peak_rss_bytes,
+                    rss_before_bytes,
+                    resident_bytes,
+                    peak_rss_ratio: peak_rss_bytes
+                        .zip(resident_bytes)
+                        .map(|(p, r)| p as f64 / r as f64),
+                    load_growth_ratio: match (peak_rss_bytes, rss_before_bytes, resident_bytes) {
+                        (Some(p), Some(b), Some(r)) => Some(p.saturating_sub(b) as f64 / r as f64),
+                        _ => None,
+                    },
+                    cold_ms,
+                    text2img_ms,
+                    cold_ratio: text2img_ms.map(|t| cold_ms / (load_ms + t)),
+                });
+            }
+        }
         let mut report = Self {
             machine,
             config,
@@ -236,6 +332,8 @@ impl Report {
             memory,
             peak_rss,
             psnr_vs_diffusers,
+            cat,
+            loads,
             targets: Vec::new(),
             samples,
         };
@@ -355,6 +453,49 @@ impl Report {
                         sw.added_ms
                     ),
                     met,
+                );
+            }
+            // The load targets are the issue's, for the SD 1.5 architecture: on the small
+            // checkpoint the process's start-up dwarfs its 14 MB of weights (rows printed only).
+            for l in self.loads.iter().filter(|l| {
+                !tiny && &l.checkpoint == ckpt && &l.dtype == dtype && l.system != "diffusers"
+            }) {
+                push(
+                    format!("load: {} ≤ 1.5 × cat of the weight files", l.system),
+                    ckpt,
+                    dtype,
+                    format!(
+                        "{:.0} vs {:.0} ms ({:.2})",
+                        l.load_ms, l.cat_ms, l.ratio_vs_cat
+                    ),
+                    l.ratio_vs_cat <= 1.5,
+                );
+                let x = l.peak_rss_ratio.unwrap_or(f64::NAN);
+                push(
+                    format!("load: {} peak RSS ≤ 1.10 × resident tensor bytes", l.system),
+                    ckpt,
+                    dtype,
+                    format!(
+                        "{} vs {} ({x:.3}); of which {} before loading, growth {:.3} ×",
+                        l.peak_rss_bytes.map(gib).unwrap_or_else(|| "?".into()),
+                        l.resident_bytes.map(gib).unwrap_or_else(|| "?".into()),
+                        l.rss_before_bytes.map(gib).unwrap_or_else(|| "?".into()),
+                        l.load_growth_ratio.unwrap_or(f64::NAN)
+                    ),
+                    x <= 1.10,
+                );
+                let x = l.cold_ratio.unwrap_or(f64::NAN);
+                push(
+                    format!("cold start: {} ≤ 1.10 × (load + text2img median)", l.system),
+                    ckpt,
+                    dtype,
+                    format!(
+                        "{:.0} vs {:.0} + {:.0} ms ({x:.3})",
+                        l.cold_ms,
+                        l.load_ms,
+                        l.text2img_ms.unwrap_or(f64::NAN)
+                    ),
+                    x <= 1.10,
                 );
             }
             for m in self
@@ -484,6 +625,41 @@ impl Report {
                     cell("diffusers")
                 );
             }
+            let load_cell = |system: &str| {
+                self.loads
+                    .iter()
+                    .find(|l| &l.checkpoint == ckpt && &l.dtype == dtype && l.system == system)
+                    .map(|l| {
+                        let rss = match (l.peak_rss_bytes, l.peak_rss_ratio) {
+                            (Some(p), Some(x)) => format!(
+                                "; peak RSS {} = {x:.3} × resident (≤ 1.10), {:.3} × grown while loading",
+                                gib(p),
+                                l.load_growth_ratio.unwrap_or(f64::NAN)
+                            ),
+                            _ => String::new(),
+                        };
+                        format!(
+                            "{:.0} ms = {:.2} × cat (≤ 1.5){rss}",
+                            l.load_ms, l.ratio_vs_cat
+                        )
+                    })
+                    .unwrap_or_else(|| "–".into())
+            };
+            if let Some(c) = self
+                .cat
+                .iter()
+                .find(|c| &c.checkpoint == ckpt && &c.dtype == dtype)
+            {
+                let _ = writeln!(
+                    t,
+                    "| load (cat {} > /dev/null: {:.0} ms) | {} | {} | {} | | | |",
+                    gib(c.file_bytes),
+                    c.cat_ms,
+                    load_cell("embedded"),
+                    load_cell("split"),
+                    load_cell("diffusers")
+                );
+            }
             for m in self
                 .memory
                 .iter()
@@ -563,6 +739,35 @@ pub fn psnr_files(a: &str, b: &str) -> Result<f64> {
     })
 }
 
+/// The weight files of the components a Stable Diffusion request leases (text encoder, UNet, VAE).
+pub fn leased_weight_files(model: &Path, variant: Option<&str>) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for component in ["text_encoder", "unet", "vae"] {
+        files.extend(
+            autopipe_models::weights::weight_files(&model.join(component), variant)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+    }
+    Ok(files)
+}
+
+/// Median wall time of `cat FILES > /dev/null` over 3 runs, after one that warms the page cache.
+pub fn time_cat(files: &[std::path::PathBuf]) -> Result<f64> {
+    let run = || -> Result<f64> {
+        let t0 = std::time::Instant::now();
+        let status = std::process::Command::new("cat")
+            .args(files)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("cat")?;
+        anyhow::ensure!(status.success(), "cat {files:?}: {status}");
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    run()?;
+    let mut v = vec![run()?, run()?, run()?];
+    Ok(median(&mut v))
+}
+
 /// Bytes of a Stable Diffusion checkpoint's leased components' tensors (text encoder, UNet, VAE), floating-point tensors
 /// counted at `dtype`, read from the safetensors headers.
 pub fn checkpoint_tensor_bytes(model: &Path, variant: Option<&str>, dtype: &str) -> Result<u64> {
@@ -571,35 +776,30 @@ pub fn checkpoint_tensor_bytes(model: &Path, variant: Option<&str>, dtype: &str)
         _ => 2,
     };
     let mut total = 0u64;
-    for component in ["text_encoder", "unet", "vae"] {
-        let files = autopipe_models::weights::weight_files(&model.join(component), variant)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for file in files {
-            let mut f = std::fs::File::open(&file).with_context(|| file.display().to_string())?;
-            let mut len = [0u8; 8];
-            f.read_exact(&mut len)?;
-            let n = u64::from_le_bytes(len);
-            anyhow::ensure!(n < 100 << 20, "{}: header of {n} bytes", file.display());
-            let mut header = vec![0u8; n as usize];
-            f.read_exact(&mut header)?;
-            let header: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(&header)?;
-            for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
-                let numel: u64 = info["shape"]
-                    .as_array()
-                    .with_context(|| format!("{name}: shape"))?
-                    .iter()
-                    .filter_map(|d| d.as_u64())
-                    .product();
-                let size = match info["dtype"].as_str().unwrap_or_default() {
-                    "F64" | "F32" | "F16" | "BF16" => float_size,
-                    "I64" | "U64" => 8,
-                    "I32" | "U32" => 4,
-                    "I16" | "U16" => 2,
-                    _ => 1,
-                };
-                total += numel * size;
-            }
+    for file in leased_weight_files(model, variant)? {
+        let mut f = std::fs::File::open(&file).with_context(|| file.display().to_string())?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        let n = u64::from_le_bytes(len);
+        anyhow::ensure!(n < 100 << 20, "{}: header of {n} bytes", file.display());
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header)?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)?;
+        for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+            let numel: u64 = info["shape"]
+                .as_array()
+                .with_context(|| format!("{name}: shape"))?
+                .iter()
+                .filter_map(|d| d.as_u64())
+                .product();
+            let size = match info["dtype"].as_str().unwrap_or_default() {
+                "F64" | "F32" | "F16" | "BF16" => float_size,
+                "I64" | "U64" => 8,
+                "I32" | "U32" => 4,
+                "I16" | "U16" => 2,
+                _ => 1,
+            };
+            total += numel * size;
         }
     }
     Ok(total)

@@ -88,9 +88,17 @@ pub struct Reply {
     /// autopipe: time to acquire the components' lease (where a load would happen).
     #[serde(default)]
     pub acquire_ms: Option<f64>,
-    /// diffusers: `from_pretrained` / `from_pipe` time inside this request.
+    /// diffusers: `from_pretrained` / `from_pipe` time inside this request; autopipe embedded:
+    /// the store's component loads inside this request.
     #[serde(default)]
     pub load_ms: Option<f64>,
+    /// autopipe embedded: the process's peak RSS (`VmHWM`) as its last load in this request
+    /// finished, before any component ran.
+    #[serde(default)]
+    pub load_peak_rss_bytes: Option<u64>,
+    /// autopipe embedded: the process's RSS when the request arrived (before its loads).
+    #[serde(default)]
+    pub rss_before_bytes: Option<u64>,
     /// autopipe: component loads the store has done so far (all components).
     #[serde(default)]
     pub loads: Option<u64>,

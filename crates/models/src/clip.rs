@@ -394,12 +394,15 @@ impl CLIPTextModel {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: CLIPTextConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &clip_rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &clip_rename,
+            weights::Layout::Contiguous,
+            |p, config: CLIPTextConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }
@@ -521,12 +524,15 @@ impl CLIPTextModelWithProjection {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: CLIPTextConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &clip_rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &clip_rename,
+            weights::Layout::Contiguous,
+            |p, config: CLIPTextConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }
@@ -669,7 +675,7 @@ impl CLIPVisionTransformer {
             ..Default::default()
         };
         Ok(Self {
-            class_embedding: emb.var("class_embedding", &[d], nn::Init::Const(0.)),
+            class_embedding: weights::param(&emb, "class_embedding", &[d]),
             patch_embedding: nn::conv2d(
                 &emb / "patch_embedding",
                 cfg.num_channels,
@@ -783,12 +789,15 @@ impl CLIPVisionModelWithProjection {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: CLIPVisionConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &vision_rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &vision_rename,
+            weights::Layout::Contiguous,
+            |p, config: CLIPVisionConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }

@@ -247,11 +247,14 @@ impl ControlNetModel {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), config)?;
-        weights::load(&mut vs, files, &|name| name.to_string())?;
-        vs.freeze();
-        weights::to_channels_last(&vs);
+        let (mut model, vs) = weights::load_files(
+            files,
+            kind,
+            device,
+            &|name| name.to_string(),
+            weights::Layout::ChannelsLast,
+            |p| Self::new(p, config),
+        )?;
         model.var_store = Some(vs);
         Ok(model)
     }

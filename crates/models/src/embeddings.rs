@@ -178,7 +178,7 @@ struct AttentionPooling {
 impl AttentionPooling {
     fn new(vs: &nn::Path, num_heads: i64, dim: i64) -> Self {
         Self {
-            positional_embedding: vs.var("positional_embedding", &[1, dim], nn::Init::Const(0.0)),
+            positional_embedding: crate::weights::param(vs, "positional_embedding", &[1, dim]),
             q_proj: linear(vs / "q_proj", dim, dim, true),
             k_proj: linear(vs / "k_proj", dim, dim, true),
             v_proj: linear(vs / "v_proj", dim, dim, true),

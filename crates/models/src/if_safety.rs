@@ -104,12 +104,15 @@ impl IFSafetyChecker {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: IFSafetyCheckerConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &rename,
+            weights::Layout::Contiguous,
+            |p, config: IFSafetyCheckerConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }
@@ -144,15 +147,20 @@ impl IFWatermarker {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let watermark_image = vs.root().var(
-            "watermark_image",
-            &[WATERMARK_SIDE, WATERMARK_SIDE, 4],
-            nn::Init::Const(0.),
-        );
-        weights::load(&mut vs, &files, &|k| k.to_string())?;
-        vs.freeze();
+        let (watermark_image, vs) = weights::load_files(
+            &weights::weight_files(component_dir, variant)?,
+            kind,
+            device,
+            &|k| k.to_string(),
+            weights::Layout::Contiguous,
+            |p| {
+                Ok(weights::param(
+                    p,
+                    "watermark_image",
+                    &[WATERMARK_SIDE, WATERMARK_SIDE, 4],
+                ))
+            },
+        )?;
         Ok(Self {
             watermark_image,
             _vs: vs,

@@ -184,7 +184,6 @@ impl PriorTransformer {
             }
         };
         let tokens = cfg.num_embeddings + cfg.additional_embeddings;
-        let zeros = nn::Init::Const(0.);
         Ok(Self {
             time_proj: Timesteps::new(inner, true, 0.0),
             time_embedding: TimestepEmbedding::new(
@@ -211,8 +210,8 @@ impl PriorTransformer {
                     true,
                 )
             }),
-            positional_embedding: vs.var("positional_embedding", &[1, tokens, inner], zeros),
-            prd_embedding: prd.then(|| vs.var("prd_embedding", &[1, 1, inner], zeros)),
+            positional_embedding: weights::param(vs, "positional_embedding", &[1, tokens, inner]),
+            prd_embedding: prd.then(|| weights::param(vs, "prd_embedding", &[1, 1, inner])),
             blocks: (0..cfg.num_layers)
                 .map(|i| {
                     PriorBlock::new(
@@ -232,8 +231,8 @@ impl PriorTransformer {
                 clip_embed_dim,
                 true,
             ),
-            clip_mean: vs.var("clip_mean", &[1, clip_embed_dim], zeros),
-            clip_std: vs.var("clip_std", &[1, clip_embed_dim], zeros),
+            clip_mean: weights::param(vs, "clip_mean", &[1, clip_embed_dim]),
+            clip_std: weights::param(vs, "clip_std", &[1, clip_embed_dim]),
             kind: vs.kind(),
             device: vs.device(),
             _vs: None,
@@ -248,12 +247,15 @@ impl PriorTransformer {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let config: PriorTransformerConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), config)?;
-        weights::load(&mut vs, &files, &|name| name.to_string())?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &|name| name.to_string(),
+            weights::Layout::Contiguous,
+            |p, config: PriorTransformerConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }

@@ -95,17 +95,16 @@ impl StableDiffusionSafetyChecker {
         }
         let d = cfg.vision_config.hidden_size;
         let p = cfg.projection_dim;
-        let ones = nn::Init::Const(1.);
         Ok(Self {
             vision_model: CLIPVisionTransformer::new(&(vs / "vision_model"), cfg.vision_config)?,
             visual_projection: weights::linear(vs / "visual_projection", d, p, false),
-            concept_embeds: vs.var("concept_embeds", &[CONCEPTS, p], ones),
-            special_care_embeds: vs.var("special_care_embeds", &[SPECIAL_CARE, p], ones),
-            concept_embeds_weights: vs.var("concept_embeds_weights", &[CONCEPTS], ones),
-            special_care_embeds_weights: vs.var(
+            concept_embeds: weights::param(vs, "concept_embeds", &[CONCEPTS, p]),
+            special_care_embeds: weights::param(vs, "special_care_embeds", &[SPECIAL_CARE, p]),
+            concept_embeds_weights: weights::param(vs, "concept_embeds_weights", &[CONCEPTS]),
+            special_care_embeds_weights: weights::param(
+                vs,
                 "special_care_embeds_weights",
                 &[SPECIAL_CARE],
-                ones,
             ),
             _vs: None,
         })
@@ -118,12 +117,15 @@ impl StableDiffusionSafetyChecker {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: SafetyCheckerConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &rename,
+            weights::Layout::Contiguous,
+            |p, config: SafetyCheckerConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }

@@ -171,7 +171,7 @@ struct T5LayerNorm {
 impl T5LayerNorm {
     fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
         Self {
-            weight: vs.var("weight", &[dim], nn::Init::Const(1.0)),
+            weight: weights::param(vs, "weight", &[dim]),
             eps,
         }
     }
@@ -438,12 +438,15 @@ impl T5EncoderModel {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: T5Config = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &t5_rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &t5_rename,
+            weights::Layout::Contiguous,
+            |p, config: T5Config| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }

@@ -1361,13 +1361,15 @@ impl UNet2DConditionModel {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let config: UNet2DConditionConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), config)?;
-        weights::load(&mut vs, &files, &|name| name.to_string())?;
-        vs.freeze();
-        weights::to_channels_last(&vs);
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &|name| name.to_string(),
+            weights::Layout::ChannelsLast,
+            |p, config: UNet2DConditionConfig| Self::new(p, config),
+        )?;
         model.var_store = Some(vs);
         Ok(model)
     }

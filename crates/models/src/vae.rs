@@ -591,13 +591,15 @@ impl AutoencoderKL {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: AutoencoderKLConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &vae_legacy_rename)?;
-        vs.freeze();
-        weights::to_channels_last(&vs);
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &vae_legacy_rename,
+            weights::Layout::ChannelsLast,
+            |p, config: AutoencoderKLConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }
@@ -630,7 +632,7 @@ impl AutoencoderKL {
             )));
         }
         let xs = xs.to_device(self.device).to_kind(self.kind);
-        // Channels-last activations on CPU, matching the weights (see `weights::to_channels_last`).
+        // Channels-last activations on CPU, matching the weights (see `weights::Layout::ChannelsLast`).
         Ok(if weights::use_channels_last(self.device) {
             weights::channels_last(&xs)
         } else {

@@ -384,12 +384,15 @@ impl VQModel {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: VQModelConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &vq_rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &vq_rename,
+            weights::Layout::Contiguous,
+            |p, config: VQModelConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }

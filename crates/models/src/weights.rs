@@ -2,9 +2,10 @@
 //! [`tch::nn::VarStore`], following diffusers' `models/modeling_utils.py` /
 //! `utils/hub_utils.py` file naming (variants, sharded index files).
 //!
-//! Loading memory-maps each file and copies every tensor straight into the variable of the same
-//! name, converting to the variable's kind and device on the way: no whole-file copy is made.
-//! The `nn` constructors here declare zero-initialised parameters meant to be filled by [`load`]
+//! Loading reads every tensor once, straight from the file into the final storage of the variable
+//! of the same name, in its final kind, layout and device (see [`load`]): no zero-initialisation,
+//! no whole-file or whole-model copy, so a model's peak memory is its weights. The `nn`
+//! constructors here declare uninitialised parameters ([`param`]) meant to be filled by [`load`]
 //! (no random initialisation, so the global torch generator is never touched).
 
 use std::borrow::Borrow;
@@ -181,23 +182,149 @@ fn summarize(names: &[String]) -> String {
     s
 }
 
+/// How [`load`] lays out 4-D parameters (convolution weights) in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Contiguous, as PyTorch creates them.
+    Contiguous,
+    /// Channels-last where [`use_channels_last`] says so (CPU), as
+    /// `model.to(memory_format=torch.channels_last)` leaves them: oneDNN's convolutions then run
+    /// NHWC end to end, with no reorder of activations or weights around each call. Written in
+    /// that order as they are read, so no contiguous copy exists first. Values are unchanged.
+    ChannelsLast,
+}
+
+/// Bytes of file data read at a time for a tensor that must be converted on its way in (dtype,
+/// layout or device): the one transient buffer of a load, so peak memory stays at the weights.
+const STAGING_BYTES: usize = 4 << 20;
+
+/// The reusable buffer tensors are read into when they cannot be read in place; on CUDA it is
+/// pinned host memory, so the copy to the device is a DMA from it.
+struct Staging {
+    buf: Option<Tensor>,
+    device: tch::Device,
+}
+
+impl Staging {
+    /// A byte tensor of at least `bytes`, reused between chunks and tensors.
+    fn take(&mut self, bytes: usize) -> Result<&Tensor> {
+        if self.buf.as_ref().is_none_or(|b| (b.numel()) < bytes) {
+            self.buf = None;
+            let buf = Tensor::f_empty(
+                [bytes.max(STAGING_BYTES) as i64],
+                (Kind::Uint8, tch::Device::Cpu),
+            )?;
+            self.buf = Some(if self.device.is_cuda() {
+                buf.f_pin_memory(self.device)?
+            } else {
+                buf
+            });
+        }
+        Ok(self.buf.as_ref().expect("staging buffer was just made"))
+    }
+}
+
+/// `len` bytes of a CPU tensor's storage from its data pointer `ptr`.
+///
+/// # Safety
+/// `ptr` must be the data pointer of a CPU tensor with at least `len` bytes from it, which
+/// nothing else accesses while the slice lives.
+unsafe fn bytes_mut<'a>(ptr: *mut std::ffi::c_void, len: usize) -> &'a mut [u8] {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
+}
+
+/// Reads the tensor at `offset` of `file` (`shape`, stored as `file_kind`, row-major) into
+/// `dest`, which has the same shape and any kind, strides and device.
+///
+/// Same kind, contiguous, on the CPU: one `pread` straight into `dest`'s storage (the kernel
+/// copies from the page cache, nothing is mapped). Otherwise the tensor goes through `staging`
+/// in slices along its first dimension, each converted by one `copy_` into its slice of `dest`.
+fn read_tensor(
+    file: &File,
+    offset: u64,
+    shape: &[i64],
+    file_kind: Kind,
+    dest: &Tensor,
+    staging: &mut Staging,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let numel: i64 = shape.iter().product();
+    if numel == 0 {
+        return Ok(());
+    }
+    let elt = file_kind.elt_size_in_bytes();
+    let nbytes = numel as usize * elt;
+    if dest.device() == tch::Device::Cpu && dest.kind() == file_kind && dest.is_contiguous() {
+        // SAFETY: `dest` is a contiguous CPU tensor of `numel` elements of `elt` bytes that only
+        // this load holds.
+        file.read_exact_at(unsafe { bytes_mut(dest.data_ptr(), nbytes) }, offset)?;
+        return Ok(());
+    }
+    let rows = shape.first().copied().unwrap_or(1) as usize;
+    let row_bytes = nbytes / rows;
+    let per_chunk = (STAGING_BYTES / row_bytes).max(1);
+    let mut row = 0;
+    while row < rows {
+        let n = per_chunk.min(rows - row);
+        let bytes = n * row_bytes;
+        let buf = staging.take(bytes)?;
+        // SAFETY: the staging buffer is a CPU tensor of at least `bytes` bytes owned by `staging`.
+        file.read_exact_at(
+            unsafe { bytes_mut(buf.data_ptr(), bytes) },
+            offset + (row * row_bytes) as u64,
+        )?;
+        let mut chunk_shape = shape.to_vec();
+        if let Some(first) = chunk_shape.first_mut() {
+            *first = n as i64;
+        }
+        let src = buf
+            .f_narrow(0, 0, bytes as i64)?
+            .f_view_dtype(file_kind)?
+            .f_view(chunk_shape.as_slice())?;
+        let mut dst = if shape.is_empty() {
+            dest.shallow_clone()
+        } else {
+            dest.f_narrow(0, row as i64, n as i64)?
+        };
+        dst.f_copy_(&src)?;
+        row += n;
+    }
+    Ok(())
+}
+
 /// Loads safetensors `files` into the variables of `vs`, strictly.
 ///
 /// Each tensor name goes through `rename` first (a name renamed to `""` is skipped, for buffers a
-/// checkpoint may carry such as CLIP's `position_ids`), then is copied into the variable of that
-/// name, converting dtype (f16/bf16/f32 files into any float kind) and device. Errors list the
-/// variables no file provided, the file tensors no variable wants, and shape mismatches.
-pub fn load(vs: &mut VarStore, files: &[PathBuf], rename: &dyn Fn(&str) -> String) -> Result<()> {
+/// checkpoint may carry such as CLIP's `position_ids`), then is read into the variable of that
+/// name, converting dtype (f16/bf16/f32 files into any float kind), device and, per `layout`,
+/// memory order on the way. Every byte is written once, into the variable's final storage (see
+/// [`read_tensor`]); the variables' own storage is used as is when it already has the final kind,
+/// layout and device, which is what [`param`] allocates (untouched until read into). Errors list
+/// the variables no file provided, the file tensors no variable wants, and shape mismatches.
+pub fn load(
+    vs: &mut VarStore,
+    files: &[PathBuf],
+    rename: &dyn Fn(&str) -> String,
+    layout: Layout,
+) -> Result<()> {
     let vars = vs.variables();
+    let channels_last = layout == Layout::ChannelsLast && use_channels_last(vs.device());
     let mut found: HashSet<String> = HashSet::with_capacity(vars.len());
     let mut unexpected = Vec::new();
     let mut mismatched = Vec::new();
+    let mut staging = Staging {
+        buf: None,
+        device: vs.device(),
+    };
     tch::no_grad(|| -> Result<()> {
         for path in files {
             load_file(
                 path,
                 &vars,
                 rename,
+                channels_last,
+                &mut staging,
                 &mut found,
                 &mut unexpected,
                 &mut mismatched,
@@ -246,19 +373,24 @@ pub fn load(vs: &mut VarStore, files: &[PathBuf], rename: &dyn Fn(&str) -> Strin
     Err(Error::Weights(format!("{where_}: {}", parts.join("; "))))
 }
 
-/// Copies the tensors of one safetensors file into `vars`, recording what did not fit.
+/// Reads the tensors of one safetensors file into `vars`, recording what did not fit.
+#[allow(clippy::too_many_arguments)]
 fn load_file(
     path: &Path,
     vars: &HashMap<String, Tensor>,
     rename: &dyn Fn(&str) -> String,
+    channels_last: bool,
+    staging: &mut Staging,
     found: &mut HashSet<String>,
     unexpected: &mut Vec<String>,
     mismatched: &mut Vec<String>,
 ) -> Result<()> {
     let werr = |e: String| Error::Weights(format!("{}: {e}", path.display()));
     let file = File::open(path).map_err(|e| werr(e.to_string()))?;
-    // SAFETY: the map is read-only and lives until every tensor viewing it has been copied out
-    // and dropped below; a concurrent truncation of the file is outside what we can guard against.
+    // The map is only for safetensors' header parsing and offset checks: tensor bytes are read
+    // with `pread` (see `read_tensor`), so no data page is ever mapped into this process.
+    // SAFETY: read-only map, dropped at the end of this function; nothing reads tensor data
+    // through it; a concurrent truncation of the file is outside what we can guard against.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| werr(e.to_string()))?;
     let st = SafeTensors::deserialize(&mmap).map_err(|e| werr(e.to_string()))?;
     for (name, view) in st.iter() {
@@ -279,28 +411,49 @@ fn load_file(
         }
         let kind = kind_of(view.dtype())
             .ok_or_else(|| werr(format!("{name}: unsupported dtype {:?}", view.dtype())))?;
-        let data = view.data();
-        let numel: i64 = shape.iter().product();
-        if numel > 0 {
-            let src = if (data.as_ptr() as usize) & (kind.elt_size_in_bytes() - 1) == 0 {
-                let mut strides = vec![1i64; shape.len()];
-                for i in (0..shape.len().saturating_sub(1)).rev() {
-                    strides[i] = strides[i + 1] * shape[i + 1];
-                }
-                // SAFETY: `data` is `numel * elt_size` bytes of the live, suitably aligned map;
-                // the tensor only views it and is dropped before the map.
-                unsafe {
-                    Tensor::f_from_blob(data.as_ptr(), &shape, &strides, kind, tch::Device::Cpu)
-                }?
-            } else {
-                // Misaligned data (possible in hand-written files): copy this one tensor.
-                Tensor::f_from_data_size(data, &shape, kind)?
-            };
-            var.shallow_clone().f_copy_(&src)?;
+        let offset = (view.data().as_ptr() as usize - mmap.as_ptr() as usize) as u64;
+        let read = |dest: &Tensor, staging: &mut Staging| {
+            read_tensor(&file, offset, &shape, kind, dest, staging)
+                .map_err(|e| werr(format!("{name}: {e}")))
+        };
+        if channels_last && var.dim() == 4 {
+            // The final storage is allocated in its final order here; the variable's own
+            // (untouched) storage is then released.
+            let cl = channels_last_empty(&shape, var.kind(), var.device())?;
+            read(&cl, staging)?;
+            var.shallow_clone().set_data(&cl);
+        } else {
+            read(var, staging)?;
         }
         found.insert(target);
     }
     Ok(())
+}
+
+/// An uninitialised `[N, C, H, W]` tensor with channels-last strides.
+fn channels_last_empty(shape: &[i64], kind: Kind, device: tch::Device) -> Result<Tensor> {
+    let (c, h, w) = (shape[1], shape[2], shape[3]);
+    Ok(Tensor::f_empty_strided(
+        shape,
+        [c * h * w, 1, w * c, c],
+        (kind, device),
+    )?)
+}
+
+/// A parameter of shape `dims` (the path's kind and device) for [`load`] to fill: allocated but
+/// not initialised, so none of its pages is touched before the weights are read into it and
+/// loading writes each byte once (a zero-initialised variable would be written twice and, when
+/// replaced, held twice).
+pub fn param<'a>(vs: impl Borrow<nn::Path<'a>>, name: &str, dims: &[i64]) -> Tensor {
+    let vs = vs.borrow();
+    vs.add(name, Tensor::empty(dims, (vs.kind(), vs.device())), false)
+}
+
+/// A throwaway var store for the `nn` constructors below: they build a module's shape-free
+/// parts (configuration, padding) there with empty parameters, which [`param`]s then replace,
+/// since `tch` only makes modules with initialised (written) parameters.
+fn scaffold() -> VarStore {
+    VarStore::new(tch::Device::Cpu)
 }
 
 /// A linear layer (`weight` `[out, in]`, optional `bias`) to be filled by [`load`].
@@ -310,12 +463,11 @@ pub fn linear<'a>(
     out_dim: i64,
     bias: bool,
 ) -> nn::Linear {
-    let cfg = nn::LinearConfig {
-        ws_init: nn::Init::Const(0.),
-        bs_init: Some(nn::Init::Const(0.)),
-        bias,
-    };
-    nn::linear(vs, in_dim, out_dim, cfg)
+    let vs = vs.borrow();
+    nn::Linear {
+        ws: param(vs, "weight", &[out_dim, in_dim]),
+        bs: bias.then(|| param(vs, "bias", &[out_dim])),
+    }
 }
 
 /// A 2D convolution with bias (`weight` `[out, in, k, k]`) to be filled by [`load`].
@@ -327,6 +479,8 @@ pub fn conv2d<'a>(
     stride: i64,
     padding: i64,
 ) -> nn::Conv2D {
+    let vs = vs.borrow();
+    // Constant init: the default's random one would draw from torch's global generator.
     let cfg = nn::ConvConfig {
         stride,
         padding,
@@ -334,7 +488,14 @@ pub fn conv2d<'a>(
         bs_init: nn::Init::Const(0.),
         ..Default::default()
     };
-    nn::conv2d(vs, in_channels, out_channels, kernel_size, cfg)
+    let mut conv = nn::conv2d(scaffold().root(), 0, 0, kernel_size, cfg);
+    conv.ws = param(
+        vs,
+        "weight",
+        &[out_channels, in_channels, kernel_size, kernel_size],
+    );
+    conv.bs = Some(param(vs, "bias", &[out_channels]));
+    conv
 }
 
 /// An affine group norm (`weight`, `bias` `[channels]`) to be filled by [`load`].
@@ -344,24 +505,30 @@ pub fn group_norm<'a>(
     channels: i64,
     eps: f64,
 ) -> nn::GroupNorm {
+    let vs = vs.borrow();
     let cfg = nn::GroupNormConfig {
         eps,
-        ws_init: nn::Init::Const(0.),
-        bs_init: nn::Init::Const(0.),
         ..Default::default()
     };
-    nn::group_norm(vs, groups, channels, cfg)
+    let mut norm = nn::group_norm(scaffold().root(), groups, 0, cfg);
+    norm.num_channels = channels;
+    norm.ws = Some(param(vs, "weight", &[channels]));
+    norm.bs = Some(param(vs, "bias", &[channels]));
+    norm
 }
 
 /// An affine layer norm over the last dimension (`weight`, `bias` `[dim]`) to be filled by [`load`].
 pub fn layer_norm<'a>(vs: impl Borrow<nn::Path<'a>>, dim: i64, eps: f64) -> nn::LayerNorm {
+    let vs = vs.borrow();
     let cfg = nn::LayerNormConfig {
         eps,
-        ws_init: nn::Init::Const(0.),
-        bs_init: nn::Init::Const(0.),
         ..Default::default()
     };
-    nn::layer_norm(vs, vec![dim], cfg)
+    let mut norm = nn::layer_norm(scaffold().root(), vec![0], cfg);
+    norm.normalized_shape = vec![dim];
+    norm.ws = Some(param(vs, "weight", &[dim]));
+    norm.bs = Some(param(vs, "bias", &[dim]));
+    norm
 }
 
 /// An embedding table (`weight` `[num, dim]`) to be filled by [`load`].
@@ -370,7 +537,9 @@ pub fn embedding<'a>(vs: impl Borrow<nn::Path<'a>>, num: i64, dim: i64) -> nn::E
         ws_init: nn::Init::Const(0.),
         ..Default::default()
     };
-    nn::embedding(vs, num, dim, cfg)
+    let mut emb = nn::embedding(scaffold().root(), 0, 0, cfg);
+    emb.ws = param(vs, "weight", &[num, dim]);
+    emb
 }
 
 /// A fresh var store on `device` whose new variables are created with `kind`.
@@ -380,6 +549,39 @@ pub fn var_store(kind: Kind, device: tch::Device) -> VarStore {
     vs
 }
 
+/// Builds a model with `build` on a fresh var store of `kind` on `device`, loads `files` into it
+/// (see [`load`]) and freezes it: the one way every model's weights come in.
+pub fn load_files<M>(
+    files: &[PathBuf],
+    kind: Kind,
+    device: tch::Device,
+    rename: &dyn Fn(&str) -> String,
+    layout: Layout,
+    build: impl FnOnce(&nn::Path) -> Result<M>,
+) -> Result<(M, VarStore)> {
+    let mut vs = var_store(kind, device);
+    let model = build(&vs.root())?;
+    load(&mut vs, files, rename, layout)?;
+    vs.freeze();
+    Ok((model, vs))
+}
+
+/// [`load_files`] for the component folder `component_dir`: its `config.json` (parsed as `C`,
+/// handed to `build`) and its (optionally `variant`) safetensors weights ([`weight_files`]).
+pub fn load_model<C: serde::de::DeserializeOwned, M>(
+    component_dir: &Path,
+    variant: Option<&str>,
+    kind: Kind,
+    device: tch::Device,
+    rename: &dyn Fn(&str) -> String,
+    layout: Layout,
+    build: impl FnOnce(&nn::Path, C) -> Result<M>,
+) -> Result<(M, VarStore)> {
+    let config: C = read_config(component_dir)?;
+    let files = weight_files(component_dir, variant)?;
+    load_files(&files, kind, device, rename, layout, |p| build(p, config))
+}
+
 /// Reads and parses a component's `config.json` into `T`, as Python's `json` wrote it (`NaN`,
 /// `Infinity` and `-Infinity` included).
 pub fn read_config<T: serde::de::DeserializeOwned>(component_dir: &Path) -> Result<T> {
@@ -387,24 +589,6 @@ pub fn read_config<T: serde::de::DeserializeOwned>(component_dir: &Path) -> Resu
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     autopipe_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn variant_names_follow_diffusers() {
-        assert_eq!(
-            add_variant("diffusion_pytorch_model.safetensors", Some("fp16")),
-            "diffusion_pytorch_model.fp16.safetensors"
-        );
-        assert_eq!(
-            add_variant("model.safetensors.index.json", Some("fp16")),
-            "model.safetensors.index.fp16.json"
-        );
-        assert_eq!(add_variant("model.safetensors", None), "model.safetensors");
-    }
 }
 
 /// Whether convolution models on `device` run channels-last: on CPU, unless
@@ -428,21 +612,20 @@ pub fn channels_last(xs: &Tensor) -> Tensor {
     xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
-/// Rewrites every 4-D parameter (convolution weights) of `vs` in channels-last memory order on
-/// CPU, as `model.to(memory_format=torch.channels_last)` does: oneDNN's convolutions then run
-/// NHWC end to end, with no reorder of activations or weights around each call, and channels-last
-/// activations propagate through GroupNorm, SiLU, upsampling and residual adds. Values are unchanged.
-/// Set `AUTOPIPE_CHANNELS_LAST=0` to keep NCHW (for A/B measurements).
-pub fn to_channels_last(vs: &VarStore) {
-    if !use_channels_last(vs.device()) {
-        return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_names_follow_diffusers() {
+        assert_eq!(
+            add_variant("diffusion_pytorch_model.safetensors", Some("fp16")),
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+        assert_eq!(
+            add_variant("model.safetensors.index.json", Some("fp16")),
+            "model.safetensors.index.fp16.json"
+        );
+        assert_eq!(add_variant("model.safetensors", None), "model.safetensors");
     }
-    tch::no_grad(|| {
-        for (_, mut var) in vs.variables() {
-            if var.dim() == 4 {
-                let cl = channels_last(&var);
-                var.set_data(&cl);
-            }
-        }
-    });
 }

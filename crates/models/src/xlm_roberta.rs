@@ -271,12 +271,15 @@ impl MultilingualCLIP {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let cfg: MCLIPConfig = weights::read_config(component_dir)?;
-        let files = weights::weight_files(component_dir, variant)?;
-        let mut vs = weights::var_store(kind, device);
-        let mut model = Self::new(&vs.root(), cfg)?;
-        weights::load(&mut vs, &files, &mclip_rename)?;
-        vs.freeze();
+        let (mut model, vs) = weights::load_model(
+            component_dir,
+            variant,
+            kind,
+            device,
+            &mclip_rename,
+            weights::Layout::Contiguous,
+            |p, config: MCLIPConfig| Self::new(p, config),
+        )?;
         model._vs = Some(vs);
         Ok(model)
     }

@@ -75,7 +75,13 @@ fn vae_legacy_names_need_the_rename() {
     let files = weights::weight_files(&dir, None).expect("files");
     let mut vs = weights::var_store(Kind::Float, Device::Cpu);
     let _vae = AutoencoderKL::new(&vs.root(), cfg.clone()).expect("build");
-    let err = weights::load(&mut vs, &files, &|k: &str| k.to_string()).expect_err("must fail");
+    let err = weights::load(
+        &mut vs,
+        &files,
+        &|k: &str| k.to_string(),
+        weights::Layout::Contiguous,
+    )
+    .expect_err("must fail");
     let msg = err.to_string();
     println!("{msg}");
     assert!(
@@ -89,7 +95,13 @@ fn vae_legacy_names_need_the_rename() {
 
     let mut vs = weights::var_store(Kind::Float, Device::Cpu);
     let _vae = AutoencoderKL::new(&vs.root(), cfg).expect("build");
-    weights::load(&mut vs, &files, &vae_legacy_rename).expect("renamed load");
+    weights::load(
+        &mut vs,
+        &files,
+        &vae_legacy_rename,
+        weights::Layout::Contiguous,
+    )
+    .expect("renamed load");
 }
 
 #[test]

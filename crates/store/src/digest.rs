@@ -43,8 +43,18 @@ impl DigestCache {
                 return Ok(*hash);
             }
         }
+        // Read through one buffer rather than mapped: a mapped file's pages count in this
+        // process's RSS until unmapped, which made hashing a 3.4 GB UNet the store's memory peak.
         let mut h = blake3::Hasher::new();
-        h.update_mmap_rayon(path).map_err(io)?;
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut buf = vec![0u8; HASH_CHUNK];
+        loop {
+            let n = read_full(&mut file, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            h.update_rayon(&buf[..n]);
+        }
         let hash = h.finalize();
         self.files
             .lock()
@@ -52,4 +62,22 @@ impl DigestCache {
             .insert(path.to_path_buf(), (len, mtime, hash));
         Ok(hash)
     }
+}
+
+/// Bytes hashed per read: large enough for rayon to spread one chunk over every core.
+const HASH_CHUNK: usize = 16 << 20;
+
+/// Fills `buf` from `file` as far as the file goes; the bytes read (0 at the end).
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
