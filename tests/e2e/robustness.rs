@@ -266,6 +266,13 @@ fn a_deadline_stops_the_work_with_deadline_exceeded() {
     })
     .unwrap();
     let before = metric(&scrape(&m), "autopipe_denoise_step_seconds_count");
+    let exceeded = || {
+        metric_sum(
+            &scrape(&m),
+            "autopipe_requests_total",
+            &["status=\"deadline_exceeded\""],
+        )
+    };
     let t = Instant::now();
     let err = rt
         .block_on(async {
@@ -275,7 +282,16 @@ fn a_deadline_stops_the_work_with_deadline_exceeded() {
         })
         .unwrap_err();
     let answered = t.elapsed();
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // What the server did is the assertion: it ended the request with DEADLINE_EXCEEDED. The
+    // client's code also depends on whether that answer beat the client's own timer (tonic then
+    // says CANCELLED, "Timeout expired"): the server answers a margin early, which a loaded
+    // machine may still eat.
+    assert!(
+        err.code() == Code::DeadlineExceeded || is_client_timeout(&err),
+        "{err:?}"
+    );
+    wait_until(Duration::from_secs(10), || exceeded() == 1.0)
+        .expect("the server ended the request with DEADLINE_EXCEEDED");
     assert!(
         answered < Duration::from_secs(4),
         "answered after {answered:?}"
@@ -304,10 +320,23 @@ fn a_deadline_stops_the_work_with_deadline_exceeded() {
             stream_outcome(stream).await
         })
         .unwrap_err();
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.code() == Code::DeadlineExceeded || is_client_timeout(&err),
+        "{err:?}"
+    );
+    wait_until(Duration::from_secs(10), || exceeded() == 2.0)
+        .expect("the server ended the stream with DEADLINE_EXCEEDED");
     wait_until(Duration::from_secs(5), || leases(&split) == 0)
         .expect("lease released after the stream deadline");
-    println!("deadline 1.5 s: DEADLINE_EXCEEDED after {answered:?}, {steps} steps ran");
+    println!(
+        "deadline 1.5 s: {:?} after {answered:?}, {steps} steps ran",
+        err.code()
+    );
+}
+
+/// The client's own grpc-timeout timer ended the call (tonic's local CANCELLED).
+fn is_client_timeout(err: &tonic::Status) -> bool {
+    err.code() == Code::Cancelled && err.message() == "Timeout expired"
 }
 
 #[test]

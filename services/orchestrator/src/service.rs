@@ -187,6 +187,8 @@ struct RequestObserver {
     metrics: Arc<Metrics>,
     /// When the current step began: `should_stop` is called right before every step.
     step_started: Mutex<Option<Instant>>,
+    /// How long the last step took: the next one is expected to take as long.
+    last_step: Mutex<Option<Duration>>,
 }
 
 impl StepObserver for RequestObserver {
@@ -197,7 +199,9 @@ impl StepObserver for RequestObserver {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            self.metrics.step(t.elapsed());
+            let took = t.elapsed();
+            self.metrics.step(took);
+            *self.last_step.lock().unwrap_or_else(|e| e.into_inner()) = Some(took);
         }
         if let Some(tx) = &self.events {
             let event = v1::GenerateEvent {
@@ -219,7 +223,14 @@ impl StepObserver for RequestObserver {
         {
             return Some(PipelineError::Cancelled);
         }
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        // Stop when the next step cannot finish in time: answering now, not after overrunning,
+        // is what lets the client see the server's DEADLINE_EXCEEDED.
+        let next = self
+            .last_step
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_default();
+        if self.deadline.is_some_and(|d| Instant::now() + next >= d) {
             return Some(PipelineError::DeadlineExceeded);
         }
         if self.stopping.load(Ordering::SeqCst) {
@@ -266,9 +277,13 @@ fn task_label(task: i32) -> &'static str {
     }
 }
 
-/// autopipe answers a unary deadline this much before it passes, so the client sees
-/// DEADLINE_EXCEEDED (as gRPC specifies) from autopipe rather than tonic's CANCELLED.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+/// How long before a deadline autopipe answers, given the time `allowed` from the call's arrival:
+/// the answer has to reach the client before the client's own timer fires (tonic's ends the call
+/// locally with CANCELLED, "Timeout expired"), and that timer started before the call arrived.
+/// 5 % of the time allowed, between 20 ms and 250 ms, covers a loaded machine's scheduling delays.
+fn deadline_margin(allowed: Duration) -> Duration {
+    (allowed / 20).clamp(Duration::from_millis(20), Duration::from_millis(250))
+}
 
 impl OrchestratorService {
     /// A service over `inner` with the given admission limits.
@@ -404,6 +419,11 @@ impl OrchestratorService {
             (a, c) => a.or(c),
         };
         let capped = cap.is_some() && deadline == cap;
+        // When autopipe answers: the deadline less the margin its answer needs to arrive in time.
+        let deadline = deadline.map(|d| {
+            d.checked_sub(deadline_margin(d.saturating_duration_since(arrived)))
+                .unwrap_or(d)
+        });
         let id = request_id(&req);
         let task = task_label(req.get_ref().task);
         let model = req.get_ref().model.trim().to_string();
@@ -428,8 +448,7 @@ impl OrchestratorService {
         .instrument(span.clone());
         let result = match deadline {
             Some(d) => {
-                let at = d.checked_sub(DEADLINE_MARGIN).unwrap_or(d);
-                match tokio::time::timeout_at(tokio::time::Instant::from_std(at), work).await {
+                match tokio::time::timeout_at(tokio::time::Instant::from_std(d), work).await {
                     Ok(r) => r,
                     Err(_) => Err(Status::deadline_exceeded(
                         "deadline exceeded (grpc-timeout)",
@@ -490,6 +509,7 @@ impl OrchestratorService {
             events,
             metrics,
             step_started: Mutex::new(None),
+            last_step: Mutex::new(None),
         };
         let inner = self.inner.clone();
         let admission = self.admission.clone();
