@@ -10,20 +10,6 @@ use autopipe_proto::v1;
 use autopipe_store::{Store, StoreConfig};
 use std::sync::Arc;
 
-fn generate(
-    split: &Split,
-    rt: &tokio::runtime::Runtime,
-    req: v1::GenerateRequest,
-) -> Result<v1::GenerateResponse, tonic::Status> {
-    rt.block_on(async {
-        orchestrator_client(&split.orchestrator.address)
-            .await
-            .generate(req)
-            .await
-    })
-    .map(|r| r.into_inner())
-}
-
 fn store_stats(split: &Split, rt: &tokio::runtime::Runtime) -> v1::StatsResponse {
     rt.block_on(async {
         store_client(&split.store.address)
@@ -47,7 +33,9 @@ fn split_matches_diffusers_and_embedded(
     );
     for case in cases {
         let req = reference_request(case);
-        let resp = generate(split, rt, req.clone()).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let resp = split
+            .generate(rt, req.clone())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
         println!(
             "{case:<20} {:<44} split vs diffusers PSNR {p:.2} dB",
@@ -124,7 +112,7 @@ fn bad_controlnet_fields_are_refused_before_anything_loads() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let good = reference_request("cn_sd1_t2i");
     let unet_folder = fixtures().join("checkpoints/sd1-tiny/unet");
-    let cases: Vec<(tonic::Code, &str, Box<dyn Fn(&mut v1::GenerateRequest)>)> = vec![
+    let cases: Vec<(tonic::Code, &str, Mutation)> = vec![
         (
             tonic::Code::InvalidArgument,
             "control_image:",
@@ -161,14 +149,14 @@ fn bad_controlnet_fields_are_refused_before_anything_loads() {
     for (code, prefix, edit) in cases {
         let mut req = good.clone();
         edit(&mut req);
-        let err = generate(&split, &rt, req).expect_err(prefix);
+        let err = split.generate(&rt, req).expect_err(prefix);
         assert_eq!(err.code(), code, "{prefix} {err:?}");
         assert!(err.message().starts_with(prefix), "{}", err.message());
     }
     // img2img takes its size from the init image (64x64): a 64x48 control image does not fit.
     let mut req = reference_request("cn_sd1_i2i");
     req.control_image = reference_request("cn_sd1_t2i").control_image;
-    let err = generate(&split, &rt, req).expect_err("control image size");
+    let err = split.generate(&rt, req).expect_err("control image size");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
         err.message()

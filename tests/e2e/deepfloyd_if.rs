@@ -9,20 +9,6 @@ use autopipe_proto::v1;
 use autopipe_store::{Store, StoreConfig};
 use std::sync::Arc;
 
-fn generate(
-    split: &Split,
-    rt: &tokio::runtime::Runtime,
-    req: v1::GenerateRequest,
-) -> Result<v1::GenerateResponse, tonic::Status> {
-    rt.block_on(async {
-        orchestrator_client(&split.orchestrator.address)
-            .await
-            .generate(req)
-            .await
-    })
-    .map(|r| r.into_inner())
-}
-
 #[test]
 fn deepfloyd_if_split_matches_diffusers_and_embedded_with_one_t5() {
     tch::set_num_threads(1);
@@ -40,7 +26,9 @@ fn deepfloyd_if_split_matches_diffusers_and_embedded_with_one_t5() {
         "if_inpaint_sr",
     ] {
         let req = reference_request(case);
-        let resp = generate(&split, &rt, req.clone()).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let resp = split
+            .generate(&rt, req.clone())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
         let local = embedded.generate(&req, "embedded", &Silent).unwrap();
         assert_eq!(local.images.len(), resp.images.len(), "{case}: image count");
         for (i, img) in resp.images.iter().enumerate() {
@@ -59,7 +47,7 @@ fn deepfloyd_if_split_matches_diffusers_and_embedded_with_one_t5() {
     // `autopipe generate --embedded` with the stage II flags: the split deployment's bytes.
     let case = "if_t2i_sr";
     let req = reference_request(case);
-    let resp = generate(&split, &rt, req.clone()).unwrap();
+    let resp = split.generate(&rt, req.clone()).unwrap();
     let dir = std::env::temp_dir().join(format!("autopipe-if-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let output = std::process::Command::new(bin("autopipe"))
@@ -128,7 +116,7 @@ fn deepfloyd_if_bad_requests_name_the_field_and_load_nothing() {
     let split = Split::start(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sd_folder = reference_request("sd1_t2i_pndm").model;
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut v1::GenerateRequest)>)> = vec![
+    let cases: Vec<(&str, &str, Mutation)> = vec![
         ("if_i2i", "width", Box::new(|r| r.width = 32)),
         ("if_inpaint", "height", Box::new(|r| r.height = 32)),
         (
@@ -191,7 +179,7 @@ fn deepfloyd_if_bad_requests_name_the_field_and_load_nothing() {
     for (case, field, edit) in cases {
         let mut req = reference_request(case);
         edit(&mut req);
-        let err = generate(&split, &rt, req).unwrap_err();
+        let err = split.generate(&rt, req).unwrap_err();
         println!("{case} / {field}: {:?} {}", err.code(), err.message());
         let code = if err.message().contains("/nonexistent/") {
             tonic::Code::NotFound

@@ -4,23 +4,8 @@
 
 use autopipe_e2e::*;
 use autopipe_orchestrator::{Orchestrator, OrchestratorConfig};
-use autopipe_proto::v1;
 use autopipe_store::{Store, StoreConfig};
 use std::sync::Arc;
-
-fn generate(
-    split: &Split,
-    rt: &tokio::runtime::Runtime,
-    req: v1::GenerateRequest,
-) -> Result<v1::GenerateResponse, tonic::Status> {
-    rt.block_on(async {
-        orchestrator_client(&split.orchestrator.address)
-            .await
-            .generate(req)
-            .await
-    })
-    .map(|r| r.into_inner())
-}
 
 #[test]
 fn kandinsky22_split_matches_diffusers_and_embedded_and_loads_the_prior_once() {
@@ -39,7 +24,9 @@ fn kandinsky22_split_matches_diffusers_and_embedded_and_loads_the_prior_once() {
         "k22_t2i",
     ] {
         let req = reference_request(case);
-        let resp = generate(&split, &rt, req.clone()).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let resp = split
+            .generate(&rt, req.clone())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
         println!(
             "{case:<20} {:<38} split vs diffusers PSNR {p:.2} dB",
@@ -82,7 +69,7 @@ fn kandinsky22_bad_prior_fields_are_invalid_arguments() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut req = reference_request("k22_t2i");
     req.prior_num_inference_steps = Some(1);
-    let err = generate(&split, &rt, req).unwrap_err();
+    let err = split.generate(&rt, req).unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().starts_with("prior_num_inference_steps:"),
@@ -91,7 +78,7 @@ fn kandinsky22_bad_prior_fields_are_invalid_arguments() {
     );
     let mut req = reference_request("sd1_t2i_pndm");
     req.prior_guidance_scale = Some(2.0);
-    let err = generate(&split, &rt, req).unwrap_err();
+    let err = split.generate(&rt, req).unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().starts_with("prior_guidance_scale:"),
@@ -117,7 +104,9 @@ fn kandinsky21_split_matches_diffusers_and_embedded_and_shares_the_prior_with_2_
         "k22_t2i",
     ] {
         let req = reference_request(case);
-        let resp = generate(&split, &rt, req.clone()).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let resp = split
+            .generate(&rt, req.clone())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
         println!(
             "{case:<20} {:<38} split vs diffusers PSNR {p:.2} dB",
@@ -161,7 +150,7 @@ fn kandinsky21_img2img_with_several_images_is_refused_as_diffusers_fails() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut req = reference_request("k21_i2i");
     req.num_images_per_prompt = Some(2);
-    let err = generate(&split, &rt, req).unwrap_err();
+    let err = split.generate(&rt, req).unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().starts_with("num_images_per_prompt:"),

@@ -9,20 +9,6 @@ use autopipe_proto::v1;
 use autopipe_store::{Store, StoreConfig};
 use std::sync::Arc;
 
-fn generate(
-    split: &Split,
-    rt: &tokio::runtime::Runtime,
-    req: v1::GenerateRequest,
-) -> Result<v1::GenerateResponse, tonic::Status> {
-    rt.block_on(async {
-        orchestrator_client(&split.orchestrator.address)
-            .await
-            .generate(req)
-            .await
-    })
-    .map(|r| r.into_inner())
-}
-
 #[test]
 fn sdxl_split_matches_diffusers_and_embedded() {
     tch::set_num_threads(1);
@@ -40,7 +26,9 @@ fn sdxl_split_matches_diffusers_and_embedded() {
         "sdxl_inpaint9_s075",
     ] {
         let req = reference_request(case);
-        let resp = generate(&split, &rt, req.clone()).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let resp = split
+            .generate(&rt, req.clone())
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
         println!(
             "{case:<24} {:<36} split vs diffusers PSNR {p:.2} dB",
@@ -60,7 +48,9 @@ fn base_to_refiner_hand_off_through_the_wire() {
     tch::set_num_threads(1);
     let split = Split::start(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let base = generate(&split, &rt, reference_request("sdxl_handoff_base")).unwrap();
+    let base = split
+        .generate(&rt, reference_request("sdxl_handoff_base"))
+        .unwrap();
     assert!(base.images.is_empty(), "a latent output has no images");
     let latents = base.latents.expect("latents in the response");
     let got = autopipe_proto::tensor_from_wire(&latents, tch::Device::Cpu).unwrap();
@@ -74,7 +64,7 @@ fn base_to_refiner_hand_off_through_the_wire() {
 
     let mut refine = reference_request("sdxl_handoff_refiner");
     refine.image_latents = Some(latents);
-    let resp = generate(&split, &rt, refine).unwrap();
+    let resp = split.generate(&rt, refine).unwrap();
     let p = psnr(
         &decode(&resp.images[0]),
         &reference_image("sdxl_handoff_refiner", 0),
@@ -93,7 +83,7 @@ fn sdxl_task_switching_loads_each_component_once() {
         "sdxl_inpaint_base",
         "sdxl_t2i_neg",
     ] {
-        let resp = generate(&split, &rt, reference_request(case)).unwrap();
+        let resp = split.generate(&rt, reference_request(case)).unwrap();
         let p = psnr(&decode(&resp.images[0]), &reference_image(case, 0));
         assert!(p >= 40.0, "{case}: PSNR {p:.2}");
     }
@@ -131,7 +121,9 @@ fn sdxl_task_switching_loads_each_component_once() {
 fn a_refiner_asked_for_text2img_fails_as_diffusers_does() {
     let split = Split::start(&[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let err = generate(&split, &rt, reference_request("sdxl_refiner_t2i_error")).unwrap_err();
+    let err = split
+        .generate(&rt, reference_request("sdxl_refiner_t2i_error"))
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().contains(
@@ -159,7 +151,7 @@ fn a_float16_sdxl_request_runs_the_vae_upcast_as_diffusers_does() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut req = reference_request("sdxl_t2i_neg");
     req.dtype = "float16".into();
-    let resp = generate(&split, &rt, req).unwrap();
+    let resp = split.generate(&rt, req).unwrap();
     // fp16 against diffusers' fp32 reference: close, not equal.
     let p = psnr(
         &decode(&resp.images[0]),

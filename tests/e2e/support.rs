@@ -240,6 +240,9 @@ pub async fn store_client(
     )
 }
 
+/// A change made to a request (bad-input tables: each case mutates a valid request).
+pub type Mutation = Box<dyn Fn(&mut v1::GenerateRequest)>;
+
 /// A certificate authority made in the test, issuing PEM files into a folder: the CA
 /// certificate, and certificates for `localhost` / `127.0.0.1` usable by servers and clients.
 pub struct TestCa {
@@ -571,6 +574,21 @@ impl Split {
             store,
             orchestrator,
         }
+    }
+
+    /// `Generate(req)` on the orchestrator, driven by `rt`.
+    pub fn generate(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        req: v1::GenerateRequest,
+    ) -> Result<v1::GenerateResponse, tonic::Status> {
+        rt.block_on(async {
+            orchestrator_client(&self.orchestrator.address)
+                .await
+                .generate(req)
+                .await
+        })
+        .map(tonic::Response::into_inner)
     }
 
     /// The store's Stats (panics when the store cannot be reached).

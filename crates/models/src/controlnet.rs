@@ -289,6 +289,7 @@ impl ControlNetModel {
     /// size times the encoder's factor) and, for SDXL, `added` conditioning, scaled by
     /// `conditioning_scale` (in guess mode by 10^-1 … 10^0 from the first residual to the mid one).
     /// With `global_pool_conditions` the residuals are averaged to 1x1.
+    #[allow(clippy::too_many_arguments)] // diffusers' ControlNetModel.forward, argument for argument
     pub fn forward(
         &self,
         sample: &Tensor,

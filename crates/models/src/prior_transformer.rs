@@ -362,7 +362,7 @@ impl PriorTransformer {
         if let Some(prd) = &self.prd_embedding {
             parts.push(prd.to_kind(kind).expand([batch, -1, -1], false));
         }
-        let mut xs = Tensor::cat(&parts, 1);
+        let xs = Tensor::cat(&parts, 1);
         let total = xs.size()[1];
         let mut positional = self.positional_embedding.to_kind(kind);
         if positional.size()[1] < total {
@@ -376,7 +376,7 @@ impl PriorTransformer {
                 positional.size()[1]
             )));
         }
-        xs = xs + positional;
+        let mut xs = xs + positional;
         let mask = match attention_mask {
             Some(m) => {
                 let m: Tensor = (1.0 - m.to_device(device).to_kind(kind)) * -10000.0;

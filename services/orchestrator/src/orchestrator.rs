@@ -396,7 +396,6 @@ impl Orchestrator {
             out
         })
         .map_err(|e| pipeline_status(&e))?;
-        drop(components);
         drop(guard);
         let steps = out.timings.steps.max(1) as f64;
         let flags = out.nsfw_content_detected.as_deref();

@@ -103,9 +103,7 @@ impl CLIPImageProcessor {
                     size_field(&d, "height"),
                     size_field(&d, "width"),
                 ) {
-                    (Some(n), None, None)
-                        if !d.get("longest_edge").is_some_and(|v| !v.is_null()) =>
-                    {
+                    (Some(n), None, None) if d.get("longest_edge").is_none_or(|v| v.is_null()) => {
                         Resize::ShortestEdge(n)
                     }
                     (None, Some(h), Some(w)) => Resize::To(h, w),

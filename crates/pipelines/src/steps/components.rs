@@ -328,9 +328,13 @@ impl Residuals {
         ));
         inputs
     }
+}
 
-    /// Element-wise sum (MultiControlNet adds its nets' residuals).
-    pub fn add(self, other: Residuals) -> Residuals {
+/// Element-wise sum (MultiControlNet adds its nets' residuals).
+impl std::ops::Add for Residuals {
+    type Output = Residuals;
+
+    fn add(self, other: Residuals) -> Residuals {
         Residuals {
             down: self
                 .down

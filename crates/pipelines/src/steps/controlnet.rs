@@ -217,7 +217,7 @@ impl ControlNets {
                 .forward(&call, &net.image)?;
             sum = Some(match sum {
                 None => r,
-                Some(acc) => acc.add(r),
+                Some(acc) => acc + r,
             });
         }
         Ok(sum.map(|r| {

@@ -185,16 +185,20 @@ pub struct Configured {
     pub safety_check: Option<SafetyCheck>,
 }
 
+/// Builds the UNet's added conditioning from the prompt embeddings (SDXL's pooled embeddings and
+/// time ids), at the embeddings' dtype and device.
+pub type AddedConditioningFn<'a> =
+    dyn Fn(&PromptEmbeds, (Kind, Device)) -> Option<AddedConditioning> + 'a;
+
 /// The whole run of a latent-diffusion pipeline: encode the prompt, prepare the task's latents,
-/// denoise, decode. `added` builds the UNet's added conditioning from the prompt embeddings (SDXL's
-/// pooled embeddings and time ids), at the embeddings' dtype and device.
+/// denoise, decode, with `added` conditioning for the UNet.
 pub fn run(
     ctx: &Context,
     components: &Components,
     params: &GenerateParams,
     configured: Configured,
     prompt_encoder: &dyn PromptEncoder,
-    added: &dyn Fn(&PromptEmbeds, (Kind, Device)) -> Option<AddedConditioning>,
+    added: &AddedConditioningFn<'_>,
     observer: &dyn StepObserver,
 ) -> Result<Output> {
     let Configured {
