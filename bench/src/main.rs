@@ -88,6 +88,22 @@ struct RunArgs {
     /// as beside each other in one pod) or tcp (loopback).
     #[arg(long, default_value = "unix")]
     split_transport: String,
+    /// Concurrent clients of the throughput rows (split mode, text2img, batched vs unbatched
+    /// store); 0 = no throughput rows.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 8])]
+    clients: Vec<usize>,
+    /// Requests each client sends, one after another, in a throughput row (small checkpoint).
+    #[arg(long, default_value_t = 4)]
+    tiny_client_requests: usize,
+    /// Requests each client sends in a throughput row on sd15.
+    #[arg(long, default_value_t = 1)]
+    client_requests: usize,
+    /// The batched store's --max-batch.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// The batched store's --batch-window-ms (default: the store's).
+    #[arg(long)]
+    batch_window_ms: Option<u64>,
     /// JSON output file; default bench/results/<checkpoints>-<unix time>.json.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -145,6 +161,8 @@ struct Config<'a> {
     steps: u32,
     runs: usize,
     cold_runs: usize,
+    /// Requests per client in the throughput rows.
+    client_requests: usize,
 }
 
 struct Driver<'a> {
@@ -156,6 +174,7 @@ struct Driver<'a> {
     memory: Vec<report::Memory>,
     psnr: Vec<report::Psnr>,
     cat: Vec<report::Cat>,
+    throughput: Vec<report::Throughput>,
     versions: serde_json::Value,
 }
 
@@ -249,7 +268,98 @@ impl Driver<'_> {
             variant: self.args.variant.clone(),
             log_dir: self.work.join("logs"),
             unix: self.args.split_transport != "tcp",
+            store_args: Vec::new(),
+            orchestrator_args: Vec::new(),
         })
+    }
+
+    /// Throughput rows: `clients` concurrent text2img clients against a split system whose store
+    /// runs every call alone (`--max-batch 1`), then one that joins them (step-level batching);
+    /// each batched image against the same request's unbatched one (PSNR).
+    fn run_throughput(&mut self, cfg: &Config) -> Result<()> {
+        let clients: Vec<usize> = self
+            .args
+            .clients
+            .iter()
+            .copied()
+            .filter(|c| *c > 0)
+            .collect();
+        let Some(&most) = clients.iter().max() else {
+            return Ok(());
+        };
+        let inputs = make_inputs(&self.work, cfg.side)?;
+        for (mode, max_batch) in [("unbatched", 1), ("batched", self.args.max_batch)] {
+            let mut launch = self.launch(cfg)?;
+            launch.store_args = vec!["--max-batch".into(), max_batch.to_string()];
+            if let Some(w) = self.args.batch_window_ms {
+                launch
+                    .store_args
+                    .extend(["--batch-window-ms".into(), w.to_string()]);
+            }
+            // Every client generating at once: admission must not be what limits them.
+            launch.orchestrator_args = vec![
+                "--max-concurrency".into(),
+                most.to_string(),
+                "--max-queue".into(),
+                (4 * most).to_string(),
+            ];
+            let mut sys = System::start(SystemKind::Split, &launch)?;
+            // Warm-up: load the model, let oneDNN make its kernels.
+            sys.call(&self.spec(cfg, SystemKind::Split, "text2img", &inputs))?;
+            for &c in &clients {
+                let specs: Vec<Vec<spec::Spec>> = (0..c)
+                    .map(|k| {
+                        (0..cfg.client_requests)
+                            .map(|i| {
+                                let mut s = self.spec(cfg, SystemKind::Split, "text2img", &inputs);
+                                s.seed = SEED + (1000 * k + i) as u64;
+                                s.out = self
+                                    .work
+                                    .join(format!(
+                                        "{}-{}-{mode}-c{c}-{k}-{i}.png",
+                                        cfg.name, cfg.dtype
+                                    ))
+                                    .display()
+                                    .to_string();
+                                s
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let before = sys.concurrent(&[])?.batching;
+                let round = sys.concurrent(&specs)?;
+                let (forwards, calls) = (round.batching.0 - before.0, round.batching.1 - before.1);
+                let psnr = (mode == "batched").then(|| {
+                    specs
+                        .iter()
+                        .flatten()
+                        .filter_map(|s| {
+                            let alone = s.out.replace("-batched-", "-unbatched-");
+                            report::psnr_files(&s.out, &alone).ok()
+                        })
+                        .fold(f64::INFINITY, f64::min)
+                });
+                let row = report::Throughput::new(
+                    cfg.name,
+                    &cfg.dtype,
+                    mode,
+                    c,
+                    round.wall,
+                    round.latencies_ms,
+                    (forwards, calls),
+                    psnr,
+                );
+                eprintln!(
+                    "  split     {mode:<9} {c} clients  {:>7.1} images/min  p50 {:.0} ms  p95 {:.0} ms  joined forwards {forwards} (calls {calls}){}",
+                    row.images_per_min,
+                    row.p50_ms,
+                    row.p95_ms,
+                    psnr.map(|p| format!("  min PSNR vs unbatched {p:.1} dB")).unwrap_or_default()
+                );
+                self.throughput.push(row);
+            }
+        }
+        Ok(())
     }
 
     /// Cold starts, task switches, then `runs` rounds of every task on every system, interleaved.
@@ -410,6 +520,7 @@ fn run(args: &RunArgs) -> Result<()> {
         memory: Vec::new(),
         psnr: Vec::new(),
         cat: Vec::new(),
+        throughput: Vec::new(),
         versions: serde_json::Value::Null,
     };
     let started = std::time::SystemTime::now()
@@ -442,6 +553,7 @@ fn run(args: &RunArgs) -> Result<()> {
                     steps: args.steps,
                     runs: args.runs,
                     cold_runs: args.cold_runs,
+                    client_requests: args.client_requests,
                 },
                 "tiny" => Config {
                     name: "sd1-tiny",
@@ -451,6 +563,7 @@ fn run(args: &RunArgs) -> Result<()> {
                     steps: args.tiny_steps,
                     runs: args.tiny_runs,
                     cold_runs: args.tiny_cold_runs,
+                    client_requests: args.tiny_client_requests,
                 },
                 other => anyhow::bail!("--checkpoints: unknown checkpoint {other:?} (sd15, tiny)"),
             };
@@ -460,6 +573,8 @@ fn run(args: &RunArgs) -> Result<()> {
                 cfg.model
             );
             driver.run_config(&cfg, &kinds)?;
+            driver.report(&out)?;
+            driver.run_throughput(&cfg)?;
             driver.report(&out)?;
         }
     }
@@ -481,12 +596,15 @@ impl Driver<'_> {
                 "sd15": {"path": args.sd15, "side": args.size, "steps": args.steps, "runs": args.runs, "cold_runs": args.cold_runs},
                 "tiny": {"path": args.tiny, "side": args.tiny_size, "steps": args.tiny_steps, "runs": args.tiny_runs, "cold_runs": args.tiny_cold_runs},
                 "variant": args.variant, "systems": args.systems, "split_transport": args.split_transport,
+                "clients": args.clients, "max_batch": args.max_batch, "batch_window_ms": args.batch_window_ms,
+                "client_requests": {"tiny": args.tiny_client_requests, "sd15": args.client_requests},
             }),
             self.samples.clone(),
             self.rss.clone(),
             self.memory.clone(),
             self.psnr.clone(),
             self.cat.clone(),
+            self.throughput.clone(),
         );
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;

@@ -141,6 +141,64 @@ pub struct Switch {
     pub from_pipe_ms: Option<f64>,
 }
 
+/// A throughput row: `clients` concurrent text2img clients against a split system whose store
+/// joins UNet calls (`batched`) or runs each alone (`unbatched`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub checkpoint: String,
+    pub dtype: String,
+    pub mode: &'static str,
+    pub clients: usize,
+    pub requests: usize,
+    pub wall_ms: f64,
+    pub images_per_min: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    /// Forwards the store joined during the round, and the calls in them.
+    pub joined_forwards: u64,
+    pub joined_calls: u64,
+    /// Batched rows: the lowest PSNR of an image against the same request unbatched.
+    pub min_psnr_vs_unbatched_db: Option<f64>,
+}
+
+impl Throughput {
+    /// Summarises a round of `clients` clients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        checkpoint: &str,
+        dtype: &str,
+        mode: &'static str,
+        clients: usize,
+        wall: std::time::Duration,
+        mut latencies_ms: Vec<f64>,
+        (joined_forwards, joined_calls): (u64, u64),
+        min_psnr_vs_unbatched_db: Option<f64>,
+    ) -> Self {
+        latencies_ms.sort_by(f64::total_cmp);
+        // Nearest rank.
+        let pct = |p: f64| {
+            latencies_ms
+                .get(((latencies_ms.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        Self {
+            checkpoint: checkpoint.to_string(),
+            dtype: dtype.to_string(),
+            mode,
+            clients,
+            requests: latencies_ms.len(),
+            wall_ms: wall.as_secs_f64() * 1e3,
+            images_per_min: latencies_ms.len() as f64 / wall.as_secs_f64() * 60.0,
+            p50_ms: pct(0.5),
+            p95_ms: pct(0.95),
+            joined_forwards,
+            joined_calls,
+            min_psnr_vs_unbatched_db,
+        }
+    }
+}
+
 /// One of the targets, evaluated.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -163,6 +221,7 @@ pub struct Report {
     pub psnr_vs_diffusers: Vec<Psnr>,
     pub cat: Vec<Cat>,
     pub loads: Vec<Load>,
+    pub throughput: Vec<Throughput>,
     pub targets: Vec<Target>,
     pub samples: Vec<Sample>,
 }
@@ -193,6 +252,7 @@ impl Report {
         memory: Vec<Memory>,
         psnr_vs_diffusers: Vec<Psnr>,
         cat: Vec<Cat>,
+        throughput: Vec<Throughput>,
     ) -> Self {
         let mut configs: Vec<(String, String)> = Vec::new();
         for s in &samples {
@@ -334,6 +394,7 @@ impl Report {
             psnr_vs_diffusers,
             cat,
             loads,
+            throughput,
             targets: Vec::new(),
             samples,
         };
@@ -516,6 +577,56 @@ impl Report {
                 );
             }
         }
+        // Step-level batching: at the most clients measured, batched against unbatched throughput
+        // (small checkpoint ≥ 1.5×; SD 1.5 arch, compute-bound on a CPU: no loss), and every
+        // batched image equal to its unbatched one.
+        let mut measured: Vec<(String, String, usize)> = Vec::new();
+        for r in &self.throughput {
+            let key = (r.checkpoint.clone(), r.dtype.clone(), r.clients);
+            match measured.iter_mut().find(|m| m.0 == key.0 && m.1 == key.1) {
+                Some(m) => m.2 = m.2.max(r.clients),
+                None => measured.push(key),
+            }
+        }
+        for (ckpt, dtype, clients) in &measured {
+            let of = |mode: &str| {
+                self.throughput.iter().find(|r| {
+                    &r.checkpoint == ckpt
+                        && &r.dtype == dtype
+                        && r.mode == mode
+                        && r.clients == *clients
+                })
+            };
+            if let (Some(u), Some(b)) = (of("unbatched"), of("batched")) {
+                let want = if ckpt == "sd15-arch" { 1.0 } else { 1.5 };
+                let x = b.images_per_min / u.images_per_min;
+                push(
+                    format!("{clients} clients: batched ≥ {want} × unbatched throughput"),
+                    ckpt,
+                    dtype,
+                    format!(
+                        "{x:.2}× ({:.1} vs {:.1} images/min)",
+                        b.images_per_min, u.images_per_min
+                    ),
+                    x >= want,
+                );
+            }
+            let psnr = self
+                .throughput
+                .iter()
+                .filter(|r| &r.checkpoint == ckpt && &r.dtype == dtype)
+                .filter_map(|r| r.min_psnr_vs_unbatched_db)
+                .fold(f64::INFINITY, f64::min);
+            if psnr.is_finite() || psnr == f64::INFINITY {
+                push(
+                    "batched images = unbatched images (PSNR ≥ 60 dB)".to_string(),
+                    ckpt,
+                    dtype,
+                    format!("min {psnr:.1} dB"),
+                    psnr >= 60.0,
+                );
+            }
+        }
         out
     }
 
@@ -694,6 +805,67 @@ impl Report {
                 .map(|p| format!("{} {} {:.1} dB", p.system, p.task, p.psnr_db))
                 .collect();
             let _ = writeln!(t, "- image PSNR vs diffusers: {}", psnr.join(", "));
+        }
+        let mut throughput_configs: Vec<(String, String)> = Vec::new();
+        for r in &self.throughput {
+            let c = (r.checkpoint.clone(), r.dtype.clone());
+            if !throughput_configs.contains(&c) {
+                throughput_configs.push(c);
+            }
+        }
+        for (ckpt, dtype) in &throughput_configs {
+            let _ = writeln!(t, "\n### {ckpt} · {dtype} — concurrent text2img clients, split mode: unbatched store (--max-batch 1) vs batched (step-level batching)");
+            let _ = writeln!(t, "| clients | unbatched images/min | unbatched p50 / p95 ms | batched images/min | batched p50 / p95 ms | batched/unbatched throughput | joined forwards (mean size) | min PSNR batched vs unbatched |");
+            let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
+            let of = |mode: &str, c: usize| {
+                self.throughput.iter().find(|r| {
+                    &r.checkpoint == ckpt && &r.dtype == dtype && r.mode == mode && r.clients == c
+                })
+            };
+            let mut clients: Vec<usize> = self
+                .throughput
+                .iter()
+                .filter(|r| &r.checkpoint == ckpt && &r.dtype == dtype)
+                .map(|r| r.clients)
+                .collect();
+            clients.sort_unstable();
+            clients.dedup();
+            for c in clients {
+                let (u, b) = (of("unbatched", c), of("batched", c));
+                let rate = |r: Option<&Throughput>| {
+                    r.map(|r| format!("{:.1}", r.images_per_min))
+                        .unwrap_or_else(|| "–".into())
+                };
+                let lat = |r: Option<&Throughput>| {
+                    r.map(|r| format!("{:.0} / {:.0}", r.p50_ms, r.p95_ms))
+                        .unwrap_or_else(|| "–".into())
+                };
+                let ratio = match (u, b) {
+                    (Some(u), Some(b)) => format!("{:.2}", b.images_per_min / u.images_per_min),
+                    _ => "–".into(),
+                };
+                let joined = b
+                    .map(|b| {
+                        format!(
+                            "{} ({:.2})",
+                            b.joined_forwards,
+                            b.joined_calls as f64 / b.joined_forwards.max(1) as f64
+                        )
+                    })
+                    .unwrap_or_else(|| "–".into());
+                let psnr = b
+                    .and_then(|b| b.min_psnr_vs_unbatched_db)
+                    .map(|p| format!("{p:.1} dB"))
+                    .unwrap_or_else(|| "–".into());
+                let _ = writeln!(
+                    t,
+                    "| {c} | {} | {} | {} | {} | {ratio} | {joined} | {psnr} |",
+                    rate(u),
+                    lat(u),
+                    rate(b),
+                    lat(b)
+                );
+            }
         }
         let _ = writeln!(t, "\n### targets");
         for x in &self.targets {

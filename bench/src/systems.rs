@@ -52,6 +52,10 @@ pub struct Launch {
     pub log_dir: PathBuf,
     /// Split mode over Unix sockets (as in one pod) instead of loopback TCP.
     pub unix: bool,
+    /// Extra `autopipe-store` flags (split mode), e.g. `--max-batch 8`.
+    pub store_args: Vec<String>,
+    /// Extra `autopipe-orchestrator` flags (split mode), e.g. `--max-concurrency 8`.
+    pub orchestrator_args: Vec<String>,
 }
 
 fn log_file(launch: &Launch, name: &str) -> Result<std::fs::File> {
@@ -219,6 +223,7 @@ impl SplitProcs {
             .args(["--listen", &store_addr.to_string(), "--threads", &threads, "--dtype", &launch.dtype])
             .args(["--lease-ttl", "600"])
             .args(&roots)
+            .args(&launch.store_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file(launch, "split-store")?))
@@ -233,6 +238,7 @@ impl SplitProcs {
             .args(["--listen", &orch_addr.to_string(), "--store", &store_url])
             .args(["--dtype", &launch.dtype])
             .args(&roots)
+            .args(&launch.orchestrator_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file(launch, "split-orchestrator")?))
@@ -295,6 +301,70 @@ impl SplitProcs {
         reply.loads = Some(stats.components.iter().map(|c| c.load_count).sum());
         reply.resident_bytes = Some(stats.resident_bytes);
         Ok(reply)
+    }
+}
+
+/// What a round of concurrent clients measured.
+pub struct ConcurrentRound {
+    /// First request sent → last image back.
+    pub wall: Duration,
+    /// Each request's latency as its client saw it, in ms.
+    pub latencies_ms: Vec<f64>,
+    /// The store's (joined forwards, calls in them) after the round.
+    pub batching: (u64, u64),
+}
+
+impl SplitProcs {
+    /// `clients[c]` are the requests client `c` sends one after another; all clients at once.
+    fn concurrent(&mut self, clients: &[Vec<Spec>]) -> Result<ConcurrentRound> {
+        let requests = clients
+            .iter()
+            .map(|specs| {
+                specs
+                    .iter()
+                    .map(|s| Ok((s.to_request()?, s.out.clone())))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t0 = Instant::now();
+        let latencies = self.rt.block_on(async {
+            let tasks: Vec<_> = requests
+                .into_iter()
+                .map(|reqs| {
+                    let mut client = self.client.clone();
+                    tokio::spawn(async move {
+                        let mut out = Vec::new();
+                        for (req, path) in reqs {
+                            let t = Instant::now();
+                            let resp = client
+                                .generate(req)
+                                .await
+                                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                                .into_inner();
+                            out.push(t.elapsed().as_secs_f64() * 1e3);
+                            let png = resp.images.first().map(|i| i.png.clone());
+                            std::fs::write(&path, png.unwrap_or_default())?;
+                        }
+                        anyhow::Ok(out)
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await??);
+            }
+            anyhow::Ok(all)
+        })?;
+        let wall = t0.elapsed();
+        let stats = self
+            .rt
+            .block_on(self.store_client.stats(v1::StatsRequest {}))?
+            .into_inner();
+        Ok(ConcurrentRound {
+            wall,
+            latencies_ms: latencies,
+            batching: (stats.batched_forwards, stats.batched_calls),
+        })
     }
 }
 
@@ -374,6 +444,14 @@ impl System {
             Procs::Split(s) => s.call(spec),
         }
         .with_context(|| format!("{} {}", self.kind.name(), spec.task))
+    }
+
+    /// Split mode only: every client's requests at once (see [`ConcurrentRound`]).
+    pub fn concurrent(&mut self, clients: &[Vec<Spec>]) -> Result<ConcurrentRound> {
+        match &mut self.procs {
+            Procs::Split(s) => s.concurrent(clients),
+            Procs::Line(_) => bail!("{}: concurrent clients need split mode", self.kind.name()),
+        }
     }
 
     /// Peak RSS of each process: (role, bytes).

@@ -83,10 +83,22 @@ impl Executor {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(move || {
+            let _ = tx.send(f());
+        })?;
+        rx.recv().map_err(|_| {
+            StoreError::new(
+                Code::Internal,
+                format!("a component call panicked on the {} thread", self.name),
+            )
+        })
+    }
+
+    /// Queues `f` on the executor's thread without waiting for it: `f` answers through channels
+    /// of its own (a panic drops them, which their receivers see).
+    pub(crate) fn submit(&self, f: impl FnOnce() + Send + 'static) -> Result<(), StoreError> {
         let job: Job = Box::new(move || {
-            if let Ok(out) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-                let _ = tx.send(out);
-            }
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         });
         self.jobs
             .lock()
@@ -97,13 +109,7 @@ impl Executor {
                     Code::Internal,
                     format!("the store's {} thread has stopped", self.name),
                 )
-            })?;
-        rx.recv().map_err(|_| {
-            StoreError::new(
-                Code::Internal,
-                format!("a component call panicked on the {} thread", self.name),
-            )
-        })
+            })
     }
 }
 

@@ -7,6 +7,7 @@
 //! remote `autopipe-store`. The classes the store loads are in `components`.
 
 pub mod allocator;
+mod batch;
 mod components;
 mod digest;
 mod executor;
@@ -17,4 +18,7 @@ pub use autopipe_store_api::{
     single_threaded_kernels, AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease,
     StoreError, Tensors,
 };
-pub use store::{ComponentStats, Pinned, Store, StoreConfig, StoreObserver, StoreStats};
+pub use batch::BatchStats;
+pub use store::{
+    ComponentStats, Pinned, Store, StoreConfig, StoreObserver, StoreStats, DEFAULT_BATCH_WINDOW,
+};

@@ -4,6 +4,7 @@
 //! held entry (leased or pinned) is never evicted; unloading a leased entry marks it stale and frees it
 //! when its last lease ends.
 
+use crate::batch::{BatchStats, Batcher, Signature};
 use crate::components::{self, Component};
 use crate::digest::DigestCache;
 use crate::executor::{Executor, Kernels};
@@ -33,7 +34,16 @@ pub struct StoreConfig {
     /// Where component folders may be read from (`--model-root`, the hub cache); the store checks
     /// again what the orchestrator checked, since it is the process that opens the files.
     pub roots: autopipe_repo::ModelRoots,
+    /// Most calls joined into one forward (`--max-batch`; 1 = every call runs alone): see `batch`.
+    pub max_batch: usize,
+    /// How long a joinable call waits for partners that hold a lease on its component
+    /// (`--batch-window-ms`).
+    pub batch_window: Duration,
 }
+
+/// `--batch-window-ms` when not given: a scheduler step between two UNet calls of a request on
+/// the orchestrator's side takes well under this.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(5);
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -43,6 +53,8 @@ impl Default for StoreConfig {
             memory_budget: None,
             lease_ttl: Duration::from_secs(60),
             roots: autopipe_repo::ModelRoots::unconfined(),
+            max_batch: 1,
+            batch_window: DEFAULT_BATCH_WINDOW,
         }
     }
 }
@@ -227,6 +239,8 @@ pub struct StoreStats {
     pub loads: u64,
     /// Leases that expired unreleased since start.
     pub expired_leases: u64,
+    /// Component calls joined into one forward since start (`batch`).
+    pub batching: BatchStats,
 }
 
 /// One component an operator loaded (pinned) or unloaded.
@@ -269,12 +283,15 @@ pub struct Store {
     compute: Executor,
     /// Runs every load, so that loads never wait behind, or hold up, component calls.
     loader: Executor,
+    /// Joins calls of concurrent requests into one forward (see `batch`).
+    batcher: Arc<Batcher>,
 }
 
 impl Store {
     /// An empty store.
     pub fn new(config: StoreConfig) -> Self {
         Self {
+            batcher: Arc::new(Batcher::new(config.max_batch, config.batch_window)),
             config,
             state: Mutex::new(State::default()),
             digests: DigestCache::default(),
@@ -376,6 +393,7 @@ impl Store {
             evictions: st.evictions,
             loads: st.loads,
             expired_leases: st.expired_leases,
+            batching: self.batcher.stats(),
         }
     }
 
@@ -816,7 +834,12 @@ impl Store {
         Ok(out)
     }
 
-    fn resolve_handle(&self, lease_id: &str, handle_id: &str) -> Result<Arc<Resident>, StoreError> {
+    /// The leased component behind `handle_id`, with the number of leases holding it.
+    fn resolve_handle(
+        &self,
+        lease_id: &str,
+        handle_id: &str,
+    ) -> Result<(Arc<Resident>, u32), StoreError> {
         let mut st = self.state();
         let now = Instant::now();
         let ttl = self.config.lease_ttl;
@@ -859,10 +882,49 @@ impl Store {
             .ok_or_else(|| StoreError::new(Code::Internal, "leased component missing"))?;
         entry.tick = tick;
         entry.last_used_ms = now_ms();
-        entry
+        let resident = entry
             .slot
             .get()
-            .ok_or_else(|| StoreError::new(Code::Internal, "leased component is not loaded"))
+            .ok_or_else(|| StoreError::new(Code::Internal, "leased component is not loaded"))?;
+        Ok((resident, entry.leases))
+    }
+
+    /// Runs a call on the compute thread: joined with other requests' calls of the same signature
+    /// when the component allows it (see `batch`), alone otherwise.
+    fn run_call(
+        &self,
+        resident: &Arc<Resident>,
+        method: &str,
+        inputs: Tensors,
+        leases: u32,
+        span: tracing::Span,
+    ) -> Result<Tensors, StoreError> {
+        let component = resident.component.clone();
+        let joinable = self.batcher.enabled() && component.batched(method);
+        let signature = joinable
+            .then(|| Signature::of(Arc::as_ptr(resident) as usize, method, &inputs))
+            .flatten();
+        let method = method.to_string();
+        let Some((signature, rows)) = signature else {
+            return self
+                .compute
+                .run(move || span.in_scope(|| component.invoke(&method, &inputs)))
+                .and_then(|r| r);
+        };
+        let reply = self
+            .batcher
+            .enqueue(signature.clone(), inputs, rows, leases as usize);
+        let batcher = self.batcher.clone();
+        // The call's own job; an earlier job of the same signature may have answered it already.
+        self.compute.submit(move || {
+            span.in_scope(|| batcher.run(&signature, &|i| component.invoke(&method, i)))
+        })?;
+        reply.recv().map_err(|_| {
+            StoreError::new(
+                Code::Internal,
+                "a component call panicked on the autopipe-compute thread",
+            )
+        })?
     }
 }
 
@@ -900,14 +962,10 @@ impl ComponentStore for Store {
         inputs: Tensors,
         request_id: &str,
     ) -> Result<Tensors, StoreError> {
-        let resident = self.resolve_handle(lease_id, handle_id)?;
+        let (resident, leases) = self.resolve_handle(lease_id, handle_id)?;
         let span = tracing::debug_span!("invoke", class = %resident.class_name, method, request_id);
         let started = Instant::now();
-        let (component, name) = (resident.clone(), method.to_string());
-        let result = self
-            .compute
-            .run(move || span.in_scope(|| component.component.invoke(&name, &inputs)))
-            .and_then(|r| r);
+        let result = self.run_call(&resident, method, inputs, leases, span);
         self.observer.invoked(
             &resident.class_name,
             method,

@@ -576,3 +576,100 @@ fn component_calls_go_on_while_another_component_loads() {
         loading.join().unwrap().expect("the load after the release");
     });
 }
+
+/// Deterministic, distinct inputs without touching libtorch's global generator.
+fn pattern(shape: &[i64], seed: f64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.731 + seed * 1.37)
+        .sin()
+        .view(shape)
+}
+
+/// One request's UNet call at some step: a CFG pair (2 rows), its own latents, prompt and timestep.
+fn unet_call(i: usize, size: i64) -> Tensors {
+    vec![
+        ("sample".into(), pattern(&[2, 4, size, size], i as f64)),
+        ("timestep".into(), Tensor::from(981.0f32 - 97.0 * i as f32)),
+        (
+            "encoder_hidden_states".into(),
+            pattern(&[2, 7, 32], 10.0 + i as f64),
+        ),
+    ]
+}
+
+#[test]
+fn queued_unet_calls_run_as_one_forward_with_the_outputs_they_get_alone() {
+    const CALLS: usize = 4;
+    let s = Store::new(StoreConfig {
+        max_batch: CALLS,
+        batch_window: Duration::ZERO,
+        ..Default::default()
+    });
+    // One lease per request, as concurrent requests hold them.
+    let leases: Vec<Lease> = (0..=CALLS)
+        .map(|_| acquire(&s, &[fixture("sd1-tiny", "unet")]).unwrap())
+        .collect();
+    let invoke = |i: usize, inputs: Tensors| {
+        let lease = &leases[i];
+        let handle = &lease.handle("unet").unwrap().id;
+        s.invoke(&lease.id, handle, "forward", inputs, "r")
+            .map(|mut out| out.remove(0).1)
+    };
+    // Calls CALLS..: another latent size, so another signature: it runs in a forward of its own.
+    let size = |i: usize| if i < CALLS { 8 } else { 16 };
+    let alone: Vec<Tensor> = (0..=CALLS)
+        .map(|i| invoke(i, unet_call(i, size(i))).unwrap())
+        .collect();
+    assert_eq!(s.stats().batching, BatchStats::default(), "one at a time");
+
+    // Hold the compute thread, queue every call behind it, then let it go: the first job finds
+    // them all waiting (no timing involved).
+    let (release, held) = mpsc::channel::<()>();
+    let (busy, is_busy) = mpsc::channel::<()>();
+    let batched: Vec<Tensor> = std::thread::scope(|scope| {
+        let blocker = scope.spawn(|| {
+            s.compute.run(move || {
+                let _ = busy.send(());
+                let _ = held.recv();
+            })
+        });
+        is_busy.recv().unwrap();
+        let callers: Vec<_> = (0..=CALLS)
+            .map(|i| scope.spawn(move || invoke(i, unet_call(i, size(i)))))
+            .collect();
+        let queued = Instant::now();
+        while s.batcher.queued() < CALLS + 1 {
+            assert!(
+                queued.elapsed() < Duration::from_secs(60),
+                "calls not queued"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        release.send(()).unwrap();
+        blocker.join().unwrap().unwrap();
+        callers
+            .into_iter()
+            .map(|c| c.join().unwrap().unwrap())
+            .collect()
+    });
+    assert_eq!(
+        s.stats().batching,
+        BatchStats {
+            batched_forwards: 1,
+            batched_calls: CALLS as u64
+        }
+    );
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a.size(), b.size());
+        let diff = f64::try_from((a - b).abs().max()).unwrap();
+        let scale = f64::try_from(a.abs().max()).unwrap();
+        println!("call {i}: max |batched - alone| = {diff:.2e} (outputs up to {scale:.2})");
+        assert!(diff <= 1e-4 * scale.max(1.0), "call {i}: {diff}");
+    }
+    // The rows did not come back shuffled: different requests, different outputs.
+    assert!(f64::try_from((&batched[0] - &batched[1]).abs().max()).unwrap() > 1e-2);
+    for lease in &leases {
+        s.release(&lease.id).unwrap();
+    }
+    assert_eq!(s.stats().active_leases, 0);
+}

@@ -60,6 +60,15 @@ struct StoreArgs {
     /// libtorch intra-op threads (default: one per core).
     #[arg(long, env = "AUTOPIPE_THREADS")]
     threads: Option<i32>,
+    /// Most concurrent requests' UNet calls joined into one forward per denoising step (step-level
+    /// batching; 1 = off). Joined images match unjoined ones to float rounding (PSNR ≥ 60 dB), not
+    /// bit for bit.
+    #[arg(long, env = "AUTOPIPE_MAX_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_batch: u32,
+    /// Milliseconds a joinable call waits for partners (requests holding a lease on the same
+    /// component) before running with those already queued.
+    #[arg(long, env = "AUTOPIPE_BATCH_WINDOW_MS", default_value_t = autopipe_store::DEFAULT_BATCH_WINDOW.as_millis() as u64)]
+    batch_window_ms: u64,
 }
 
 impl StoreArgs {
@@ -81,6 +90,8 @@ impl StoreArgs {
                 .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?,
             lease_ttl: Duration::from_secs(self.lease_ttl.max(1)),
             roots: autopipe_repo::ModelRoots::unconfined(),
+            max_batch: self.max_batch as usize,
+            batch_window: Duration::from_millis(self.batch_window_ms),
         })
     }
 }
@@ -631,14 +642,22 @@ fn store_metrics(store: &Store, loads: &LoadMetrics, out: &mut String) {
          autopipe_store_expired_leases_total {}\n\
          # HELP autopipe_store_memory_budget_bytes Resident-bytes budget (0 = unlimited).\n\
          # TYPE autopipe_store_memory_budget_bytes gauge\n\
-         autopipe_store_memory_budget_bytes {}\n",
+         autopipe_store_memory_budget_bytes {}\n\
+         # HELP autopipe_store_batched_forwards_total Forwards that joined several requests' calls (--max-batch).\n\
+         # TYPE autopipe_store_batched_forwards_total counter\n\
+         autopipe_store_batched_forwards_total {}\n\
+         # HELP autopipe_store_batched_calls_total Calls run inside joined forwards.\n\
+         # TYPE autopipe_store_batched_calls_total counter\n\
+         autopipe_store_batched_calls_total {}\n",
         s.resident_bytes,
         s.active_leases,
         s.components.len(),
         s.evictions,
         s.loads,
         s.expired_leases,
-        s.memory_budget.unwrap_or(0)
+        s.memory_budget.unwrap_or(0),
+        s.batching.batched_forwards,
+        s.batching.batched_calls
     );
 }
 

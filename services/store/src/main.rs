@@ -44,6 +44,15 @@ struct Args {
     /// libtorch intra-op threads (default: libtorch's choice, one per core).
     #[arg(long, env = "AUTOPIPE_THREADS")]
     threads: Option<i32>,
+    /// Most concurrent requests' UNet calls joined into one forward per denoising step (step-level
+    /// batching; 1 = off). Joined images match unjoined ones to float rounding (PSNR ≥ 60 dB), not
+    /// bit for bit.
+    #[arg(long, env = "AUTOPIPE_MAX_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_batch: u32,
+    /// Milliseconds a joinable call waits for partners (requests holding a lease on the same
+    /// component) before running with those already queued.
+    #[arg(long, env = "AUTOPIPE_BATCH_WINDOW_MS", default_value_t = autopipe_store::DEFAULT_BATCH_WINDOW.as_millis() as u64)]
+    batch_window_ms: u64,
     /// Folders local models may be read from (repeatable; AUTOPIPE_MODEL_ROOTS: colon-separated).
     /// A model is then a name relative to one (`sd15` → DIR/sd15), a path inside one, or a hub
     /// repo id; anything else is PERMISSION_DENIED. None: hub repo ids (and the hub cache) only.
@@ -103,6 +112,8 @@ fn main() -> anyhow::Result<()> {
             lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
             roots: autopipe_repo::ModelRoots::for_server(&args.model_roots, &args.allow_hub)
                 .map_err(|e| anyhow::anyhow!(e))?,
+            max_batch: args.max_batch as usize,
+            batch_window: Duration::from_millis(args.batch_window_ms),
         })
         .with_observer(metrics.clone()),
     );

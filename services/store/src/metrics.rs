@@ -104,6 +104,18 @@ impl Metrics {
             "Leases that expired unreleased.",
             stats.expired_leases,
         );
+        counter(
+            &mut out,
+            "autopipe_store_batched_forwards_total",
+            "Forwards that joined several requests' calls (--max-batch).",
+            stats.batching.batched_forwards,
+        );
+        counter(
+            &mut out,
+            "autopipe_store_batched_calls_total",
+            "Calls run inside joined forwards.",
+            stats.batching.batched_calls,
+        );
 
         let m = self.inner();
         counter(

@@ -275,6 +275,8 @@ impl v1::store_server::Store for StoreService {
             evictions: s.evictions,
             loads: s.loads,
             expired_leases: s.expired_leases,
+            batched_forwards: s.batching.batched_forwards,
+            batched_calls: s.batching.batched_calls,
         }))
     }
 

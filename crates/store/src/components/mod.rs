@@ -56,6 +56,10 @@ pub(crate) trait ComponentClass: Sized + Send + Sync + 'static {
     const NAME: &'static str;
     /// The methods `Invoke` can call.
     const METHODS: &'static [Method<Self>];
+    /// The methods whose calls the store may join into one call along dim 0 (see `batch`): every
+    /// input is per row or one value for all rows, every output per row, and a row's output
+    /// depends on its own inputs only.
+    const BATCHED: &'static [&'static str] = &[];
     /// Loads a component folder (`config.json`, weights of `variant`) onto `device` in `kind`.
     fn load(
         dir: &Path,
@@ -154,9 +158,15 @@ pub(crate) trait Component: Send + Sync {
     /// Runs `method` on named inputs, checking the names against its declaration first and turning
     /// libtorch failures into statuses.
     fn invoke(&self, method: &str, inputs: &Tensors) -> Result<Tensors, StoreError>;
+    /// Whether calls of `method` may be joined (`ComponentClass::BATCHED`).
+    fn batched(&self, method: &str) -> bool;
 }
 
 impl<C: ComponentClass> Component for C {
+    fn batched(&self, method: &str) -> bool {
+        C::BATCHED.contains(&method)
+    }
+
     fn invoke(&self, method: &str, tensors: &Tensors) -> Result<Tensors, StoreError> {
         let mut seen = HashSet::new();
         if let Some((name, _)) = tensors.iter().find(|(n, _)| !seen.insert(n.as_str())) {

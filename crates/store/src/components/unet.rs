@@ -23,6 +23,9 @@ unsafe impl Sync for UNet2DConditionModel {}
 
 impl ComponentClass for UNet2DConditionModel {
     const NAME: &'static str = "UNet2DConditionModel";
+    // Every input is per sample (timestep and class_labels also as one value for all), and so is
+    // the predicted sample: GroupNorm, attention and the embeddings never mix samples.
+    const BATCHED: &'static [&'static str] = &["forward"];
     const METHODS: &'static [Method<Self>] = &[Method {
         name: "forward",
         required: &["sample", "timestep"],
