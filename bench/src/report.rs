@@ -244,6 +244,7 @@ const ROWS: [&str; 4] = ["cold start", "text2img", "img2img", "inpaint"];
 
 impl Report {
     /// Summarises the samples and evaluates the targets.
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         machine: serde_json::Value,
         config: serde_json::Value,
