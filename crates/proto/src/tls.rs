@@ -106,23 +106,14 @@ impl ServerTls {
         self.verifies_clients
     }
 
-    /// The handshake for one accepted connection, with the files as they are now; `alpn`
-    /// replaces the gRPC listener's `h2` (the metrics listener speaks HTTP/1.1).
-    pub async fn accept<IO>(
-        &self,
-        io: IO,
-        alpn: Option<&[u8]>,
-    ) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
+    /// The handshake for one accepted connection, with the files as they are now.
+    pub async fn accept<IO>(&self, io: IO) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let mut config = self.config.get();
-        if let Some(alpn) = alpn {
-            let mut c = (*config).clone();
-            c.alpn_protocols = vec![alpn.to_vec()];
-            config = Arc::new(c);
-        }
-        tokio_rustls::TlsAcceptor::from(config).accept(io).await
+        tokio_rustls::TlsAcceptor::from(self.config.get())
+            .accept(io)
+            .await
     }
 }
 

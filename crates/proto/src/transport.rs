@@ -158,7 +158,7 @@ fn accept_tls(listener: tokio::net::TcpListener, tls: ServerTls) -> TlsConnectio
             let _ = tcp.set_nodelay(true);
             let (tls, tx) = (tls.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp, None)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
