@@ -1,5 +1,5 @@
-//! `bench`: autopipe (embedded and split) against diffusers' AutoPipelines, side by side in one run
-//! on one machine: same checkpoint, seed, parameters, dtype and intra-op thread count. Prints a
+//! `bench`: autopipe (embedded and split) against diffusers' AutoPipelines and OpenVINO
+//! (optimum-intel), side by side in one run on one machine: same checkpoint, seed, parameters, dtype and intra-op thread count. Prints a
 //! table and writes the samples, summary and targets as JSON (see bench/README.md).
 
 mod embedded;
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use systems::{Launch, System, SystemKind};
 
 #[derive(Debug, Parser)]
-#[command(about = "autopipe vs diffusers, side by side")]
+#[command(about = "autopipe vs diffusers and OpenVINO, side by side")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -50,8 +50,9 @@ struct RunArgs {
     /// Weight dtypes: float32, bfloat16.
     #[arg(long, value_delimiter = ',', default_values_t = ["float32".to_string(), "bfloat16".to_string()])]
     dtypes: Vec<String>,
-    /// Systems: embedded, split, diffusers (and embedded-nchw: embedded without channels-last).
-    #[arg(long, value_delimiter = ',', default_values_t = ["embedded".to_string(), "split".to_string(), "diffusers".to_string()])]
+    /// Systems: embedded, split, diffusers, openvino (and embedded-nchw: embedded without
+    /// channels-last).
+    #[arg(long, value_delimiter = ',', default_values_t = ["embedded".to_string(), "split".to_string(), "diffusers".to_string(), "openvino".to_string()])]
     systems: Vec<String>,
     /// Timed runs per task on sd15 (after the cold start and the task switches).
     #[arg(long, default_value_t = 3)]
@@ -83,6 +84,9 @@ struct RunArgs {
     /// Python with torch + diffusers.
     #[arg(long, env = "AUTOPIPE_BENCH_PYTHON", default_value = "python")]
     python: String,
+    /// Python of the OpenVINO venv (optimum-intel; scripts/setup-openvino installs it).
+    #[arg(long, env = "AUTOPIPE_BENCH_OPENVINO_PYTHON", default_value_t = cache_path("openvino-venv/bin/python"))]
+    openvino_python: String,
     /// Weight-file variant for both sides (e.g. fp16); default: the plain files.
     #[arg(long)]
     variant: Option<String>,
@@ -115,14 +119,19 @@ fn repo_path(p: &str) -> String {
     systems::repo_root().join(p).display().to_string()
 }
 
-fn default_sd15() -> String {
+/// `p` under the machine's autopipe cache (`$AUTOPIPE_CACHE`, default `~/.cache/autopipe`).
+fn cache_path(p: &str) -> String {
     let cache = std::env::var("AUTOPIPE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
                 .join(".cache/autopipe")
         });
-    cache.join("sd15-arch").display().to_string()
+    cache.join(p).display().to_string()
+}
+
+fn default_sd15() -> String {
+    cache_path("sd15-arch")
 }
 
 const TASKS: [&str; 3] = ["text2img", "img2img", "inpaint"];
@@ -178,6 +187,7 @@ struct Driver<'a> {
     cat: Vec<report::Cat>,
     throughput: Vec<report::Throughput>,
     versions: serde_json::Value,
+    openvino_versions: serde_json::Value,
 }
 
 impl Driver<'_> {
@@ -264,6 +274,9 @@ impl Driver<'_> {
                 .to_path_buf(),
             python: self.args.python.clone(),
             script: systems::repo_root().join("bench/diffusers_bench.py"),
+            openvino_python: self.args.openvino_python.clone(),
+            openvino_script: systems::repo_root().join("bench/openvino_bench.py"),
+            openvino_model: None,
             threads: self.threads,
             dtype: cfg.dtype.clone(),
             model: cfg.model.clone(),
@@ -370,7 +383,13 @@ impl Driver<'_> {
             "== {} {} {}x{} {} steps, {} threads",
             cfg.name, cfg.dtype, cfg.side, cfg.side, cfg.steps, self.threads
         );
-        let launch = self.launch(cfg)?;
+        let mut launch = self.launch(cfg)?;
+        if kinds.contains(&SystemKind::OpenVino) {
+            // Once per machine and checkpoint, before anything is timed.
+            let export = PathBuf::from(cache_path(&format!("openvino/{}-fp32", cfg.name)));
+            systems::openvino_export(&launch, &export)?;
+            launch.openvino_model = Some(export);
+        }
         let inputs = make_inputs(&self.work, cfg.side)?;
         let mut running: Vec<Option<System>> = kinds.iter().map(|_| None).collect();
         // What reading the weight files costs, right before the loads it is compared with.
@@ -402,6 +421,9 @@ impl Driver<'_> {
                 reply.wall_ms = sys.started.elapsed().as_secs_f64() * 1e3;
                 if kinds[i] == SystemKind::Diffusers && self.versions.is_null() {
                     self.versions = sys.ready_info();
+                }
+                if kinds[i] == SystemKind::OpenVino && self.openvino_versions.is_null() {
+                    self.openvino_versions = sys.ready_info();
                 }
                 self.record(cfg, kinds[i], "cold", "text2img", &reply, Some(0));
                 running[i] = Some(sys);
@@ -471,7 +493,7 @@ impl Driver<'_> {
                     peak_rss_bytes,
                 });
             }
-            if *kind == SystemKind::Diffusers {
+            if kind.is_python() {
                 continue;
             }
             let resident = self
@@ -504,13 +526,7 @@ fn run(args: &RunArgs) -> Result<()> {
     let kinds = args
         .systems
         .iter()
-        .map(|s| match s.as_str() {
-            "embedded" => Ok(SystemKind::Embedded),
-            "embedded-nchw" => Ok(SystemKind::EmbeddedNchw),
-            "split" => Ok(SystemKind::Split),
-            "diffusers" => Ok(SystemKind::Diffusers),
-            other => anyhow::bail!("--systems: unknown system {other:?}"),
-        })
+        .map(|s| SystemKind::parse(s))
         .collect::<Result<Vec<_>>>()?;
     let work = std::env::temp_dir().join(format!("autopipe-bench-{}", std::process::id()));
     let mut driver = Driver {
@@ -524,6 +540,7 @@ fn run(args: &RunArgs) -> Result<()> {
         cat: Vec::new(),
         throughput: Vec::new(),
         versions: serde_json::Value::Null,
+        openvino_versions: serde_json::Value::Null,
     };
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -591,13 +608,15 @@ impl Driver<'_> {
     /// so an interrupted run keeps what it measured).
     fn report(&self, out: &Path) -> Result<report::Report> {
         let args = self.args;
+        let mut machine = report::machine(self.threads, self.versions.clone());
+        machine["openvino_side"] = self.openvino_versions.clone();
         let result = report::Report::build(
-            report::machine(self.threads, self.versions.clone()),
+            machine,
             serde_json::json!({
                 "prompt": PROMPT, "seed": SEED, "guidance_scale": GUIDANCE, "threads": self.threads,
                 "sd15": {"path": args.sd15, "side": args.size, "steps": args.steps, "runs": args.runs, "cold_runs": args.cold_runs},
                 "tiny": {"path": args.tiny, "side": args.tiny_size, "steps": args.tiny_steps, "runs": args.tiny_runs, "cold_runs": args.tiny_cold_runs},
-                "variant": args.variant, "systems": args.systems, "split_transport": args.split_transport,
+                "variant": args.variant, "systems": args.systems, "openvino_python": args.openvino_python, "split_transport": args.split_transport,
                 "clients": args.clients, "max_batch": args.max_batch, "batch_window_ms": args.batch_window_ms,
                 "client_requests": {"tiny": args.tiny_client_requests, "sd15": args.client_requests},
             }),

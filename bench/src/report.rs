@@ -239,7 +239,13 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-const SYSTEMS: [&str; 4] = ["embedded", "embedded-nchw", "split", "diffusers"];
+const SYSTEMS: [&str; 5] = [
+    "embedded",
+    "embedded-nchw",
+    "split",
+    "diffusers",
+    "openvino",
+];
 const ROWS: [&str; 4] = ["cold start", "text2img", "img2img", "inpaint"];
 
 impl Report {
@@ -477,6 +483,28 @@ impl Report {
                     );
                 }
             }
+            // What a CPU user would pick instead of diffusers: autopipe's warm request ≤ OpenVINO's
+            // on the SD 1.5 architecture (the small checkpoint's rows are printed without it).
+            for task in ROWS[1..].iter().filter(|_| !tiny) {
+                let Some(o) = self.row(ckpt, dtype, task, "openvino") else {
+                    continue;
+                };
+                for system in ["embedded", "split"] {
+                    if let Some(a) = self.row(ckpt, dtype, task, system) {
+                        let x = a.median_ms / o.median_ms;
+                        push(
+                            format!("{task}: {system} warm latency ≤ OpenVINO"),
+                            ckpt,
+                            dtype,
+                            format!(
+                                "{:.0} vs {:.0} ms ({x:.3}); s/step {:.3} vs {:.3}",
+                                a.median_ms, o.median_ms, a.step_s_median, o.step_s_median
+                            ),
+                            x <= 1.0,
+                        );
+                    }
+                }
+            }
             for system in ["embedded", "split"] {
                 if let (Some(a), Some(d)) = (
                     self.row(ckpt, dtype, "cold start", system),
@@ -520,7 +548,10 @@ impl Report {
             // The load targets are the issue's, for the SD 1.5 architecture: on the small
             // checkpoint the process's start-up dwarfs its 14 MB of weights (rows printed only).
             for l in self.loads.iter().filter(|l| {
-                !tiny && &l.checkpoint == ckpt && &l.dtype == dtype && l.system != "diffusers"
+                !tiny
+                    && &l.checkpoint == ckpt
+                    && &l.dtype == dtype
+                    && !matches!(l.system, "diffusers" | "openvino")
             }) {
                 push(
                     format!("load: {} ≤ 1.5 × cat of the weight files", l.system),
@@ -649,18 +680,22 @@ impl Report {
                 .map(|r| r.n)
                 .unwrap_or(0);
             let _ = writeln!(t, "\n### {ckpt} · {dtype} — median / min ms over {n} runs (cold start: per cold run), s/step = median denoise time per UNet step");
-            let nchw = self
-                .rows
-                .iter()
-                .any(|r| &r.checkpoint == ckpt && &r.dtype == dtype && r.system == "embedded-nchw");
+            let has = |system: &str| {
+                self.rows
+                    .iter()
+                    .any(|r| &r.checkpoint == ckpt && &r.dtype == dtype && r.system == system)
+            };
+            let (nchw, openvino) = (has("embedded-nchw"), has("openvino"));
             let _ = writeln!(
                 t,
-                "| row | embedded | split | diffusers | embedded/diffusers | split/diffusers | split/embedded |{}",
+                "| row | embedded | split | diffusers | embedded/diffusers | split/diffusers | split/embedded |{}{}",
+                if openvino { " openvino | embedded/openvino | split/openvino |" } else { "" },
                 if nchw { " embedded-nchw | embedded/embedded-nchw |" } else { "" }
             );
             let _ = writeln!(
                 t,
-                "|---|---|---|---|---|---|---|{}",
+                "|---|---|---|---|---|---|---|{}{}",
+                if openvino { "---|---|---|" } else { "" },
                 if nchw { "---|---|" } else { "" }
             );
             for row in ROWS {
@@ -685,15 +720,22 @@ impl Report {
                     (Some(a), Some(b)) => format!("{:.3}", a.median_ms / b.median_ms),
                     _ => "–".into(),
                 };
-                let extra = if nchw {
-                    format!(
+                let mut extra = String::new();
+                if openvino {
+                    extra += &format!(
+                        " {} | {} | {} |",
+                        cell("openvino"),
+                        ratio("embedded", "openvino"),
+                        ratio("split", "openvino")
+                    );
+                }
+                if nchw {
+                    extra += &format!(
                         " {} | {} |",
                         cell("embedded-nchw"),
                         ratio("embedded", "embedded-nchw")
-                    )
-                } else {
-                    String::new()
-                };
+                    );
+                }
                 let _ = writeln!(
                     t,
                     "| {row} | {} | {} | {} | {} | {} | {} |{extra}",
@@ -731,10 +773,15 @@ impl Report {
                 };
                 let _ = writeln!(
                     t,
-                    "| task switch → {task} (first − median) | {} | {} | {} | | | |",
+                    "| task switch → {task} (first − median) | {} | {} | {} | | | |{}",
                     cell("embedded"),
                     cell("split"),
-                    cell("diffusers")
+                    cell("diffusers"),
+                    if openvino {
+                        format!(" {} | | |", cell("openvino"))
+                    } else {
+                        String::new()
+                    }
                 );
             }
             let load_cell = |system: &str| {
@@ -1009,4 +1056,116 @@ pub fn machine(threads: i32, versions: serde_json::Value) -> serde_json::Value {
         "threads": threads,
         "diffusers_side": versions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(
+        ckpt: &str,
+        system: &'static str,
+        phase: &'static str,
+        task: &str,
+        ms: f64,
+    ) -> Sample {
+        let python = matches!(system, "diffusers" | "openvino");
+        Sample {
+            checkpoint: ckpt.to_string(),
+            dtype: "float32".to_string(),
+            system,
+            phase,
+            task: task.to_string(),
+            wall_ms: ms,
+            denoise_ms: ms / 2.0,
+            steps: 4,
+            acquire_ms: (!python).then_some(1.0),
+            load_ms: Some(ms / 4.0),
+            load_peak_rss_bytes: None,
+            rss_before_bytes: None,
+            loads_before: None,
+            loads_after: None,
+            resident_bytes: None,
+        }
+    }
+
+    /// embedded 1000 ms, split 1100 ms, diffusers 1500 ms, openvino 1050 ms per warm request.
+    fn report(ckpt: &str) -> Report {
+        let mut samples = Vec::new();
+        for (system, ms) in [
+            ("embedded", 1000.0),
+            ("split", 1100.0),
+            ("diffusers", 1500.0),
+            ("openvino", 1050.0),
+        ] {
+            samples.push(sample(ckpt, system, "cold", "text2img", 10.0 * ms));
+            for task in ["text2img", "img2img", "inpaint"] {
+                samples.push(sample(ckpt, system, "steady", task, ms));
+            }
+        }
+        let cat = vec![Cat {
+            checkpoint: ckpt.to_string(),
+            dtype: "float32".to_string(),
+            file_bytes: 1 << 30,
+            cat_ms: 100.0,
+        }];
+        Report::build(
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            samples,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            cat,
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn openvino_target_compares_warm_requests_on_sd15() {
+        let r = report("sd15-arch");
+        let of = |target: &str| {
+            r.targets
+                .iter()
+                .find(|t| t.target == target)
+                .unwrap_or_else(|| panic!("no target {target:?} in {:#?}", r.targets))
+        };
+        for task in ["text2img", "img2img", "inpaint"] {
+            let e = of(&format!("{task}: embedded warm latency ≤ OpenVINO"));
+            assert!(e.met, "{e:?}");
+            assert!(e.measured.starts_with("1000 vs 1050 ms (0.952)"), "{e:?}");
+            let s = of(&format!("{task}: split warm latency ≤ OpenVINO"));
+            assert!(!s.met, "{s:?}");
+            assert!(s.measured.starts_with("1100 vs 1050 ms (1.048)"), "{s:?}");
+        }
+        // OpenVINO is a reference like diffusers: none of autopipe's load targets apply to it.
+        assert!(r.loads.iter().any(|l| l.system == "openvino"));
+        assert!(!r
+            .targets
+            .iter()
+            .any(|t| t.target.contains("load: openvino")));
+        let table = r.table();
+        assert!(
+            table.contains("| openvino | embedded/openvino | split/openvino |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 1050 / 1050 (0.131 s/step) | 0.952 | 1.048 |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn openvino_target_is_not_set_on_the_small_checkpoint() {
+        let r = report("sd1-tiny");
+        assert!(!r.targets.iter().any(|t| t.target.contains("OpenVINO")));
+        assert!(r.table().contains("embedded/openvino"));
+    }
+
+    #[test]
+    fn table_has_no_openvino_columns_without_it() {
+        let mut r = report("sd15-arch");
+        r.rows.retain(|row| row.system != "openvino");
+        assert!(!r.table().contains("openvino"));
+    }
 }

@@ -1,8 +1,10 @@
-//! The three systems under test, each a set of child processes the driver starts, sends requests
+//! The systems under test, each a set of child processes the driver starts, sends requests
 //! to, measures (peak RSS from `/proc/<pid>/status`) and stops:
 //! - `embedded`: `bench embedded-worker` (orchestrator + in-process store);
 //! - `split`: `autopipe-store` + `autopipe-orchestrator`, talking gRPC over loopback TCP;
-//! - `diffusers`: `bench/diffusers_bench.py` (AutoPipeline `from_pretrained` / `from_pipe`).
+//! - `diffusers`: `bench/diffusers_bench.py` (AutoPipeline `from_pretrained` / `from_pipe`);
+//! - `openvino`: `bench/openvino_bench.py` (optimum-intel's OV pipelines on the checkpoint's
+//!   OpenVINO export, in their own venv).
 
 use crate::spec::{reply_from_response, Reply, Spec};
 use anyhow::{bail, Context, Result};
@@ -25,6 +27,8 @@ pub enum SystemKind {
     EmbeddedNchw,
     Split,
     Diffusers,
+    /// optimum-intel on the fp32 OpenVINO export (bf16: `INFERENCE_PRECISION_HINT`).
+    OpenVino,
 }
 
 impl SystemKind {
@@ -35,7 +39,29 @@ impl SystemKind {
             Self::EmbeddedNchw => "embedded-nchw",
             Self::Split => "split",
             Self::Diffusers => "diffusers",
+            Self::OpenVino => "openvino",
         }
+    }
+
+    /// The system `--systems` names `name`.
+    pub fn parse(name: &str) -> Result<Self> {
+        [
+            Self::Embedded,
+            Self::EmbeddedNchw,
+            Self::Split,
+            Self::Diffusers,
+            Self::OpenVino,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+        .with_context(|| {
+            format!("--systems: unknown system {name:?} (embedded, split, diffusers, openvino, embedded-nchw)")
+        })
+    }
+
+    /// The Python workers, whose replies carry their own pipeline load time and no store stats.
+    pub fn is_python(self) -> bool {
+        matches!(self, Self::Diffusers | Self::OpenVino)
     }
 }
 
@@ -45,6 +71,11 @@ pub struct Launch {
     pub bin_dir: PathBuf,
     pub python: String,
     pub script: PathBuf,
+    /// The OpenVINO venv's Python (optimum-intel) and its worker script.
+    pub openvino_python: String,
+    pub openvino_script: PathBuf,
+    /// The checkpoint's OpenVINO export ([`openvino_export`]), once made.
+    pub openvino_model: Option<PathBuf>,
     pub threads: i32,
     pub dtype: String,
     pub model: String,
@@ -120,7 +151,7 @@ impl LineWorker {
             let status = self.child.wait()?;
             bail!("worker exited ({status}) without answering; see its log");
         }
-        Ok(serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))?)
+        serde_json::from_str(&line).with_context(|| format!("worker said {line:?}"))
     }
 
     fn call(&mut self, spec: &Spec) -> Result<Reply> {
@@ -420,6 +451,21 @@ impl System {
                     .env("HF_HUB_OFFLINE", "1");
                 Procs::Line(LineWorker::spawn(cmd, log_file(launch, "diffusers")?)?)
             }
+            SystemKind::OpenVino => {
+                let model = launch
+                    .openvino_model
+                    .as_ref()
+                    .context("openvino: the checkpoint has no OpenVINO export yet")?;
+                let mut cmd = Command::new(&launch.openvino_python);
+                cmd.arg(&launch.openvino_script)
+                    .arg("--model")
+                    .arg(model)
+                    .args(["--dtype", &launch.dtype, "--threads", &threads])
+                    .env("OMP_NUM_THREADS", &threads)
+                    .env("TQDM_DISABLE", "1")
+                    .env("HF_HUB_OFFLINE", "1");
+                Procs::Line(LineWorker::spawn(cmd, log_file(launch, "openvino")?)?)
+            }
             SystemKind::Split => Procs::Split(Box::new(SplitProcs::start(launch)?)),
         };
         Ok(Self {
@@ -429,7 +475,7 @@ impl System {
         })
     }
 
-    /// The worker's start-up line (diffusers: library versions).
+    /// The worker's start-up line (diffusers, openvino: library versions).
     pub fn ready_info(&self) -> Value {
         match &self.procs {
             Procs::Line(w) => w.ready.clone(),
@@ -475,4 +521,65 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Exports `launch.model` for OpenVINO into `out` unless a current export is there
+/// (`bench/openvino_bench.py --export`: `optimum-cli export openvino --weight-format fp32` of the
+/// checkpoint, text encoder re-saved first); its log goes to the run's `openvino-export.log`.
+pub fn openvino_export(launch: &Launch, out: &Path) -> Result<()> {
+    anyhow::ensure!(
+        Path::new(&launch.openvino_python).exists() || !launch.openvino_python.contains('/'),
+        "openvino: no Python at {} (scripts/bench installs the OpenVINO venv; or leave openvino out of --systems)",
+        launch.openvino_python
+    );
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let t0 = Instant::now();
+    let status = Command::new(&launch.openvino_python)
+        .arg(&launch.openvino_script)
+        .args(["--export", "--model", &launch.model, "--out"])
+        .arg(out)
+        .env("TQDM_DISABLE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file(launch, "openvino-export")?))
+        .status()
+        .context("starting the OpenVINO export")?;
+    anyhow::ensure!(
+        status.success(),
+        "openvino export of {} failed ({status}); see {}",
+        launch.model,
+        launch.log_dir.join("openvino-export.log").display()
+    );
+    eprintln!(
+        "  openvino export {} ({:.1} s; cached for the next runs)",
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SystemKind;
+
+    #[test]
+    fn systems_parse_by_their_table_name() {
+        for kind in [
+            SystemKind::Embedded,
+            SystemKind::EmbeddedNchw,
+            SystemKind::Split,
+            SystemKind::Diffusers,
+            SystemKind::OpenVino,
+        ] {
+            assert_eq!(SystemKind::parse(kind.name()).unwrap(), kind);
+        }
+        let err = SystemKind::parse("onnx").unwrap_err().to_string();
+        assert!(
+            err.contains("\"onnx\"") && err.contains("openvino"),
+            "{err}"
+        );
+        assert!(SystemKind::OpenVino.is_python() && !SystemKind::Split.is_python());
+    }
 }
