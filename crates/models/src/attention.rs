@@ -4,6 +4,7 @@
 //! `models/transformers/transformer_2d.py` (`Transformer2DModel`, continuous input); the added-KV
 //! attention of the `SimpleCrossAttn` blocks follows `AttnAddedKVProcessor2_0`.
 
+use crate::layers::{Conv2d, Linear};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -13,10 +14,10 @@ use crate::weights::{conv2d, group_norm, layer_norm, linear};
 /// `[batch, tokens, dim]` through `scaled_dot_product_attention`.
 #[derive(Debug)]
 pub struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: i64,
     upcast_attention: bool,
 }
@@ -103,12 +104,12 @@ impl Attention {
 pub struct AddedKvAttention {
     group_norm: nn::GroupNorm,
     norm_cross: Option<nn::GroupNorm>,
-    to_q: nn::Linear,
+    to_q: Linear,
     /// `to_k`, `to_v`: absent with `only_cross_attention`.
-    self_kv: Option<(nn::Linear, nn::Linear)>,
-    add_k_proj: nn::Linear,
-    add_v_proj: nn::Linear,
-    to_out: nn::Linear,
+    self_kv: Option<(Linear, Linear)>,
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    to_out: Linear,
     heads: i64,
 }
 
@@ -206,7 +207,7 @@ impl AddedKvAttention {
 /// diffusers' `GEGLU`: `proj` to twice the width, then `hidden * gelu(gate)`.
 #[derive(Debug)]
 pub struct GeGlu {
-    proj: nn::Linear,
+    proj: Linear,
 }
 
 impl GeGlu {
@@ -229,7 +230,7 @@ impl GeGlu {
 #[derive(Debug)]
 pub struct FeedForward {
     geglu: GeGlu,
-    out: nn::Linear,
+    out: Linear,
 }
 
 impl FeedForward {
@@ -326,8 +327,8 @@ impl BasicTransformerBlock {
 /// the feature map, depending on `use_linear_projection`.
 #[derive(Debug)]
 enum Projection {
-    Linear(nn::Linear),
-    Conv(nn::Conv2D),
+    Linear(Linear),
+    Conv(Conv2d),
 }
 
 impl Projection {

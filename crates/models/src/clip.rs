@@ -7,6 +7,7 @@
 //! running them under `tch::no_grad` is the caller's job (loaded weights are frozen, so no graph
 //! is recorded either way).
 
+use crate::layers::Linear;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -215,10 +216,10 @@ impl CLIPTextEmbeddings {
 
 #[derive(Debug)]
 struct CLIPAttention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
     num_heads: i64,
     head_dim: i64,
     causal: bool,
@@ -265,7 +266,7 @@ impl CLIPAttention {
 
     fn forward(&self, xs: &Tensor) -> Tensor {
         let (b, t, c) = xs.size3().unwrap_or((0, 0, 0));
-        let heads = |p: &nn::Linear| {
+        let heads = |p: &Linear| {
             p.forward(xs)
                 .view([b, t, self.num_heads, self.head_dim])
                 .transpose(1, 2)
@@ -295,8 +296,8 @@ impl CLIPAttention {
 struct CLIPEncoderLayer {
     self_attn: CLIPAttention,
     layer_norm1: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    fc1: Linear,
+    fc2: Linear,
     layer_norm2: nn::LayerNorm,
     act: Activation,
 }
@@ -490,7 +491,7 @@ fn check_input_ids(input_ids: &Tensor, cfg: &CLIPTextConfig, device: Device) -> 
 #[derive(Debug)]
 pub struct CLIPTextModelWithProjection {
     text_model: CLIPTextModel,
-    text_projection: nn::Linear,
+    text_projection: Linear,
     _vs: Option<VarStore>,
 }
 
@@ -751,7 +752,7 @@ impl CLIPVisionTransformer {
 #[derive(Debug)]
 pub struct CLIPVisionModelWithProjection {
     vision_model: CLIPVisionTransformer,
-    visual_projection: nn::Linear,
+    visual_projection: Linear,
     _vs: Option<VarStore>,
 }
 

@@ -8,6 +8,7 @@
 //! convolution" per skip connection and for the mid block. Its outputs are what the UNet adds to
 //! its skip connections (`down_block_additional_residuals`) and mid block output.
 
+use crate::layers::Conv2d;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
@@ -114,9 +115,9 @@ impl ControlNetConfig {
 /// (conv, then per level a conv and a stride-2 conv, SiLU after each, then a zero conv).
 #[derive(Debug)]
 struct ConditioningEmbedding {
-    conv_in: nn::Conv2D,
-    blocks: Vec<nn::Conv2D>,
-    conv_out: nn::Conv2D,
+    conv_in: Conv2d,
+    blocks: Vec<Conv2d>,
+    conv_out: Conv2d,
 }
 
 impl ConditioningEmbedding {
@@ -184,8 +185,8 @@ pub struct ControlNetModel {
     config: ControlNetConfig,
     down: DownPath,
     cond_embedding: ConditioningEmbedding,
-    controlnet_down_blocks: Vec<nn::Conv2D>,
-    controlnet_mid_block: nn::Conv2D,
+    controlnet_down_blocks: Vec<Conv2d>,
+    controlnet_mid_block: Conv2d,
     var_store: Option<nn::VarStore>,
 }
 

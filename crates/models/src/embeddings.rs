@@ -2,6 +2,7 @@
 //! `Timesteps`, `TimestepEmbedding`, `TextTimeEmbedding`, `AttentionPooling`) and the activations of
 //! `models/activations.py`.
 
+use crate::layers::Linear;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -114,10 +115,10 @@ impl Timesteps {
 /// diffusers' `TimestepEmbedding`: `linear_2(act(linear_1(sample [+ cond_proj(condition)])))`.
 #[derive(Debug)]
 pub struct TimestepEmbedding {
-    linear_1: nn::Linear,
+    linear_1: Linear,
     act: Activation,
-    linear_2: nn::Linear,
-    cond_proj: Option<nn::Linear>,
+    linear_2: Linear,
+    cond_proj: Option<Linear>,
     post_act: Option<Activation>,
 }
 
@@ -169,9 +170,9 @@ impl TimestepEmbedding {
 #[derive(Debug)]
 struct AttentionPooling {
     positional_embedding: Tensor,
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
     num_heads: i64,
 }
 
@@ -220,7 +221,7 @@ impl AttentionPooling {
 pub struct TextTimeEmbedding {
     norm1: nn::LayerNorm,
     pool: AttentionPooling,
-    proj: nn::Linear,
+    proj: Linear,
     norm2: nn::LayerNorm,
 }
 

@@ -3,6 +3,7 @@
 //! feed two one-logit heads (NSFW `p_head`, watermark `w_head`), each thresholded at 0.5; and
 //! `IFWatermarker`, which only holds the 62x62 RGBA `watermark_image` the pipelines paste.
 
+use crate::layers::Linear;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -58,8 +59,8 @@ impl IFSafetyScores {
 #[derive(Debug)]
 pub struct IFSafetyChecker {
     vision_model: CLIPVisionModelWithProjection,
-    p_head: nn::Linear,
-    w_head: nn::Linear,
+    p_head: Linear,
+    w_head: Linear,
     _vs: Option<VarStore>,
 }
 

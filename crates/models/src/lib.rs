@@ -7,6 +7,7 @@ pub mod controlnet;
 pub mod embeddings;
 pub mod error;
 pub mod if_safety;
+pub mod layers;
 pub mod prior_transformer;
 pub mod resnet;
 pub mod safety_checker;

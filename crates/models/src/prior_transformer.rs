@@ -2,6 +2,7 @@
 //! `models/transformers/prior_transformer.py` (`PriorTransformer`, 0.42.1) and its
 //! `BasicTransformerBlock` (self-attention only, `attention_bias=True`, GELU feed-forward).
 
+use crate::layers::Linear;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -88,8 +89,8 @@ struct PriorBlock {
     norm1: nn::LayerNorm,
     attn1: Attention,
     norm3: nn::LayerNorm,
-    ff_proj: nn::Linear,
-    ff_out: nn::Linear,
+    ff_proj: Linear,
+    ff_out: Linear,
 }
 
 impl PriorBlock {
@@ -121,16 +122,16 @@ pub struct PriorTransformer {
     config: PriorTransformerConfig,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
-    proj_in: nn::Linear,
+    proj_in: Linear,
     embedding_proj_norm: Option<nn::LayerNorm>,
-    embedding_proj: nn::Linear,
-    encoder_hidden_states_proj: Option<nn::Linear>,
+    embedding_proj: Linear,
+    encoder_hidden_states_proj: Option<Linear>,
     positional_embedding: Tensor,
     prd_embedding: Option<Tensor>,
     blocks: Vec<PriorBlock>,
     norm_in: Option<nn::LayerNorm>,
     norm_out: nn::LayerNorm,
-    proj_to_clip_embeddings: nn::Linear,
+    proj_to_clip_embeddings: Linear,
     clip_mean: Tensor,
     clip_std: Tensor,
     kind: Kind,

@@ -2,6 +2,7 @@
 //! `models/resnet.py` (`ResnetBlock2D`), `models/downsampling.py` (`Downsample2D`) and
 //! `models/upsampling.py` (`Upsample2D`).
 
+use crate::layers::{Conv2d, Linear};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -80,11 +81,11 @@ impl ResnetBlock2DConfig {
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
-    time_emb_proj: Option<nn::Linear>,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
     norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
-    conv_shortcut: Option<nn::Conv2D>,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
     act: Activation,
     time_embedding_norm: TimeEmbeddingNorm,
@@ -198,7 +199,7 @@ fn avg_pool_2x(xs: &Tensor) -> Tensor {
 /// diffusers' `Downsample2D`: a stride-2 3x3 conv named `conv` (or 2x2 average pooling without conv).
 #[derive(Debug)]
 pub struct Downsample2D {
-    conv: Option<nn::Conv2D>,
+    conv: Option<Conv2d>,
     padding: i64,
 }
 
@@ -229,7 +230,7 @@ impl Downsample2D {
 /// diffusers' `Upsample2D` with `use_conv=True`: nearest-neighbour 2x (or to a given size), then a 3x3 conv named `conv`.
 #[derive(Debug)]
 pub struct Upsample2D {
-    conv: nn::Conv2D,
+    conv: Conv2d,
 }
 
 impl Upsample2D {

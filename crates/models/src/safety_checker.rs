@@ -3,6 +3,7 @@
 //! `visual_projection`, cosine similarities to 17 concept and 3 special-care embeddings, each
 //! compared with its threshold from the checkpoint (`*_embeds_weights`) as diffusers scores them.
 
+use crate::layers::Linear;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -37,7 +38,7 @@ pub struct SafetyCheckerConfig {
 #[derive(Debug)]
 pub struct StableDiffusionSafetyChecker {
     vision_model: CLIPVisionTransformer,
-    visual_projection: nn::Linear,
+    visual_projection: Linear,
     concept_embeds: Tensor,
     special_care_embeds: Tensor,
     concept_embeds_weights: Tensor,

@@ -4,6 +4,7 @@
 //!
 //! Forward passes take `&self` and never mutate weights, so one loaded model serves many threads.
 
+use crate::layers::Linear;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -216,10 +217,10 @@ fn relative_position_buckets(
 /// `T5Attention` of the encoder: no biases and no `1/sqrt(d)` scaling (folded into the weights).
 #[derive(Debug)]
 struct T5Attention {
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    o: nn::Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     relative_attention_bias: Option<nn::Embedding>,
     num_heads: i64,
     d_kv: i64,
@@ -290,10 +291,10 @@ impl T5Attention {
 /// `T5DenseActDense` / `T5DenseGatedActDense`.
 #[derive(Debug)]
 struct T5Dense {
-    wi: nn::Linear,
+    wi: Linear,
     /// `wi_1`, the linear half of the gated variant (`wi` is then `wi_0`).
-    wi_1: Option<nn::Linear>,
-    wo: nn::Linear,
+    wi_1: Option<Linear>,
+    wo: Linear,
     act: DenseAct,
 }
 

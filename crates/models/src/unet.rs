@@ -6,6 +6,7 @@
 //! Parameters live at the checkpoint's own key paths (`down_blocks.0.attentions.0...`), so
 //! loading `diffusion_pytorch_model.safetensors` is a lookup by name.
 
+use crate::layers::{Conv2d, Linear};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -315,7 +316,7 @@ pub struct SdxlConditioning {
 /// `TextImageProjection` (`text_image_proj`) or `ImageProjection` (`image_proj`).
 #[derive(Debug)]
 enum EncoderHidProj {
-    Text(nn::Linear),
+    Text(Linear),
     TextImage(TextImageProjection),
     Image(ImageProjection),
 }
@@ -332,8 +333,8 @@ enum HidProjType {
 /// projected from the image embeddings, then the projected text states.
 #[derive(Debug)]
 struct TextImageProjection {
-    image_embeds: nn::Linear,
-    text_proj: nn::Linear,
+    image_embeds: Linear,
+    text_proj: Linear,
     tokens: i64,
 }
 
@@ -369,7 +370,7 @@ impl TextImageProjection {
 /// `num_image_text_embeds` (32) layer-normed cross-attention tokens.
 #[derive(Debug)]
 struct ImageProjection {
-    image_embeds: nn::Linear,
+    image_embeds: Linear,
     norm: nn::LayerNorm,
     tokens: i64,
 }
@@ -404,16 +405,16 @@ impl ImageProjection {
 /// diffusers' `ImageTimeEmbedding`: `image_norm(image_proj(x))`.
 #[derive(Debug)]
 struct ImageTimeEmbedding {
-    image_proj: nn::Linear,
+    image_proj: Linear,
     image_norm: nn::LayerNorm,
 }
 
 /// diffusers' `TextImageTimeEmbedding`: `image_proj(image) + text_norm(text_proj(text))`.
 #[derive(Debug)]
 struct TextImageTimeEmbedding {
-    text_proj: nn::Linear,
+    text_proj: Linear,
     text_norm: nn::LayerNorm,
-    image_proj: nn::Linear,
+    image_proj: Linear,
 }
 
 impl TextImageTimeEmbedding {
@@ -493,7 +494,7 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
     conv_act: Activation,
-    conv_out: nn::Conv2D,
+    conv_out: Conv2d,
     var_store: Option<nn::VarStore>,
 }
 
@@ -502,7 +503,7 @@ pub struct UNet2DConditionModel {
 #[derive(Debug)]
 pub(crate) struct DownPath {
     in_channels: i64,
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     add_time_proj: Option<Timesteps>,

@@ -231,14 +231,14 @@ impl Attn {
 /// A down block's downsampler: a strided conv, or a resnet that pools (IF/unCLIP family).
 #[derive(Debug)]
 enum Downsampler {
-    Conv(Downsample2D),
+    Conv(Box<Downsample2D>),
     Resnet(Box<ResnetBlock2D>),
 }
 
 /// An up block's upsampler: nearest 2x then a conv, or a resnet that upsamples (IF/unCLIP family).
 #[derive(Debug)]
 enum Upsampler {
-    Conv(Upsample2D),
+    Conv(Box<Upsample2D>),
     Resnet(Box<ResnetBlock2D>),
 }
 
@@ -315,13 +315,13 @@ impl DownBlock {
                     Some(Resample::Down),
                 )))
             } else {
-                Downsampler::Conv(Downsample2D::new(
+                Downsampler::Conv(Box::new(Downsample2D::new(
                     &down,
                     cfg.out_channels,
                     true,
                     cfg.out_channels,
                     cfg.downsample_padding,
-                ))
+                )))
             }
         });
         Self {
@@ -502,7 +502,11 @@ impl UpBlock {
                     Some(Resample::Up),
                 )))
             } else {
-                Upsampler::Conv(Upsample2D::new(&up, cfg.out_channels, cfg.out_channels))
+                Upsampler::Conv(Box::new(Upsample2D::new(
+                    &up,
+                    cfg.out_channels,
+                    cfg.out_channels,
+                )))
             }
         });
         Self {

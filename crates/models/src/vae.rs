@@ -7,6 +7,7 @@
 //! `encode`/`decode` take `&self` and never mutate weights, so one loaded model serves many
 //! threads; running them under `tch::no_grad` is the caller's job.
 
+use crate::layers::{Conv2d, Linear};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -245,10 +246,10 @@ pub fn vae_legacy_rename(key: &str) -> String {
 /// width C over the H×W positions), shared by the VAE and the MoVQ decoder.
 #[derive(Debug)]
 pub(crate) struct SpatialSelfAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
 }
 
 impl SpatialSelfAttention {
@@ -367,11 +368,11 @@ impl ResnetStack {
 /// for `VQModel`.
 #[derive(Debug)]
 pub(crate) struct Encoder {
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     down_blocks: Vec<ResnetStack>,
     mid_block: UNetMidBlock2D,
     conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_out: Conv2d,
 }
 
 impl Encoder {
@@ -443,11 +444,11 @@ impl Encoder {
 /// diffusers' VAE `Decoder` (group-norm variant).
 #[derive(Debug)]
 pub(crate) struct Decoder {
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     mid_block: UNetMidBlock2D,
     up_blocks: Vec<ResnetStack>,
     conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_out: Conv2d,
 }
 
 impl Decoder {
@@ -551,8 +552,8 @@ impl DiagonalGaussian {
 pub struct AutoencoderKL {
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Option<nn::Conv2D>,
-    post_quant_conv: Option<nn::Conv2D>,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
     config: AutoencoderKLConfig,
     device: Device,
     kind: Kind,

@@ -8,6 +8,7 @@
 //! Pipelines decode with `force_not_quantize=True` and never look up the codebook, so the
 //! quantizer's codebook is not part of this model (its weights are skipped on load).
 
+use crate::layers::Conv2d;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -130,8 +131,8 @@ impl VQModelConfig {
 #[derive(Debug)]
 struct SpatialNorm {
     norm_layer: nn::GroupNorm,
-    conv_y: nn::Conv2D,
-    conv_b: nn::Conv2D,
+    conv_y: Conv2d,
+    conv_b: Conv2d,
 }
 
 impl SpatialNorm {
@@ -154,10 +155,10 @@ impl SpatialNorm {
 #[derive(Debug)]
 struct CondResnet {
     norm1: SpatialNorm,
-    conv1: nn::Conv2D,
+    conv1: Conv2d,
     norm2: SpatialNorm,
-    conv2: nn::Conv2D,
-    conv_shortcut: Option<nn::Conv2D>,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
 }
 
 impl CondResnet {
@@ -217,12 +218,12 @@ struct SpatialUpBlock {
 /// diffusers' `Decoder(norm_type="spatial")`.
 #[derive(Debug)]
 struct SpatialDecoder {
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     mid_resnets: [CondResnet; 2],
     mid_attention: Option<SpatialAttention>,
     up_blocks: Vec<SpatialUpBlock>,
     conv_norm_out: SpatialNorm,
-    conv_out: nn::Conv2D,
+    conv_out: Conv2d,
 }
 
 impl SpatialDecoder {
@@ -315,8 +316,8 @@ enum VqDecoder {
 #[derive(Debug)]
 pub struct VQModel {
     encoder: Encoder,
-    quant_conv: nn::Conv2D,
-    post_quant_conv: nn::Conv2D,
+    quant_conv: Conv2d,
+    post_quant_conv: Conv2d,
     decoder: VqDecoder,
     config: VQModelConfig,
     device: Device,

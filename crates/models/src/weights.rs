@@ -18,6 +18,8 @@ use tch::nn::{self, VarStore};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::layers::{Conv2d, Linear};
+use autopipe_torch_ext::ConvParams;
 
 /// File stems diffusers (`diffusion_pytorch_model`) and transformers (`model`) save weights under.
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
@@ -457,17 +459,12 @@ fn scaffold() -> VarStore {
 }
 
 /// A linear layer (`weight` `[out, in]`, optional `bias`) to be filled by [`load`].
-pub fn linear<'a>(
-    vs: impl Borrow<nn::Path<'a>>,
-    in_dim: i64,
-    out_dim: i64,
-    bias: bool,
-) -> nn::Linear {
+pub fn linear<'a>(vs: impl Borrow<nn::Path<'a>>, in_dim: i64, out_dim: i64, bias: bool) -> Linear {
     let vs = vs.borrow();
-    nn::Linear {
+    Linear::new(nn::Linear {
         ws: param(vs, "weight", &[out_dim, in_dim]),
         bs: bias.then(|| param(vs, "bias", &[out_dim])),
-    }
+    })
 }
 
 /// A 2D convolution with bias (`weight` `[out, in, k, k]`) to be filled by [`load`].
@@ -478,7 +475,7 @@ pub fn conv2d<'a>(
     kernel_size: i64,
     stride: i64,
     padding: i64,
-) -> nn::Conv2D {
+) -> Conv2d {
     let vs = vs.borrow();
     // Constant init: the default's random one would draw from torch's global generator.
     let cfg = nn::ConvConfig {
@@ -495,7 +492,13 @@ pub fn conv2d<'a>(
         &[out_channels, in_channels, kernel_size, kernel_size],
     );
     conv.bs = Some(param(vs, "bias", &[out_channels]));
-    conv
+    let params = ConvParams {
+        padding: [padding; 2],
+        stride: [stride; 2],
+        dilation: [1; 2],
+        groups: 1,
+    };
+    Conv2d::new(conv, params)
 }
 
 /// An affine group norm (`weight`, `bias` `[channels]`) to be filled by [`load`].

@@ -6,6 +6,7 @@
 //! Forward passes take `&self` and never mutate weights; running them under `tch::no_grad` is the
 //! caller's job.
 
+use crate::layers::Linear;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -131,13 +132,13 @@ pub struct MultilingualCLIPOutput {
 
 #[derive(Debug)]
 struct XLMRobertaLayer {
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    attention_output: nn::Linear,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
     attention_norm: nn::LayerNorm,
-    intermediate: nn::Linear,
-    output: nn::Linear,
+    intermediate: Linear,
+    output: Linear,
     output_norm: nn::LayerNorm,
     act: Activation,
     heads: i64,
@@ -170,7 +171,7 @@ impl XLMRobertaLayer {
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Tensor {
         let (b, t, c) = xs.size3().unwrap_or((0, 0, 0));
         let head_dim = c / self.heads;
-        let split = |p: &nn::Linear| {
+        let split = |p: &Linear| {
             p.forward(xs)
                 .view([b, t, self.heads, head_dim])
                 .transpose(1, 2)
@@ -205,7 +206,7 @@ pub struct MultilingualCLIP {
     token_type_embeddings: nn::Embedding,
     embeddings_norm: nn::LayerNorm,
     layers: Vec<XLMRobertaLayer>,
-    linear_transformation: nn::Linear,
+    linear_transformation: Linear,
     config: MCLIPConfig,
     device: Device,
     _vs: Option<VarStore>,
@@ -336,7 +337,7 @@ impl MultilingualCLIP {
                 cfg.max_position_embeddings, cfg.pad_token_id
             )));
         }
-        let kind = self.linear_transformation.ws.kind();
+        let kind = self.linear_transformation.kind();
         let token_type = self
             .token_type_embeddings
             .ws
