@@ -49,6 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let started = Instant::now();
             let out = unet.forward(&sample, &t, &ehs, None)?;
             let ms = started.elapsed().as_secs_f64() * 1e3;
+            // What the store does after a call that prepacked (autopipe_store::allocator).
+            if autopipe_models::layers::take_released_bytes() > 0 {
+                // SAFETY: returns free heap memory to the system.
+                unsafe { libc::malloc_trim(0) };
+            }
             println!("forward {run}: {ms:.0} ms, rss {:.3} GiB", rss_gib());
             if let Some(f) = &first {
                 let d = f64::try_from((&out - f).abs().max().to_kind(Kind::Float))?;

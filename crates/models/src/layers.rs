@@ -15,6 +15,7 @@
 //! fp32 linear runs oneDNN instead of MKL (float rounding apart). `AUTOPIPE_PREPACK` picks the
 //! layers: `conv,linear` (default), `conv`, `linear`, or `0` / `none` for libtorch's plain path.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use autopipe_torch_ext::ConvParams;
@@ -38,9 +39,22 @@ fn packable(ws: &Tensor) -> bool {
     ws.device() == Device::Cpu && matches!(ws.kind(), Kind::Float | Kind::BFloat16)
 }
 
+/// Bytes of plain weights [`release`] freed that [`take_released_bytes`] has not reported yet.
+static RELEASED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// The bytes of plain weights that prepacking released since the last call. Each packed copy is
+/// allocated before its plain weight is freed, so a process whose allocator keeps freed memory
+/// (the store's: see `autopipe_store::allocator`) holds those bytes as free heap: a caller that
+/// gets a nonzero answer hands them back (`malloc_trim`).
+pub fn take_released_bytes() -> u64 {
+    RELEASED_BYTES.swap(0, Ordering::Relaxed)
+}
+
 /// Frees a plain weight that a prepacked copy replaced: its storage is shared with the var store
 /// (and any other handle), so all of them see an empty tensor of the same kind from now on.
 fn release(ws: &Tensor) {
+    let bytes = ws.numel() as u64 * ws.kind().elt_size_in_bytes() as u64;
+    RELEASED_BYTES.fetch_add(bytes, Ordering::Relaxed);
     let empty = Tensor::empty([0], (ws.kind(), ws.device()));
     ws.shallow_clone().set_data(&empty);
 }

@@ -20,3 +20,14 @@ pub fn tune_for_libtorch() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Hands the heap's free pages back to the system (glibc's `malloc_trim`), wherever they are in
+/// the heap. For memory that will not be asked for again the way activations are: the plain
+/// weights that oneDNN prepacking released (`autopipe_models::layers`), which would otherwise
+/// stay in RSS beside their packed copies (SD 1.5 UNet fp32: +0.9–1.4 GiB).
+pub fn release_free_pages() {
+    // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -99,6 +99,10 @@ impl Executor {
     pub(crate) fn submit(&self, f: impl FnOnce() + Send + 'static) -> Result<(), StoreError> {
         let job: Job = Box::new(move || {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            // A model's first call on the CPU prepacks its weights (see autopipe_models::layers).
+            if autopipe_models::layers::take_released_bytes() > 0 {
+                crate::allocator::release_free_pages();
+            }
         });
         self.jobs
             .lock()
