@@ -104,6 +104,13 @@ struct RunArgs {
     /// Requests each client sends in a throughput row on sd15.
     #[arg(long, default_value_t = 1)]
     client_requests: usize,
+    /// Steps of the small checkpoint's requests while the store loads the SD 1.5-arch checkpoint
+    /// (split mode; needs both folders): the load-interference row. Steps per request there.
+    #[arg(long, default_value_t = 100)]
+    load_interference_steps: u32,
+    /// Skips the load-interference row.
+    #[arg(long)]
+    no_load_interference: bool,
     /// The batched store's --max-batch.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
@@ -180,12 +187,7 @@ struct Driver<'a> {
     args: &'a RunArgs,
     work: PathBuf,
     threads: i32,
-    samples: Vec<Sample>,
-    rss: Vec<report::Rss>,
-    memory: Vec<report::Memory>,
-    psnr: Vec<report::Psnr>,
-    cat: Vec<report::Cat>,
-    throughput: Vec<report::Throughput>,
+    measured: report::Measured,
     versions: serde_json::Value,
     openvino_versions: serde_json::Value,
 }
@@ -263,7 +265,7 @@ impl Driver<'_> {
                 _ => String::new(),
             }
         );
-        self.samples.push(s);
+        self.measured.samples.push(s);
     }
 
     fn launch(&self, cfg: &Config) -> Result<Launch> {
@@ -371,9 +373,80 @@ impl Driver<'_> {
                     row.p95_ms,
                     psnr.map(|p| format!("  min PSNR vs unbatched {p:.1} dB")).unwrap_or_default()
                 );
-                self.throughput.push(row);
+                self.measured.throughput.push(row);
             }
         }
+        Ok(())
+    }
+
+    /// Load interference: a split store serving `cfg`'s model (the small checkpoint's requests,
+    /// `--load-interference-steps` each, one after another) while an operator `Load` brings the
+    /// SD 1.5-arch checkpoint's text encoder, UNet and VAE in at the same dtype; the running
+    /// request's step times during that load against the same request undisturbed.
+    fn run_load_interference(&mut self, cfg: &Config) -> Result<()> {
+        let other = Path::new(&self.args.sd15);
+        if !other.join("model_index.json").is_file() {
+            eprintln!(
+                "  load interference: skipped ({} is not built)",
+                other.display()
+            );
+            return Ok(());
+        }
+        let other = other.canonicalize()?;
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(other.join("model_index.json"))?)?;
+        let components = ["text_encoder", "unet", "vae"]
+            .iter()
+            .map(|name| {
+                Ok(autopipe_proto::v1::ComponentRequest {
+                    name: name.to_string(),
+                    class_name: index[name][1]
+                        .as_str()
+                        .with_context(|| format!("model_index.json: {name}"))?
+                        .to_string(),
+                    path: other.join(name).display().to_string(),
+                    variant: self.args.variant.clone().unwrap_or_default(),
+                    upcast_half: false,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inputs = make_inputs(&self.work, cfg.side)?;
+        let mut launch = self.launch(cfg)?;
+        // The servers take local models from under their roots: the other checkpoint's too.
+        let root = other.parent().context("checkpoint folder's parent")?;
+        launch.store_args = vec!["--model-root".into(), root.display().to_string()];
+        let mut sys = System::start(SystemKind::Split, &launch)?;
+        let mut running = self.spec(cfg, SystemKind::Split, "text2img", &inputs);
+        running.steps = self.args.load_interference_steps;
+        // Warm-up: the running model loaded, oneDNN's kernels made.
+        sys.call(&running)?;
+        let seen = sys.steps_during_load(
+            &running,
+            autopipe_proto::v1::LoadRequest {
+                components,
+                dtype: cfg.dtype.clone(),
+                request_id: "bench-load-interference".into(),
+            },
+        )?;
+        let row = report::LoadInterference::new(
+            cfg.name,
+            &cfg.dtype,
+            "sd15-arch",
+            seen.load_ms,
+            seen.undisturbed_ms,
+            seen.during_load_ms,
+        );
+        eprintln!(
+            "  split     {} steps while sd15-arch loads ({:.0} ms): {:.1} ms/step (n {}) vs {:.1} undisturbed (n {}) = {:.2}×",
+            cfg.name,
+            row.load_ms,
+            row.during_load_mean_ms,
+            row.during_load_steps,
+            row.undisturbed_mean_ms,
+            row.undisturbed_steps,
+            row.ratio
+        );
+        self.measured.load_interference.push(row);
         Ok(())
     }
 
@@ -400,7 +473,7 @@ impl Driver<'_> {
             "  cat {} weight files > /dev/null: {cat_ms:.1} ms",
             files.len()
         );
-        self.cat.push(report::Cat {
+        self.measured.cat.push(report::Cat {
             checkpoint: cfg.name.to_string(),
             dtype: cfg.dtype.clone(),
             file_bytes: files
@@ -437,6 +510,7 @@ impl Driver<'_> {
                 let sys = running[i].as_mut().context("system running")?;
                 let reply = sys.call(&spec)?;
                 let before = self
+                    .measured
                     .samples
                     .iter()
                     .rev()
@@ -466,7 +540,7 @@ impl Driver<'_> {
                     let a = self.spec(cfg, *kind, task, &inputs).out;
                     let b = self.spec(cfg, kinds[d], task, &inputs).out;
                     match report::psnr_files(&a, &b) {
-                        Ok(psnr_db) => self.psnr.push(report::Psnr {
+                        Ok(psnr_db) => self.measured.psnr_vs_diffusers.push(report::Psnr {
                             checkpoint: cfg.name.to_string(),
                             dtype: cfg.dtype.clone(),
                             system: kind.name(),
@@ -486,7 +560,7 @@ impl Driver<'_> {
         for (i, kind) in kinds.iter().enumerate() {
             let sys = running[i].as_ref().context("system running")?;
             for (process, peak_rss_bytes) in sys.peak_rss() {
-                self.rss.push(report::Rss {
+                self.measured.peak_rss.push(report::Rss {
                     checkpoint: cfg.name.to_string(),
                     dtype: cfg.dtype.clone(),
                     process,
@@ -497,6 +571,7 @@ impl Driver<'_> {
                 continue;
             }
             let resident = self
+                .measured
                 .samples
                 .iter()
                 .rev()
@@ -504,7 +579,7 @@ impl Driver<'_> {
                     s.checkpoint == cfg.name && s.dtype == cfg.dtype && s.system == kind.name()
                 })
                 .and_then(|s| s.resident_bytes);
-            self.memory.push(report::Memory {
+            self.measured.memory.push(report::Memory {
                 checkpoint: cfg.name.to_string(),
                 dtype: cfg.dtype.clone(),
                 system: kind.name(),
@@ -533,12 +608,7 @@ fn run(args: &RunArgs) -> Result<()> {
         args,
         work,
         threads,
-        samples: Vec::new(),
-        rss: Vec::new(),
-        memory: Vec::new(),
-        psnr: Vec::new(),
-        cat: Vec::new(),
-        throughput: Vec::new(),
+        measured: report::Measured::default(),
         versions: serde_json::Value::Null,
         openvino_versions: serde_json::Value::Null,
     };
@@ -595,6 +665,10 @@ fn run(args: &RunArgs) -> Result<()> {
             driver.report(&out)?;
             driver.run_throughput(&cfg)?;
             driver.report(&out)?;
+            if cfg.name == "sd1-tiny" && !args.no_load_interference {
+                driver.run_load_interference(&cfg)?;
+                driver.report(&out)?;
+            }
         }
     }
     let result = driver.report(&out)?;
@@ -620,12 +694,7 @@ impl Driver<'_> {
                 "clients": args.clients, "max_batch": args.max_batch, "batch_window_ms": args.batch_window_ms,
                 "client_requests": {"tiny": args.tiny_client_requests, "sd15": args.client_requests},
             }),
-            self.samples.clone(),
-            self.rss.clone(),
-            self.memory.clone(),
-            self.psnr.clone(),
-            self.cat.clone(),
-            self.throughput.clone(),
+            self.measured.clone(),
         );
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;

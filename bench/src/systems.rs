@@ -399,6 +399,108 @@ impl SplitProcs {
     }
 }
 
+/// What [`System::steps_during_load`] saw: step times in ms.
+pub struct StepsDuringLoad {
+    pub undisturbed_ms: Vec<f64>,
+    pub during_load_ms: Vec<f64>,
+    pub load_ms: f64,
+}
+
+/// Arrival times of one streamed request's progress events (one per denoising step).
+async fn step_times(
+    mut client: v1::orchestrator_client::OrchestratorClient<tonic::transport::Channel>,
+    request: v1::GenerateRequest,
+    first_step: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> Result<Vec<Instant>> {
+    let mut events = client
+        .generate_stream(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut times = Vec::new();
+    while let Some(event) = events
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+    {
+        if let Some(v1::generate_event::Event::Progress(_)) = event.event {
+            times.push(Instant::now());
+            if let Some(n) = &first_step {
+                n.notify_one();
+            }
+        }
+    }
+    Ok(times)
+}
+
+impl SplitProcs {
+    /// `running` streamed alone, then again (request after request) while the store loads
+    /// `load`'s components; the steps that began and ended inside that load, against the
+    /// undisturbed ones. The loaded components are unloaded again afterwards.
+    fn steps_during_load(
+        &mut self,
+        running: &Spec,
+        load: v1::LoadRequest,
+    ) -> Result<StepsDuringLoad> {
+        let request = running.to_request()?;
+        let gaps = |times: &[Instant], within: Option<(Instant, Instant)>| -> Vec<f64> {
+            times
+                .windows(2)
+                .filter(|w| within.is_none_or(|(a, b)| w[0] >= a && w[1] <= b))
+                .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+                .collect()
+        };
+        let undisturbed =
+            self.rt
+                .block_on(step_times(self.client.clone(), request.clone(), None))?;
+        let unload = v1::UnloadRequest {
+            components: load.components.clone(),
+            dtype: load.dtype.clone(),
+            keys: Vec::new(),
+            request_id: String::new(),
+        };
+        let client = self.client.clone();
+        let mut store = self.store_client.clone();
+        let (runs, window) = self.rt.block_on(async move {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let first_step = std::sync::Arc::new(tokio::sync::Notify::new());
+            let runner = {
+                let (stop, first_step) = (stop.clone(), first_step.clone());
+                tokio::spawn(async move {
+                    let mut runs = Vec::new();
+                    // Request after request until the load has ended, so that every moment of
+                    // the load has a request stepping.
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        runs.push(
+                            step_times(client.clone(), request.clone(), Some(first_step.clone()))
+                                .await?,
+                        );
+                    }
+                    anyhow::Ok(runs)
+                })
+            };
+            first_step.notified().await;
+            let t0 = Instant::now();
+            store
+                .load(load)
+                .await
+                .map_err(|s| anyhow::anyhow!("Load: {:?}: {}", s.code(), s.message()))?;
+            let t1 = Instant::now();
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let runs = runner.await??;
+            anyhow::Ok((runs, (t0, t1)))
+        })?;
+        self.rt
+            .block_on(self.store_client.unload(unload))
+            .map_err(|s| anyhow::anyhow!("Unload: {:?}: {}", s.code(), s.message()))?;
+        Ok(StepsDuringLoad {
+            undisturbed_ms: gaps(&undisturbed, None),
+            during_load_ms: runs.iter().flat_map(|r| gaps(r, Some(window))).collect(),
+            load_ms: (window.1 - window.0).as_secs_f64() * 1e3,
+        })
+    }
+}
+
 enum Procs {
     Line(LineWorker),
     Split(Box<SplitProcs>),
@@ -497,6 +599,21 @@ impl System {
         match &mut self.procs {
             Procs::Split(s) => s.concurrent(clients),
             Procs::Line(_) => bail!("{}: concurrent clients need split mode", self.kind.name()),
+        }
+    }
+
+    /// Split mode only: see [`StepsDuringLoad`].
+    pub fn steps_during_load(
+        &mut self,
+        running: &Spec,
+        load: v1::LoadRequest,
+    ) -> Result<StepsDuringLoad> {
+        match &mut self.procs {
+            Procs::Split(s) => s.steps_during_load(running, load),
+            Procs::Line(_) => bail!(
+                "{}: loading beside a request needs split mode",
+                self.kind.name()
+            ),
         }
     }
 
