@@ -411,42 +411,52 @@ impl Driver<'_> {
             })
             .collect::<Result<Vec<_>>>()?;
         let inputs = make_inputs(&self.work, cfg.side)?;
-        let mut launch = self.launch(cfg)?;
-        // The servers take local models from under their roots: the other checkpoint's too.
-        let root = other.parent().context("checkpoint folder's parent")?;
-        launch.store_args = vec!["--model-root".into(), root.display().to_string()];
-        let mut sys = System::start(SystemKind::Split, &launch)?;
-        let mut running = self.spec(cfg, SystemKind::Split, "text2img", &inputs);
-        running.steps = self.args.load_interference_steps;
-        // Warm-up: the running model loaded, oneDNN's kernels made.
-        sys.call(&running)?;
-        let seen = sys.steps_during_load(
-            &running,
-            autopipe_proto::v1::LoadRequest {
-                components,
-                dtype: cfg.dtype.clone(),
-                request_id: "bench-load-interference".into(),
-            },
-        )?;
-        let row = report::LoadInterference::new(
-            cfg.name,
-            &cfg.dtype,
-            "sd15-arch",
-            seen.load_ms,
-            seen.undisturbed_ms,
-            seen.during_load_ms,
-        );
-        eprintln!(
-            "  split     {} steps while sd15-arch loads ({:.0} ms): {:.1} ms/step (n {}) vs {:.1} undisturbed (n {}) = {:.2}×",
-            cfg.name,
-            row.load_ms,
-            row.during_load_mean_ms,
-            row.during_load_steps,
-            row.undisturbed_mean_ms,
-            row.undisturbed_steps,
-            row.ratio
-        );
-        self.measured.load_interference.push(row);
+        // The store's default loader priority, and the loader at the compute thread's own (the
+        // A/B of `--load-nice`).
+        for load_nice in [autopipe_store::DEFAULT_LOAD_NICE, 0] {
+            let mut launch = self.launch(cfg)?;
+            // The servers take local models from under their roots: the other checkpoint's too.
+            let root = other.parent().context("checkpoint folder's parent")?;
+            launch.store_args = vec![
+                "--model-root".into(),
+                root.display().to_string(),
+                "--load-nice".into(),
+                load_nice.to_string(),
+            ];
+            let mut sys = System::start(SystemKind::Split, &launch)?;
+            let mut running = self.spec(cfg, SystemKind::Split, "text2img", &inputs);
+            running.steps = self.args.load_interference_steps;
+            // Warm-up: the running model loaded, oneDNN's kernels made.
+            sys.call(&running)?;
+            let seen = sys.steps_during_load(
+                &running,
+                autopipe_proto::v1::LoadRequest {
+                    components: components.clone(),
+                    dtype: cfg.dtype.clone(),
+                    request_id: "bench-load-interference".into(),
+                },
+            )?;
+            let row = report::LoadInterference::new(
+                cfg.name,
+                &cfg.dtype,
+                "sd15-arch",
+                load_nice,
+                seen.load_ms,
+                seen.undisturbed_ms,
+                seen.during_load_ms,
+            );
+            eprintln!(
+                "  split     {} steps while sd15-arch loads (--load-nice {load_nice}, {:.0} ms): {:.1} ms/step (n {}) vs {:.1} undisturbed (n {}) = {:.2}×",
+                cfg.name,
+                row.load_ms,
+                row.during_load_mean_ms,
+                row.during_load_steps,
+                row.undisturbed_mean_ms,
+                row.undisturbed_steps,
+                row.ratio
+            );
+            self.measured.load_interference.push(row);
+        }
         Ok(())
     }
 

@@ -208,6 +208,8 @@ pub struct LoadInterference {
     pub dtype: String,
     /// The checkpoint loaded meanwhile.
     pub loading: String,
+    /// The store's `--load-nice`.
+    pub load_nice: i32,
     pub load_ms: f64,
     pub undisturbed_steps: usize,
     pub undisturbed_mean_ms: f64,
@@ -226,6 +228,7 @@ impl LoadInterference {
         checkpoint: &str,
         dtype: &str,
         loading: &str,
+        load_nice: i32,
         load_ms: f64,
         mut undisturbed: Vec<f64>,
         mut during_load: Vec<f64>,
@@ -236,6 +239,7 @@ impl LoadInterference {
             checkpoint: checkpoint.to_string(),
             dtype: dtype.to_string(),
             loading: loading.to_string(),
+            load_nice,
             load_ms,
             undisturbed_steps: undisturbed.len(),
             undisturbed_mean_ms: u,
@@ -693,8 +697,8 @@ impl Report {
         for l in &self.load_interference {
             push(
                 format!(
-                    "steps of a running request while {} loads ≤ 1.2 × undisturbed",
-                    l.loading
+                    "steps of a running request while {} loads (--load-nice {}) ≤ 1.2 × undisturbed",
+                    l.loading, l.load_nice
                 ),
                 &l.checkpoint,
                 &l.dtype,
@@ -1020,15 +1024,16 @@ impl Report {
                 t,
                 "\n### steps of a running request while the store loads another model (split mode)"
             );
-            let _ = writeln!(t, "| running | dtype | loading | load ms | undisturbed ms/step (mean / median, n) | during the load ms/step (mean / median, n) | during / undisturbed |");
-            let _ = writeln!(t, "|---|---|---|---|---|---|---|");
+            let _ = writeln!(t, "| running | dtype | loading | store --load-nice | load ms | undisturbed ms/step (mean / median, n) | during the load ms/step (mean / median, n) | during / undisturbed |");
+            let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
             for l in &self.load_interference {
                 let _ = writeln!(
                     t,
-                    "| {} | {} | {} | {:.0} | {:.1} / {:.1} ({}) | {:.1} / {:.1} ({}) | {:.2} |",
+                    "| {} | {} | {} | {} | {:.0} | {:.1} / {:.1} ({}) | {:.1} / {:.1} ({}) | {:.2} |",
                     l.checkpoint,
                     l.dtype,
                     l.loading,
+                    l.load_nice,
                     l.load_ms,
                     l.undisturbed_mean_ms,
                     l.undisturbed_median_ms,
@@ -1305,6 +1310,7 @@ mod tests {
                         "sd1-tiny",
                         "float32",
                         "sd15-arch",
+                        10,
                         2000.0,
                         quiet.clone(),
                         during,
@@ -1325,7 +1331,7 @@ mod tests {
         assert!(target(&ok).met, "{}", target(&ok).measured);
         assert!(ok
             .table()
-            .contains("| sd1-tiny | float32 | sd15-arch | 2000 |"));
+            .contains("| sd1-tiny | float32 | sd15-arch | 10 | 2000 |"));
         assert!(!target(&report(vec![40.0, 20.0, 25.0])).met);
         // No step fell inside the load: nothing was measured, so nothing is met.
         assert!(!target(&report(Vec::new())).met);

@@ -21,4 +21,5 @@ pub use autopipe_store_api::{
 pub use batch::BatchStats;
 pub use store::{
     ComponentStats, Pinned, Store, StoreConfig, StoreObserver, StoreStats, DEFAULT_BATCH_WINDOW,
+    DEFAULT_LOAD_NICE,
 };

@@ -39,7 +39,13 @@ pub struct StoreConfig {
     /// How long a joinable call waits for partners that hold a lease on its component
     /// (`--batch-window-ms`).
     pub batch_window: Duration,
+    /// CPU priority steps the loader thread runs below the compute thread (`--load-nice`; 0 =
+    /// the same): see `executor`.
+    pub load_nice: i32,
 }
+
+/// `--load-nice` when not given.
+pub const DEFAULT_LOAD_NICE: i32 = 10;
 
 /// `--batch-window-ms` when not given: a scheduler step between two UNet calls of a request on
 /// the orchestrator's side takes well under this.
@@ -55,6 +61,7 @@ impl Default for StoreConfig {
             roots: autopipe_repo::ModelRoots::unconfined(),
             max_batch: 1,
             batch_window: DEFAULT_BATCH_WINDOW,
+            load_nice: DEFAULT_LOAD_NICE,
         }
     }
 }
@@ -290,6 +297,7 @@ pub struct Store {
 impl Store {
     /// An empty store.
     pub fn new(config: StoreConfig) -> Self {
+        let load_nice = config.load_nice;
         Self {
             batcher: Arc::new(Batcher::new(config.max_batch, config.batch_window)),
             config,
@@ -297,7 +305,7 @@ impl Store {
             digests: DigestCache::default(),
             observer: Arc::new(NoObserver),
             compute: Executor::new("autopipe-compute", Kernels::Team),
-            loader: Executor::new("autopipe-load", Kernels::Single),
+            loader: Executor::new("autopipe-load", Kernels::Single { nice: load_nice }),
         }
     }
 

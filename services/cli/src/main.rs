@@ -69,6 +69,11 @@ struct StoreArgs {
     /// component) before running with those already queued.
     #[arg(long, env = "AUTOPIPE_BATCH_WINDOW_MS", default_value_t = autopipe_store::DEFAULT_BATCH_WINDOW.as_millis() as u64)]
     batch_window_ms: u64,
+    /// CPU priority steps (nice) the weight-loading thread runs below the compute thread, so that
+    /// loading a model does not slow the denoising steps of requests already running (0 = the
+    /// same priority; a load on an otherwise idle store takes as long either way).
+    #[arg(long, env = "AUTOPIPE_LOAD_NICE", default_value_t = autopipe_store::DEFAULT_LOAD_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
+    load_nice: i32,
 }
 
 impl StoreArgs {
@@ -92,6 +97,7 @@ impl StoreArgs {
             roots: autopipe_repo::ModelRoots::unconfined(),
             max_batch: self.max_batch as usize,
             batch_window: Duration::from_millis(self.batch_window_ms),
+            load_nice: self.load_nice,
         })
     }
 }

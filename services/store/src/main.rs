@@ -53,6 +53,11 @@ struct Args {
     /// component) before running with those already queued.
     #[arg(long, env = "AUTOPIPE_BATCH_WINDOW_MS", default_value_t = autopipe_store::DEFAULT_BATCH_WINDOW.as_millis() as u64)]
     batch_window_ms: u64,
+    /// CPU priority steps (nice) the weight-loading thread runs below the compute thread, so that
+    /// loading a model does not slow the denoising steps of requests already running (0 = the
+    /// same priority; a load on an otherwise idle store takes as long either way).
+    #[arg(long, env = "AUTOPIPE_LOAD_NICE", default_value_t = autopipe_store::DEFAULT_LOAD_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
+    load_nice: i32,
     /// Folders local models may be read from (repeatable; AUTOPIPE_MODEL_ROOTS: colon-separated).
     /// A model is then a name relative to one (`sd15` → DIR/sd15), a path inside one, or a hub
     /// repo id; anything else is PERMISSION_DENIED. None: hub repo ids (and the hub cache) only.
@@ -114,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?,
             max_batch: args.max_batch as usize,
             batch_window: Duration::from_millis(args.batch_window_ms),
+            load_nice: args.load_nice,
         })
         .with_observer(metrics.clone()),
     );
