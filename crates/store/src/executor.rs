@@ -26,10 +26,10 @@
 //! steps of a request on model A in the queue. Nor on the cores: the loader thread runs at a lower
 //! CPU priority (`--load-nice`, default [`crate::DEFAULT_LOAD_NICE`]). An OpenMP region ends when
 //! its slowest worker does, so a loader taking turns with one worker of the team stalls every
-//! worker: on the 2-core bench machine the small checkpoint's steps took 4.5 × their time while the
-//! SD 1.5-arch checkpoint loaded at the same priority (bench "load interference" row). Lower, it
-//! gets the cores the team leaves (between regions, between requests, on an idle store: a load
-//! with nothing else running takes as long as before).
+//! worker (the bench's "load interference" row measures a running request's steps while another
+//! model loads, at this priority and at the compute thread's own: bench/README.md). Lower, it gets
+//! the cores the team leaves (between regions, between requests; on an idle store a load with
+//! nothing else running takes as long as before).
 
 use crate::{Code, StoreError};
 use std::sync::mpsc;
