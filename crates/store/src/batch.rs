@@ -19,13 +19,16 @@
 //! Waiting for partners: a job that finds fewer calls queued than leases on the component (each
 //! lease is a request that may be about to call it) waits up to `window` for them, so that requests
 //! which drifted apart by a scheduler step fall back into one forward; a lone request never waits.
+//! It waits on the compute thread, so it stops waiting as soon as any other job is queued there
+//! (another model's call, or a partner's text-encoder call that its UNet call needs first): a
+//! waiting join never holds up work the thread could be doing.
 //!
 //! A joined forward that fails is not allowed to take its partners down with it: each call then
 //! runs alone and gets its own result or its own error.
 
 use crate::{Code, StoreError, Tensors};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -88,6 +91,8 @@ pub(crate) struct Batcher {
     window: Duration,
     queues: Mutex<HashMap<Signature, VecDeque<Pending>>>,
     arrived: Condvar,
+    /// By signature: jobs queued on the compute thread for calls enqueued here, not started yet.
+    jobs: Mutex<HashMap<Signature, usize>>,
     forwards: AtomicU64,
     calls: AtomicU64,
 }
@@ -109,6 +114,7 @@ impl Batcher {
             window,
             queues: Mutex::default(),
             arrived: Condvar::new(),
+            jobs: Mutex::default(),
             forwards: AtomicU64::new(0),
             calls: AtomicU64::new(0),
         }
@@ -123,7 +129,12 @@ impl Batcher {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a call; a [`Batcher::run`] job for `signature` answers it.
+    fn jobs(&self) -> MutexGuard<'_, HashMap<Signature, usize>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a call; a [`Batcher::run`] job for `signature`, which the caller queues on the
+    /// compute thread next, answers it.
     pub fn enqueue(
         &self,
         signature: Signature,
@@ -132,6 +143,7 @@ impl Batcher {
         partners: usize,
     ) -> Reply {
         let (reply, rx) = mpsc::sync_channel(1);
+        *self.jobs().entry(signature.clone()).or_default() += 1;
         self.queues()
             .entry(signature)
             .or_default()
@@ -160,8 +172,11 @@ impl Batcher {
     }
 
     /// Takes the calls of one forward: the oldest queued with `signature`, after waiting (up to the
-    /// window) while fewer are queued than could come.
-    fn take(&self, signature: &Signature) -> Vec<Pending> {
+    /// window) while fewer are queued than could come and the compute thread has nothing else
+    /// queued (`backlog`: its queued jobs, ours among them).
+    fn take(&self, signature: &Signature, backlog: &AtomicUsize) -> Vec<Pending> {
+        // How often a waiting job looks at the compute thread's queue.
+        const POLL: Duration = Duration::from_millis(1);
         let deadline = Instant::now() + self.window;
         let mut queues = self.queues();
         loop {
@@ -171,12 +186,15 @@ impl Batcher {
             let partners = queue.iter().map(|p| p.partners).max().unwrap_or(1);
             let want = partners.min(self.max_batch);
             let now = Instant::now();
-            if queue.len() >= want || now >= deadline {
+            // Queued jobs that are not this signature's own (its partners' calls each queue one).
+            let ours = self.jobs().get(signature).copied().unwrap_or(0);
+            let other_work = backlog.load(Ordering::SeqCst) > ours;
+            if queue.len() >= want || now >= deadline || other_work {
                 break;
             }
             queues = self
                 .arrived
-                .wait_timeout(queues, deadline - now)
+                .wait_timeout(queues, (deadline - now).min(POLL))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -192,13 +210,24 @@ impl Batcher {
     }
 
     /// On the compute thread: runs the queued calls with `signature` (none if an earlier job took
-    /// them) through `call`, joined when there are several.
+    /// them) through `call`, joined when there are several. `backlog` counts the jobs queued on
+    /// the compute thread behind this one.
     pub fn run(
         &self,
         signature: &Signature,
         call: &dyn Fn(&Tensors) -> Result<Tensors, StoreError>,
+        backlog: &AtomicUsize,
     ) {
-        let calls = self.take(signature);
+        {
+            let mut jobs = self.jobs();
+            if let Some(n) = jobs.get_mut(signature) {
+                *n -= 1;
+                if *n == 0 {
+                    jobs.remove(signature);
+                }
+            }
+        }
+        let calls = self.take(signature, backlog);
         if calls.len() > 1 {
             let sizes: Vec<i64> = calls.iter().map(|c| c.rows).collect();
             let outputs = join(&calls)
@@ -325,7 +354,7 @@ mod tests {
             };
             Ok(vec![("sample".into(), &i[0].1 * t.view([-1, 1, 1, 1]))])
         };
-        batcher.run(&sig, &forward);
+        batcher.run(&sig, &forward, &AtomicUsize::new(0));
         assert_eq!(*seen.lock().unwrap(), vec![5]);
         for (reply, input) in replies.iter().zip(&inputs) {
             let out = reply.recv().unwrap().unwrap();
@@ -357,7 +386,7 @@ mod tests {
                 n => Err(StoreError::new(Code::Internal, format!("{n} rows"))),
             }
         };
-        batcher.run(&sig, &picky);
+        batcher.run(&sig, &picky, &AtomicUsize::new(0));
         let codes: Vec<Result<i64, Code>> = replies
             .iter()
             .map(|r| match r.recv().unwrap() {
@@ -368,6 +397,35 @@ mod tests {
         assert_eq!(codes, vec![Ok(2), Err(Code::InvalidArgument), Ok(2)]);
         assert_eq!(batcher.stats().batched_forwards, 1);
         assert_eq!(batcher.queued(), 0);
+    }
+
+    #[test]
+    fn a_waiting_join_stops_waiting_when_other_work_is_queued() {
+        // A window far longer than the test: only other work may end the wait.
+        let batcher = Batcher::new(4, Duration::from_secs(3600));
+        let (sig, _) = Signature::of(1, "forward", &call(1, 1.0)).unwrap();
+        let reply = batcher.enqueue(sig.clone(), call(1, 1.0), 1, 4);
+        let forward = |i: &Tensors| -> Result<Tensors, StoreError> {
+            Ok(vec![("sample".into(), i[0].1.shallow_clone())])
+        };
+        // Its own job started (nothing else queued): it waits for 3 partners; a partner's call
+        // and job arrive, then a job of another kind (a text encoder's call).
+        let backlog = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let job = s.spawn(|| batcher.run(&sig, &forward, &backlog));
+            let partner = batcher.enqueue(sig.clone(), call(1, 2.0), 1, 4);
+            backlog.fetch_add(1, Ordering::SeqCst); // the partner's own job
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !job.is_finished(),
+                "waits while only its partners' jobs are queued"
+            );
+            backlog.fetch_add(1, Ordering::SeqCst); // another call's job
+            job.join().unwrap();
+            assert_eq!(partner.recv().unwrap().unwrap()[0].1.size(), [1, 4, 2, 2]);
+        });
+        assert_eq!(reply.recv().unwrap().unwrap()[0].1.size(), [1, 4, 2, 2]);
+        assert_eq!(batcher.stats().batched_calls, 2);
     }
 
     #[test]
@@ -382,10 +440,10 @@ mod tests {
             sizes.lock().unwrap().push(i[0].1.size()[0]);
             Ok(vec![("sample".into(), i[0].1.shallow_clone())])
         };
-        batcher.run(&sig, &forward);
+        batcher.run(&sig, &forward, &AtomicUsize::new(0));
         assert_eq!(batcher.queued(), 1);
-        batcher.run(&sig, &forward);
-        batcher.run(&sig, &forward); // an earlier job took its call: nothing to do
+        batcher.run(&sig, &forward, &AtomicUsize::new(0));
+        batcher.run(&sig, &forward, &AtomicUsize::new(0)); // an earlier job took its call: nothing to do
         assert_eq!(*sizes.lock().unwrap(), vec![2, 1]);
         assert!(replies.iter().all(|r| r.recv().unwrap().is_ok()));
     }

@@ -32,14 +32,17 @@
 //! nothing else running takes as long as before).
 
 use crate::{Code, StoreError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 pub(crate) struct Executor {
     name: String,
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// Jobs submitted that have not started yet.
+    backlog: Arc<AtomicUsize>,
 }
 
 /// How an executor's thread runs libtorch's CPU kernels.
@@ -98,6 +101,7 @@ impl Executor {
         Self {
             name: name.to_string(),
             jobs: Mutex::new(tx),
+            backlog: Arc::default(),
         }
     }
 
@@ -122,23 +126,34 @@ impl Executor {
     /// Queues `f` on the executor's thread without waiting for it: `f` answers through channels
     /// of its own (a panic drops them, which their receivers see).
     pub(crate) fn submit(&self, f: impl FnOnce() + Send + 'static) -> Result<(), StoreError> {
+        let backlog = self.backlog.clone();
         let job: Job = Box::new(move || {
+            backlog.fetch_sub(1, Ordering::SeqCst);
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
             // A model's first call on the CPU prepacks its weights (see autopipe_models::layers).
             if autopipe_models::layers::take_released_bytes() > 0 {
                 crate::allocator::release_free_pages();
             }
         });
+        self.backlog.fetch_add(1, Ordering::SeqCst);
         self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .send(job)
             .map_err(|_| {
+                self.backlog.fetch_sub(1, Ordering::SeqCst);
                 StoreError::new(
                     Code::Internal,
                     format!("the store's {} thread has stopped", self.name),
                 )
             })
+    }
+}
+
+impl Executor {
+    /// The count of jobs queued behind the running one (shared: a job can watch it).
+    pub(crate) fn backlog(&self) -> Arc<AtomicUsize> {
+        self.backlog.clone()
     }
 }
 

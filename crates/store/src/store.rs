@@ -923,9 +923,10 @@ impl Store {
             .batcher
             .enqueue(signature.clone(), inputs, rows, leases as usize);
         let batcher = self.batcher.clone();
+        let backlog = self.compute.backlog();
         // The call's own job; an earlier job of the same signature may have answered it already.
         self.compute.submit(move || {
-            span.in_scope(|| batcher.run(&signature, &|i| component.invoke(&method, i)))
+            span.in_scope(|| batcher.run(&signature, &|i| component.invoke(&method, i), &backlog))
         })?;
         reply.recv().map_err(|_| {
             StoreError::new(
