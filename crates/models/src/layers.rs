@@ -3,20 +3,32 @@
 //!
 //! libtorch's CPU `conv2d` (oneDNN) and `linear` (MKL's sgemm in fp32, oneDNN in bf16) take plain
 //! weights and, for oneDNN, reorder them into its blocked layout on every call: 98 reorders per
-//! SD 1.5 UNet forward. Here a layer's weight is reordered once, on the layer's first CPU call
-//! (that call's input size is oneDNN's layout hint: the layout it picks depends on it), and the
-//! plain weight is released: the model keeps one copy of each weight. Later calls with other
-//! sizes (a joined batch, another resolution) still run, on the same packed weight, oneDNN
-//! reordering it for that call only if it wants another layout for them.
+//! SD 1.5 UNet forward. Here each weight is reordered once and the plain weight is released: the
+//! model keeps one copy of each weight.
 //!
-//! Prepacked only where it pays and keeps results: CPU, fp32 or bf16, channels-last inputs for
-//! convolutions (the models that run NHWC; a prepacked convolution always answers NHWC). A
-//! prepacked convolution gives libtorch's result bit for bit (same oneDNN kernel); a prepacked
-//! fp32 linear runs oneDNN instead of MKL (float rounding apart). `AUTOPIPE_PREPACK` picks the
-//! layers: `conv,linear` (default), `conv`, `linear`, or `0` / `none` for libtorch's plain path.
+//! Most weights are packed while they load: [`weights::load_files`](crate::weights::load_files)
+//! builds the model inside [`collect`], which records the layers that can take their weight
+//! packed, and then reads each such weight from the file into a reused scratch tensor and packs it
+//! from there, so the plain weight never takes memory of its own and a model's first call does no
+//! packing. oneDNN picks a layout from an input size; linear layers and convolutions wider than
+//! 1×1 get the same layout for every size (checked against packing with each call's real size: same
+//! speed, same results bit for bit), so the load packs them for a nominal `[1, C, 64, 64]` input.
+//! A 1×1 convolution's layout does depend on the input size (packed for 64×64, a 4×4 call runs 100×
+//! slower), so those, and every layer loaded some other way, pack on their first CPU call, for
+//! that call's size. Later calls with other sizes (a joined batch, another resolution) still run,
+//! on the same packed weight, oneDNN reordering it for that call only if it wants another layout.
+//!
+//! Prepacked only where it pays and keeps results: CPU, fp32 or bf16, channels-last models for
+//! convolutions (a prepacked convolution always answers NHWC, as libtorch's does for a
+//! channels-last weight). A prepacked convolution gives libtorch's result bit for bit (same oneDNN
+//! kernel); a prepacked fp32 linear runs oneDNN instead of MKL (float rounding apart).
+//! `AUTOPIPE_PREPACK` picks the layers: `conv,linear` (default), `conv`, `linear`, or `0` / `none`
+//! for libtorch's plain path.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use autopipe_torch_ext::ConvParams;
 use tch::nn::{self, Module};
@@ -55,26 +67,162 @@ pub fn take_released_bytes() -> u64 {
 fn release(ws: &Tensor) {
     let bytes = ws.numel() as u64 * ws.kind().elt_size_in_bytes() as u64;
     RELEASED_BYTES.fetch_add(bytes, Ordering::Relaxed);
+    drop_storage(ws);
+}
+
+/// Points `ws` and every handle sharing its storage at an empty tensor of the same kind.
+fn drop_storage(ws: &Tensor) {
     let empty = Tensor::empty([0], (ws.kind(), ws.device()));
     ws.shallow_clone().set_data(&empty);
 }
 
-/// A 2-D convolution (zero padding), prepacked on its first channels-last CPU call.
+/// A layer's prepacked weight, shared with the load that may set it: set once, by the load
+/// ([`Prepacks`]) or by the layer's first call; `None` inside when the layer runs its plain path.
+type Packed = Arc<PackedSlot>;
+
+/// The cell behind [`Packed`].
+#[derive(Debug, Default)]
+struct PackedSlot(OnceLock<Option<Tensor>>);
+
+// SAFETY: the tensor is set once and only read after that; libtorch tensors may be read from
+// several threads at once (what every model type's own `unsafe impl Sync` relies on too).
+unsafe impl Sync for PackedSlot {}
+
+impl std::ops::Deref for PackedSlot {
+    type Target = OnceLock<Option<Tensor>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+/// How a weight recorded by [`collect`] is packed.
+#[derive(Debug, Clone, Copy)]
+enum Packing {
+    /// A convolution wider than 1×1 of this geometry.
+    Conv(ConvParams),
+    Linear,
+}
+
+impl Packing {
+    /// `plain` (the weight's values, contiguous) packed, or the reason oneDNN refused.
+    fn pack(self, plain: &Tensor) -> Result<Tensor, tch::TchError> {
+        match self {
+            Packing::Conv(params) => {
+                let channels = plain.size()[1] * params.groups;
+                autopipe_torch_ext::reorder_conv_weight(
+                    plain,
+                    &params,
+                    Some([1, channels, LOAD_HINT_SIDE, LOAD_HINT_SIDE]),
+                )
+            }
+            Packing::Linear => autopipe_torch_ext::reorder_linear_weight(plain, None),
+        }
+    }
+}
+
+/// Height and width of the nominal input a convolution's weight is packed for at load.
+const LOAD_HINT_SIDE: i64 = 64;
+
+thread_local! {
+    /// The layers [`collect`] is recording on this thread, by the address of their weight.
+    static COLLECTING: RefCell<Option<HashMap<usize, (Packing, Packed)>>> =
+        const { RefCell::new(None) };
+}
+
+/// Records `ws` as a weight a load may pack into `slot`, when a [`collect`] runs on this thread.
+fn offer(ws: &Tensor, packing: Packing, slot: &Packed) {
+    if ws.numel() == 0 || !packable(ws) {
+        return;
+    }
+    COLLECTING.with_borrow_mut(|c| {
+        if let Some(layers) = c {
+            layers.insert(ws.data_ptr() as usize, (packing, slot.clone()));
+        }
+    });
+}
+
+/// The layers built inside [`collect`] whose weights a load may pack (see the module docs).
+#[derive(Debug, Default)]
+pub struct Prepacks(HashMap<usize, (Packing, Packed)>);
+
+impl Prepacks {
+    /// Whether the load should read `var` into a scratch tensor and hand it to [`Self::pack`]:
+    /// it is a weight offered by a layer, of a kind and device that pack, and (a convolution's)
+    /// `channels_last` is on.
+    pub(crate) fn takes(&self, var: &Tensor, channels_last: bool) -> bool {
+        match self.0.get(&(var.data_ptr() as usize)) {
+            None => false,
+            Some((Packing::Conv(_), _)) => enabled().0 && channels_last && packable(var),
+            Some((Packing::Linear, _)) => enabled().1 && packable(var),
+        }
+    }
+
+    /// Packs `plain` (the values read for `var`, contiguous, `var`'s kind) into the layer that
+    /// offered `var`, then releases `var`'s own storage, which was never written. `false` when
+    /// oneDNN refused: the caller then reads `var` as any other variable.
+    pub(crate) fn pack(&mut self, var: &Tensor, plain: &Tensor) -> bool {
+        let key = var.data_ptr() as usize;
+        let Some((packing, slot)) = self.0.remove(&key) else {
+            return false;
+        };
+        match packing.pack(plain) {
+            // A layer called before its load (none is) keeps what that call set.
+            Ok(packed) => {
+                let set = slot.set(Some(packed)).is_ok();
+                if set {
+                    drop_storage(var);
+                }
+                set
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "weight not prepacked at load");
+                false
+            }
+        }
+    }
+}
+
+/// Runs `build` (which makes a model's layers), recording the layers whose weights a load may pack
+/// (see [`Prepacks::pack`]). Nested calls record into their own set.
+pub fn collect<T>(build: impl FnOnce() -> T) -> (T, Prepacks) {
+    /// Puts back the outer recording, also when `build` unwinds.
+    struct Restore(Option<HashMap<usize, (Packing, Packed)>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            COLLECTING.with_borrow_mut(|c| *c = outer);
+        }
+    }
+    let outer = COLLECTING.with_borrow_mut(|c| c.replace(HashMap::new()));
+    let restore = Restore(outer);
+    let out = build();
+    let mine = COLLECTING.with_borrow_mut(|c| c.take()).unwrap_or_default();
+    drop(restore);
+    (out, Prepacks(mine))
+}
+
+/// A 2-D convolution (zero padding), prepacked at load or on its first channels-last CPU call.
 #[derive(Debug)]
 pub struct Conv2d {
     conv: nn::Conv2D,
     params: ConvParams,
-    /// Set on the first call: the prepacked weight, or `None` to run `conv` as it is.
-    packed: OnceLock<Option<Tensor>>,
+    /// Set at load or on the first call: the prepacked weight, or `None` to run `conv` as it is.
+    packed: Packed,
 }
 
 impl Conv2d {
-    /// Wraps `conv`, whose geometry is `params`.
+    /// Wraps `conv`, whose geometry is `params`; inside [`collect`], a convolution wider than 1×1
+    /// is offered to the load for packing.
     pub fn new(conv: nn::Conv2D, params: ConvParams) -> Self {
+        let packed = Packed::default();
+        let size = conv.ws.size();
+        if size.len() == 4 && size[2] * size[3] > 1 {
+            offer(&conv.ws, Packing::Conv(params), &packed);
+        }
         Self {
             conv,
             params,
-            packed: OnceLock::new(),
+            packed,
         }
     }
 
@@ -118,21 +266,20 @@ impl Module for Conv2d {
     }
 }
 
-/// A linear layer, prepacked on its first CPU call.
+/// A linear layer, prepacked at load or on its first CPU call.
 #[derive(Debug)]
 pub struct Linear {
     linear: nn::Linear,
-    /// Set on the first call: the prepacked weight, or `None` to run `linear` as it is.
-    packed: OnceLock<Option<Tensor>>,
+    /// Set at load or on the first call: the prepacked weight, or `None` to run `linear` as it is.
+    packed: Packed,
 }
 
 impl Linear {
-    /// Wraps `linear`.
+    /// Wraps `linear`; inside [`collect`], its weight is offered to the load for packing.
     pub fn new(linear: nn::Linear) -> Self {
-        Self {
-            linear,
-            packed: OnceLock::new(),
-        }
+        let packed = Packed::default();
+        offer(&linear.ws, Packing::Linear, &packed);
+        Self { linear, packed }
     }
 
     /// The dtype of the parameters.
@@ -234,6 +381,98 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn loading_packs_wide_convolutions_and_linears_and_the_results_stay() {
+        if enabled() != (true, true) {
+            return; // AUTOPIPE_PREPACK set for this run: nothing to compare.
+        }
+        let dir = std::env::temp_dir().join(format!("autopipe-layers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("model.safetensors");
+        tch::manual_seed(1);
+        let r = |dims: &[i64]| Tensor::randn(dims, (Kind::Float, Device::Cpu));
+        let tensors = [
+            ("wide.weight", r(&[16, 8, 3, 3])),
+            ("wide.bias", r(&[16])),
+            ("point.weight", r(&[16, 8, 1, 1])),
+            ("point.bias", r(&[16])),
+            ("lin.weight", r(&[24, 16])),
+            ("lin.bias", r(&[24])),
+        ];
+        Tensor::write_safetensors(&tensors, &file).unwrap();
+        let file_value = |name: &str, kind: Kind| {
+            let t = &tensors.iter().find(|(n, _)| *n == name).unwrap().1;
+            t.to_kind(kind)
+        };
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for layout in [weights::Layout::ChannelsLast, weights::Layout::Contiguous] {
+                let case = format!("{kind:?} {layout:?}");
+                let ((wide, point, lin), vs) = weights::load_files(
+                    std::slice::from_ref(&file),
+                    kind,
+                    Device::Cpu,
+                    &|k| k.to_string(),
+                    layout,
+                    |p| {
+                        Ok((
+                            weights::conv2d(p / "wide", 8, 16, 3, 1, 1),
+                            weights::conv2d(p / "point", 8, 16, 1, 1, 0),
+                            weights::linear(p / "lin", 16, 24, true),
+                        ))
+                    },
+                )
+                .unwrap();
+                let vars = vs.variables();
+                let channels_last = layout == weights::Layout::ChannelsLast;
+                // Packed by the load, before any call, with the plain copy never kept...
+                assert_eq!(
+                    wide.packed.get().is_some_and(Option::is_some),
+                    channels_last,
+                    "{case}: wide conv packed at load"
+                );
+                assert_eq!(vars["wide.weight"].numel() == 0, channels_last, "{case}");
+                assert!(lin.packed.get().is_some_and(Option::is_some), "{case}");
+                assert_eq!(vars["lin.weight"].numel(), 0, "{case}");
+                // ...except a 1×1 convolution, whose layout depends on its first call's size.
+                assert!(
+                    point.packed.get().is_none(),
+                    "{case}: 1×1 conv packed at load"
+                );
+                assert_eq!(vars["point.weight"].numel(), 16 * 8, "{case}");
+                // Results as libtorch's on the file's values.
+                let x = channels_last_input(kind);
+                for (conv, name, pad) in [(&wide, "wide", 1), (&point, "point", 0)] {
+                    let want = x.conv2d(
+                        &file_value(&format!("{name}.weight"), kind),
+                        Some(&file_value(&format!("{name}.bias"), kind)),
+                        [1],
+                        [pad],
+                        [1],
+                        1,
+                    );
+                    assert!(conv.forward(&x).equal(&want), "{case}: {name} differs");
+                }
+                let h = Tensor::randn([2, 5, 16], (kind, Device::Cpu));
+                let want = h
+                    .linear(
+                        &file_value("lin.weight", kind),
+                        Some(&file_value("lin.bias", kind)),
+                    )
+                    .to_kind(Kind::Float);
+                let got = lin.forward(&h).to_kind(Kind::Float);
+                let scale = f64::try_from(want.abs().max()).unwrap();
+                let diff = f64::try_from((&got - &want).abs().max()).unwrap();
+                let tol = if kind == Kind::Float { 1e-5 } else { 1e-2 };
+                assert!(diff <= tol * scale, "{case}: linear max |diff| {diff}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn channels_last_input(kind: Kind) -> Tensor {
+        channels_last(&Tensor::randn([2, 8, 6, 6], (kind, Device::Cpu)))
     }
 
     #[test]

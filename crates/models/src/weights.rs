@@ -18,7 +18,7 @@ use tch::nn::{self, VarStore};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::layers::{Conv2d, Linear};
+use crate::layers::{Conv2d, Linear, Prepacks};
 use autopipe_torch_ext::ConvParams;
 
 /// File stems diffusers (`diffusion_pytorch_model`) and transformers (`model`) save weights under.
@@ -205,6 +205,8 @@ const STAGING_BYTES: usize = 4 << 20;
 struct Staging {
     buf: Option<Tensor>,
     device: tch::Device,
+    /// The reusable CPU tensor weights that load packed ([`Prepacks`]) are read into first.
+    scratch: Option<Tensor>,
 }
 
 impl Staging {
@@ -223,6 +225,24 @@ impl Staging {
             });
         }
         Ok(self.buf.as_ref().expect("staging buffer was just made"))
+    }
+
+    /// A contiguous CPU tensor of `shape` and `kind` over a byte buffer reused between weights
+    /// (grown to the largest): where a weight that is packed at load is read first.
+    fn scratch(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let bytes = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
+        if self.scratch.as_ref().is_none_or(|b| b.numel() < bytes) {
+            self.scratch = None;
+            self.scratch = Some(Tensor::f_empty(
+                [bytes as i64],
+                (Kind::Uint8, tch::Device::Cpu),
+            )?);
+        }
+        let buf = self.scratch.as_ref().expect("scratch buffer was just made");
+        Ok(buf
+            .f_narrow(0, 0, bytes as i64)?
+            .f_view_dtype(kind)?
+            .f_view(shape)?)
     }
 }
 
@@ -310,6 +330,18 @@ pub fn load(
     rename: &dyn Fn(&str) -> String,
     layout: Layout,
 ) -> Result<()> {
+    load_packing(vs, files, rename, layout, &mut Prepacks::default())
+}
+
+/// [`load`], reading the weights `prepacks` takes into their layers' prepacked form instead of
+/// into their variables (see [`crate::layers`]).
+fn load_packing(
+    vs: &mut VarStore,
+    files: &[PathBuf],
+    rename: &dyn Fn(&str) -> String,
+    layout: Layout,
+    prepacks: &mut Prepacks,
+) -> Result<()> {
     let vars = vs.variables();
     let channels_last = layout == Layout::ChannelsLast && use_channels_last(vs.device());
     let mut found: HashSet<String> = HashSet::with_capacity(vars.len());
@@ -318,6 +350,7 @@ pub fn load(
     let mut staging = Staging {
         buf: None,
         device: vs.device(),
+        scratch: None,
     };
     tch::no_grad(|| -> Result<()> {
         for path in files {
@@ -326,6 +359,7 @@ pub fn load(
                 &vars,
                 rename,
                 channels_last,
+                prepacks,
                 &mut staging,
                 &mut found,
                 &mut unexpected,
@@ -382,6 +416,7 @@ fn load_file(
     vars: &HashMap<String, Tensor>,
     rename: &dyn Fn(&str) -> String,
     channels_last: bool,
+    prepacks: &mut Prepacks,
     staging: &mut Staging,
     found: &mut HashSet<String>,
     unexpected: &mut Vec<String>,
@@ -418,6 +453,15 @@ fn load_file(
             read_tensor(&file, offset, &shape, kind, dest, staging)
                 .map_err(|e| werr(format!("{name}: {e}")))
         };
+        if prepacks.takes(var, channels_last) {
+            // Read where it is packed from, into its layer's final (prepacked) storage.
+            let plain = staging.scratch(&shape, var.kind())?;
+            read(&plain, staging)?;
+            if prepacks.pack(var, &plain) {
+                found.insert(target);
+                continue;
+            }
+        }
         if channels_last && var.dim() == 4 {
             // The final storage is allocated in its final order here; the variable's own
             // (untouched) storage is then released.
@@ -563,8 +607,9 @@ pub fn load_files<M>(
     build: impl FnOnce(&nn::Path) -> Result<M>,
 ) -> Result<(M, VarStore)> {
     let mut vs = var_store(kind, device);
-    let model = build(&vs.root())?;
-    load(&mut vs, files, rename, layout)?;
+    let (model, mut prepacks) = crate::layers::collect(|| build(&vs.root()));
+    let model = model?;
+    load_packing(&mut vs, files, rename, layout, &mut prepacks)?;
     vs.freeze();
     Ok((model, vs))
 }

@@ -130,7 +130,8 @@ impl Executor {
         let job: Job = Box::new(move || {
             backlog.fetch_sub(1, Ordering::SeqCst);
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            // A model's first call on the CPU prepacks its weights (see autopipe_models::layers).
+            // A call may prepack weights that loading left plain (1×1 convolutions: see
+            // autopipe_models::layers).
             if autopipe_models::layers::take_released_bytes() > 0 {
                 crate::allocator::release_free_pages();
             }
