@@ -270,16 +270,7 @@ impl SpatialSelfAttention {
         let q = self.to_q.forward(&hs).unsqueeze(1);
         let k = self.to_k.forward(&hs).unsqueeze(1);
         let v = self.to_v.forward(&hs).unsqueeze(1);
-        let attn = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
+        let attn = crate::attention::scaled_dot_product(&q, &k, &v, None);
         let out = self.to_out.forward(&attn.squeeze_dim(1));
         out.transpose(1, 2).reshape([b, c, h, w]) + xs
     }
