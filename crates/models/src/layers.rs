@@ -170,7 +170,9 @@ impl Prepacks {
             Ok(packed) => {
                 let set = slot.set(Some(packed)).is_ok();
                 if set {
-                    drop_storage(var);
+                    // Counted although never written: the load's scratch and staging memory
+                    // is then handed back with it (see `take_released_bytes`).
+                    release(var);
                 }
                 set
             }
