@@ -7,12 +7,14 @@
 //! remote `autopipe-store`. The classes the store loads are in `components`.
 
 pub mod allocator;
+mod args;
 mod batch;
 mod components;
 mod digest;
 mod executor;
 mod store;
 
+pub use args::StoreArgs;
 pub use autopipe_store_api::{
     kind_name, open_device, parse_budget, parse_device, parse_kind, parse_kind_opt,
     single_threaded_kernels, AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease,

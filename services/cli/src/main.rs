@@ -12,7 +12,7 @@ use autopipe_proto::auth::{Authenticate, BearerToken, TokenAuth};
 use autopipe_proto::tls::{ClientTlsArgs, ServerTlsArgs};
 use autopipe_proto::transport::{self, Address, MAX_MESSAGE_BYTES};
 use autopipe_proto::v1;
-use autopipe_store::{Store, StoreConfig, StoreObserver};
+use autopipe_store::{Store, StoreArgs, StoreConfig, StoreObserver};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -40,66 +40,6 @@ enum Command {
     Resolve(ResolveArgs),
     /// What a store holds: resident components, bytes, leases.
     Stats(StatsArgs),
-}
-
-/// Store settings for the in-process store (`serve`, `generate --embedded`).
-#[derive(Debug, Args)]
-struct StoreArgs {
-    /// Device for weights and compute: cpu, cuda, cuda:N.
-    #[arg(long, env = "AUTOPIPE_DEVICE", default_value = "cpu")]
-    device: String,
-    /// Default weight dtype: float32, float16, bfloat16.
-    #[arg(long, env = "AUTOPIPE_DTYPE", default_value = "float32")]
-    dtype: String,
-    /// Resident-bytes budget: bytes (8G, 512M) or a percentage of device memory (80%).
-    #[arg(long, env = "AUTOPIPE_MEMORY_BUDGET")]
-    memory_budget: Option<String>,
-    /// Seconds a lease lives unless renewed or used.
-    #[arg(long, env = "AUTOPIPE_LEASE_TTL", default_value_t = 60)]
-    lease_ttl: u64,
-    /// libtorch intra-op threads (default: one per core).
-    #[arg(long, env = "AUTOPIPE_THREADS")]
-    threads: Option<i32>,
-    /// Most concurrent requests' UNet calls joined into one forward per denoising step (step-level
-    /// batching; 1 = off). Joined images match unjoined ones to float rounding (PSNR ≥ 60 dB), not
-    /// bit for bit.
-    #[arg(long, env = "AUTOPIPE_MAX_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    max_batch: u32,
-    /// Milliseconds a joinable call waits for partners (requests holding a lease on the same
-    /// component) before running with those already queued.
-    #[arg(long, env = "AUTOPIPE_BATCH_WINDOW_MS", default_value_t = autopipe_store::DEFAULT_BATCH_WINDOW.as_millis() as u64)]
-    batch_window_ms: u64,
-    /// CPU priority steps (nice) the weight-loading thread runs below the compute thread, so that
-    /// loading a model does not slow the denoising steps of requests already running (0 = the
-    /// same priority; a load on an otherwise idle store takes as long either way).
-    #[arg(long, env = "AUTOPIPE_LOAD_NICE", default_value_t = autopipe_store::DEFAULT_LOAD_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
-    load_nice: i32,
-}
-
-impl StoreArgs {
-    fn config(&self) -> anyhow::Result<StoreConfig> {
-        if let Some(n) = self.threads {
-            tch::set_num_threads(n);
-        }
-        let device = autopipe_store::open_device(&self.device)
-            .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-        Ok(StoreConfig {
-            device,
-            default_kind: autopipe_store::parse_kind(&self.dtype)
-                .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
-            memory_budget: self
-                .memory_budget
-                .as_deref()
-                .map(|s| autopipe_store::parse_budget(s, device))
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?,
-            lease_ttl: Duration::from_secs(self.lease_ttl.max(1)),
-            roots: autopipe_repo::ModelRoots::unconfined(),
-            max_batch: self.max_batch as usize,
-            batch_window: Duration::from_millis(self.batch_window_ms),
-            load_nice: self.load_nice,
-        })
-    }
 }
 
 #[derive(Debug, Args)]
@@ -693,10 +633,11 @@ fn main() -> anyhow::Result<()> {
             let roots = autopipe_repo::ModelRoots::for_server(&a.model_roots, &a.allow_hub)
                 .map_err(|e| anyhow::anyhow!(e))?;
             let store = Arc::new(
-                Store::new(StoreConfig {
-                    roots: roots.clone(),
-                    ..a.store.config()?
-                })
+                Store::new(
+                    a.store
+                        .config(roots.clone())
+                        .map_err(|e| anyhow::anyhow!(e))?,
+                )
                 .with_observer(loads.clone()),
             );
             let orchestrator = Arc::new(Orchestrator::new(
@@ -755,7 +696,9 @@ fn main() -> anyhow::Result<()> {
             let resp = if let Some(server) = &a.server {
                 runtime.block_on(generate_remote(server, &a.token, &a.tls, req))?
             } else if a.embedded {
-                let store = Arc::new(Store::new(a.store.config()?));
+                // The caller's own machine and files: no model root confines it.
+                let config = a.store.config(autopipe_repo::ModelRoots::unconfined());
+                let store = Arc::new(Store::new(config.map_err(|e| anyhow::anyhow!(e))?));
                 // In process, the caller is the operator: its own request decides.
                 let config = OrchestratorConfig {
                     allow_request_safety_off: true,
