@@ -483,6 +483,13 @@ impl Driver<'_> {
             "  cat {} weight files > /dev/null: {cat_ms:.1} ms",
             files.len()
         );
+        let tensor_bytes = report::checkpoint_tensor_bytes(
+            Path::new(&cfg.model),
+            self.args.variant.as_deref(),
+            &cfg.dtype,
+        )?;
+        let first_touch_ms = report::time_first_touch(tensor_bytes)?;
+        eprintln!("  first touch of {tensor_bytes} bytes of fresh memory: {first_touch_ms:.1} ms");
         self.measured.cat.push(report::Cat {
             checkpoint: cfg.name.to_string(),
             dtype: cfg.dtype.clone(),
@@ -492,6 +499,8 @@ impl Driver<'_> {
                 .map(|m| m.len())
                 .sum(),
             cat_ms,
+            tensor_bytes,
+            first_touch_ms,
         });
         // Cold start: process start → first image (text2img); the order rotates between rounds.
         for round in 0..cfg.cold_runs.max(1) {
@@ -562,11 +571,6 @@ impl Driver<'_> {
                 }
             }
         }
-        let tensor_bytes = report::checkpoint_tensor_bytes(
-            Path::new(&cfg.model),
-            self.args.variant.as_deref(),
-            &cfg.dtype,
-        )?;
         for (i, kind) in kinds.iter().enumerate() {
             let sys = running[i].as_ref().context("system running")?;
             for (process, peak_rss_bytes) in sys.peak_rss() {

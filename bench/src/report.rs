@@ -67,6 +67,11 @@ pub struct Cat {
     pub file_bytes: u64,
     /// Median of 3 runs after one that warms the page cache.
     pub cat_ms: f64,
+    /// Bytes of the tensors once loaded (at the configuration's dtype).
+    pub tensor_bytes: u64,
+    /// Writing `tensor_bytes` of fresh memory ([`time_first_touch`]): the floor of a load that
+    /// copies.
+    pub first_touch_ms: f64,
 }
 
 /// The load row of one system: the cold start's component loads against `cat`, its peak RSS
@@ -80,6 +85,8 @@ pub struct Load {
     pub load_ms: f64,
     pub cat_ms: f64,
     pub ratio_vs_cat: f64,
+    /// load / first touch of the tensor bytes.
+    pub ratio_vs_first_touch: f64,
     /// `VmHWM` as the last load ended (before any component ran), highest over the cold starts.
     pub peak_rss_bytes: Option<u64>,
     /// RSS before the loads (the process's own start-up: libtorch, tokenizers, binary).
@@ -444,6 +451,7 @@ impl Report {
                     load_ms,
                     cat_ms: c.cat_ms,
                     ratio_vs_cat: load_ms / c.cat_ms,
+                    ratio_vs_first_touch: load_ms / c.first_touch_ms,
                     peak_rss_bytes,
                     rss_before_bytes,
                     resident_bytes,
@@ -902,8 +910,8 @@ impl Report {
                             _ => String::new(),
                         };
                         format!(
-                            "{:.0} ms = {:.2} × cat (≤ 1.5){rss}",
-                            l.load_ms, l.ratio_vs_cat
+                            "{:.0} ms = {:.2} × cat (≤ 1.5), {:.2} × first touch{rss}",
+                            l.load_ms, l.ratio_vs_cat, l.ratio_vs_first_touch
                         )
                     })
                     .unwrap_or_else(|| "–".into())
@@ -915,9 +923,11 @@ impl Report {
             {
                 let _ = writeln!(
                     t,
-                    "| load (cat {} > /dev/null: {:.0} ms) | {} | {} | {} | | | |",
+                    "| load (cat {} > /dev/null: {:.0} ms; first touch of {} fresh memory: {:.0} ms) | {} | {} | {} | | | |",
                     gib(c.file_bytes),
                     c.cat_ms,
+                    gib(c.tensor_bytes),
+                    c.first_touch_ms,
                     load_cell("embedded"),
                     load_cell("split"),
                     load_cell("diffusers")
@@ -1118,6 +1128,27 @@ pub fn time_cat(files: &[std::path::PathBuf]) -> Result<f64> {
     Ok(median(&mut v))
 }
 
+/// Median wall time of writing one byte per page of `bytes` of fresh anonymous memory (3 runs):
+/// the page faults and the kernel's zeroing that any load copying into memory of its own pays at
+/// least on this machine, whatever it reads from. Printed beside `cat` in the load row.
+pub fn time_first_touch(bytes: u64) -> Result<f64> {
+    const PAGE: usize = 4096;
+    let run = || -> Result<f64> {
+        let n = usize::try_from(bytes)?;
+        // A fresh mapping (glibc maps blocks this large on their own): no page touched yet.
+        let mut buf: Vec<u8> = Vec::with_capacity(n);
+        let ptr = buf.as_mut_ptr();
+        let t0 = std::time::Instant::now();
+        for off in (0..n).step_by(PAGE) {
+            // SAFETY: `off < n`, the buffer's capacity; volatile so the writes stay.
+            unsafe { std::ptr::write_volatile(ptr.add(off), 1) };
+        }
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut v = vec![run()?, run()?, run()?];
+    Ok(median(&mut v))
+}
+
 /// Bytes of a Stable Diffusion checkpoint's leased components' tensors (text encoder, UNet, VAE), floating-point tensors
 /// counted at `dtype`, read from the safetensors headers.
 pub fn checkpoint_tensor_bytes(model: &Path, variant: Option<&str>, dtype: &str) -> Result<u64> {
@@ -1238,6 +1269,8 @@ mod tests {
             dtype: "float32".to_string(),
             file_bytes: 1 << 30,
             cat_ms: 100.0,
+            tensor_bytes: 1 << 30,
+            first_touch_ms: 400.0,
         }];
         Report::build(
             serde_json::Value::Null,
