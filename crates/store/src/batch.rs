@@ -16,9 +16,13 @@
 //! call's rows (a scalar timestep), which is expanded to the call's rows before joining; every
 //! output is per row. A call that fits neither (an input with another dim 0) simply runs alone.
 //!
-//! Waiting for partners: a job that finds fewer calls queued than leases on the component (each
-//! lease is a request that may be about to call it) waits up to `window` for them, so that requests
-//! which drifted apart by a scheduler step fall back into one forward; a lone request never waits.
+//! Waiting for partners: a job that finds fewer calls queued than requests that may be about to
+//! make the same call waits up to `window` for them, so that requests which drifted apart by a
+//! scheduler step fall back into one forward; a lone request never waits. The store counts those
+//! requests from the leases on the component: every lease whose request has not made a call of
+//! that method yet, or whose latest call had the same signature (in its denoising loop, between two
+//! steps); not one whose request has moved on (decoding after its loop, or calling with another
+//! signature), which would make every step wait out the window for a call that never comes.
 //! It waits on the compute thread, so it stops waiting as soon as any other job is queued there
 //! (another model's call, or a partner's text-encoder call that its UNet call needs first): a
 //! waiting join never holds up work the thread could be doing.
@@ -43,6 +47,16 @@ pub(crate) struct Signature {
 }
 
 impl Signature {
+    /// The component's address.
+    pub fn component(&self) -> usize {
+        self.component
+    }
+
+    /// The method called.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
     /// The signature of a call with `rows` rows, or `None` when an input is neither per row nor a
     /// single shared value (the call then runs alone).
     pub fn of(component: usize, method: &str, inputs: &Tensors) -> Option<(Self, i64)> {
@@ -77,7 +91,8 @@ impl Signature {
 struct Pending {
     inputs: Tensors,
     rows: i64,
-    /// Leases on the component when the call came in: how many calls could join it.
+    /// Requests that may be about to make a call with the same signature when this one came in,
+    /// itself included (the store counts them from their leases): how many calls could join it.
     partners: usize,
     reply: mpsc::SyncSender<Result<Tensors, StoreError>>,
 }

@@ -158,6 +158,47 @@ struct LeaseState {
     expires: Instant,
     /// Its components are still loading: it cannot expire yet (its TTL starts once they are ready).
     loading: bool,
+    /// The calls its request has made, as joining sees them (see [`LeaseState::expects`]).
+    calls: CallHistory,
+}
+
+/// What a request has called, as joining sees it: the joinable (component, method) pairs it has
+/// called, and the signature of its latest call if that one was joinable.
+#[derive(Default)]
+struct CallHistory {
+    joinable: Vec<(usize, String)>,
+    last: Option<Signature>,
+}
+
+impl CallHistory {
+    fn has_called(&self, signature: &Signature) -> bool {
+        self.joinable
+            .iter()
+            .any(|(c, m)| *c == signature.component() && m == signature.method())
+    }
+}
+
+impl LeaseState {
+    /// Whether this lease's request may be about to make a call with `signature`, so that a call
+    /// with it should wait for this one (see `batch`): it has not called that component method
+    /// yet (it is on its way: encoding its prompt, say), or its latest call was exactly this one
+    /// (it is in its denoising loop, between two steps). A request that called the method and whose
+    /// latest call went elsewhere since (its loop ended and it is decoding; it calls with another
+    /// signature: another size) is not waited for: it would make every step wait out the window.
+    fn expects(&self, signature: &Signature) -> bool {
+        self.calls.last.as_ref() == Some(signature) || !self.calls.has_called(signature)
+    }
+
+    /// Records a call: `signature` if it can be joined, `None` if not.
+    fn called(&mut self, signature: Option<&Signature>) {
+        let h = &mut self.calls;
+        if let Some(s) = signature {
+            if !h.has_called(s) {
+                h.joinable.push((s.component(), s.method().to_string()));
+            }
+        }
+        h.last = signature.cloned();
+    }
 }
 
 #[derive(Default)]
@@ -709,6 +750,7 @@ impl Store {
                 handles,
                 expires: Instant::now() + self.config.lease_ttl,
                 loading: true,
+                calls: CallHistory::default(),
             };
             st.leases.insert(lease_id.clone(), lease);
         }
@@ -842,12 +884,12 @@ impl Store {
         Ok(out)
     }
 
-    /// The leased component behind `handle_id`, with the number of leases holding it.
+    /// The leased component behind `handle_id`, with its key.
     fn resolve_handle(
         &self,
         lease_id: &str,
         handle_id: &str,
-    ) -> Result<(Arc<Resident>, u32), StoreError> {
+    ) -> Result<(Arc<Resident>, ComponentKey), StoreError> {
         let mut st = self.state();
         let now = Instant::now();
         let ttl = self.config.lease_ttl;
@@ -894,17 +936,43 @@ impl Store {
             .slot
             .get()
             .ok_or_else(|| StoreError::new(Code::Internal, "leased component is not loaded"))?;
-        Ok((resident, entry.leases))
+        Ok((resident, key))
+    }
+
+    /// Records a call of `lease_id` on the component `key` (`signature`: if it can be joined) and
+    /// returns how many requests can be expected to make the same call: itself and every other
+    /// lease on the component whose request [`LeaseState::expects`] to make it.
+    fn record_call(
+        &self,
+        lease_id: &str,
+        key: &ComponentKey,
+        signature: Option<&Signature>,
+    ) -> usize {
+        let mut st = self.state();
+        let others = signature.map_or(0, |signature| {
+            st.leases
+                .iter()
+                .filter(|(id, l)| {
+                    id.as_str() != lease_id
+                        && l.handles.iter().any(|(_, k)| k == key)
+                        && l.expects(signature)
+                })
+                .count()
+        });
+        if let Some(lease) = st.leases.get_mut(lease_id) {
+            lease.called(signature);
+        }
+        1 + others
     }
 
     /// Runs a call on the compute thread: joined with other requests' calls of the same signature
     /// when the component allows it (see `batch`), alone otherwise.
     fn run_call(
         &self,
+        (lease_id, key): (&str, &ComponentKey),
         resident: &Arc<Resident>,
         method: &str,
         inputs: Tensors,
-        leases: u32,
         span: tracing::Span,
     ) -> Result<Tensors, StoreError> {
         let component = resident.component.clone();
@@ -912,6 +980,12 @@ impl Store {
         let signature = joinable
             .then(|| Signature::of(Arc::as_ptr(resident) as usize, method, &inputs))
             .flatten();
+        // Every call of a request, joinable or not, says where it is (see `LeaseState::expects`).
+        let partners = if self.batcher.enabled() {
+            self.record_call(lease_id, key, signature.as_ref().map(|(s, _)| s))
+        } else {
+            1
+        };
         let method = method.to_string();
         let Some((signature, rows)) = signature else {
             return self
@@ -921,7 +995,7 @@ impl Store {
         };
         let reply = self
             .batcher
-            .enqueue(signature.clone(), inputs, rows, leases as usize);
+            .enqueue(signature.clone(), inputs, rows, partners);
         let batcher = self.batcher.clone();
         let backlog = self.compute.backlog();
         // The call's own job; an earlier job of the same signature may have answered it already.
@@ -971,10 +1045,10 @@ impl ComponentStore for Store {
         inputs: Tensors,
         request_id: &str,
     ) -> Result<Tensors, StoreError> {
-        let (resident, leases) = self.resolve_handle(lease_id, handle_id)?;
+        let (resident, key) = self.resolve_handle(lease_id, handle_id)?;
         let span = tracing::debug_span!("invoke", class = %resident.class_name, method, request_id);
         let started = Instant::now();
-        let result = self.run_call(&resident, method, inputs, leases, span);
+        let result = self.run_call((lease_id, &key), &resident, method, inputs, span);
         self.observer.invoked(
             &resident.class_name,
             method,

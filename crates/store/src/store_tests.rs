@@ -597,36 +597,36 @@ fn unet_call(i: usize, size: i64) -> Tensors {
     ]
 }
 
-#[test]
-fn queued_unet_calls_run_as_one_forward_with_the_outputs_they_get_alone() {
-    const CALLS: usize = 4;
-    let s = Store::new(StoreConfig {
-        max_batch: CALLS,
-        batch_window: Duration::ZERO,
-        ..Default::default()
-    });
-    // One lease per request, as concurrent requests hold them.
-    let leases: Vec<Lease> = (0..=CALLS)
-        .map(|_| acquire(&s, &[fixture("sd1-tiny", "unet")]).unwrap())
+/// Runs `calls` (method `method` on the component leased as `name`, one lease per call, as
+/// concurrent requests hold them) one at a time, then all queued behind a held compute thread so
+/// that the first job finds them all waiting (no timing involved); returns each call's outputs
+/// alone and then joined, and checks that `joined` calls ran as one forward.
+fn alone_then_queued(
+    s: &Store,
+    spec: &ComponentSpec,
+    method: &str,
+    calls: &[Tensors],
+    joined: usize,
+) -> (Vec<Tensors>, Vec<Tensors>) {
+    let copy = |t: &Tensors| -> Tensors { t.iter().map(|(n, t)| (n.clone(), t.copy())).collect() };
+    let leases: Vec<Lease> = calls
+        .iter()
+        .map(|_| acquire(s, std::slice::from_ref(spec)).unwrap())
         .collect();
     let invoke = |i: usize, inputs: Tensors| {
         let lease = &leases[i];
-        let handle = &lease.handle("unet").unwrap().id;
-        s.invoke(&lease.id, handle, "forward", inputs, "r")
-            .map(|mut out| out.remove(0).1)
+        let handle = &lease.handle(&spec.name).unwrap().id;
+        s.invoke(&lease.id, handle, method, inputs, "r")
     };
-    // Calls CALLS..: another latent size, so another signature: it runs in a forward of its own.
-    let size = |i: usize| if i < CALLS { 8 } else { 16 };
-    let alone: Vec<Tensor> = (0..=CALLS)
-        .map(|i| invoke(i, unet_call(i, size(i))).unwrap())
+    let before = s.stats().batching;
+    let alone: Vec<Tensors> = (0..calls.len())
+        .map(|i| invoke(i, copy(&calls[i])).unwrap())
         .collect();
-    assert_eq!(s.stats().batching, BatchStats::default(), "one at a time");
+    assert_eq!(s.stats().batching, before, "one at a time");
 
-    // Hold the compute thread, queue every call behind it, then let it go: the first job finds
-    // them all waiting (no timing involved).
     let (release, held) = mpsc::channel::<()>();
     let (busy, is_busy) = mpsc::channel::<()>();
-    let batched: Vec<Tensor> = std::thread::scope(|scope| {
+    let queued: Vec<Tensors> = std::thread::scope(|scope| {
         let blocker = scope.spawn(|| {
             s.compute.run(move || {
                 let _ = busy.send(());
@@ -634,13 +634,16 @@ fn queued_unet_calls_run_as_one_forward_with_the_outputs_they_get_alone() {
             })
         });
         is_busy.recv().unwrap();
-        let callers: Vec<_> = (0..=CALLS)
-            .map(|i| scope.spawn(move || invoke(i, unet_call(i, size(i)))))
+        let callers: Vec<_> = (0..calls.len())
+            .map(|i| {
+                let inputs = copy(&calls[i]);
+                scope.spawn(move || invoke(i, inputs))
+            })
             .collect();
-        let queued = Instant::now();
-        while s.batcher.queued() < CALLS + 1 {
+        let waiting = Instant::now();
+        while s.batcher.queued() < calls.len() {
             assert!(
-                queued.elapsed() < Duration::from_secs(60),
+                waiting.elapsed() < Duration::from_secs(60),
                 "calls not queued"
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -655,21 +658,129 @@ fn queued_unet_calls_run_as_one_forward_with_the_outputs_they_get_alone() {
     assert_eq!(
         s.stats().batching,
         BatchStats {
-            batched_forwards: 1,
-            batched_calls: CALLS as u64
+            batched_forwards: before.batched_forwards + 1,
+            batched_calls: before.batched_calls + joined as u64
         }
     );
-    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
-        assert_eq!(a.size(), b.size());
-        let diff = f64::try_from((a - b).abs().max()).unwrap();
-        let scale = f64::try_from(a.abs().max()).unwrap();
-        println!("call {i}: max |batched - alone| = {diff:.2e} (outputs up to {scale:.2})");
-        assert!(diff <= 1e-4 * scale.max(1.0), "call {i}: {diff}");
-    }
-    // The rows did not come back shuffled: different requests, different outputs.
-    assert!(f64::try_from((&batched[0] - &batched[1]).abs().max()).unwrap() > 1e-2);
     for lease in &leases {
         s.release(&lease.id).unwrap();
     }
+    (alone, queued)
+}
+
+/// Every output of every call equals the call's output alone (to float rounding: a joined forward
+/// may take other kernels' paths), and the rows went back to their own callers.
+fn assert_same_outputs(what: &str, alone: &[Tensors], joined: &[Tensors]) {
+    for (i, (a, b)) in alone.iter().zip(joined).enumerate() {
+        assert_eq!(a.len(), b.len(), "{what} call {i}: outputs");
+        for ((name, a), (name_b, b)) in a.iter().zip(b) {
+            assert_eq!((name, a.size()), (name_b, b.size()), "{what} call {i}");
+            let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+            let diff = f64::try_from((&a - &b).abs().max()).unwrap();
+            let scale = f64::try_from(a.abs().max()).unwrap();
+            println!(
+                "{what} call {i} {name}: max |joined - alone| = {diff:.2e} (outputs up to {scale:.2})"
+            );
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{what} call {i} {name}: {diff}"
+            );
+        }
+    }
+    // Different inputs, different outputs: nothing came back shuffled.
+    let first = |c: &Tensors| c[0].1.to_kind(Kind::Float);
+    assert!(f64::try_from((first(&joined[0]) - first(&joined[1])).abs().max()).unwrap() > 1e-3);
+}
+
+#[test]
+fn queued_unet_calls_run_as_one_forward_with_the_outputs_they_get_alone() {
+    const CALLS: usize = 4;
+    let s = Store::new(StoreConfig {
+        max_batch: CALLS,
+        batch_window: Duration::ZERO,
+        ..Default::default()
+    });
+    // The last call has another latent size, so another signature: it runs in a forward of its own.
+    let calls: Vec<Tensors> = (0..=CALLS)
+        .map(|i| unet_call(i, if i < CALLS { 8 } else { 16 }))
+        .collect();
+    let (alone, joined) =
+        alone_then_queued(&s, &fixture("sd1-tiny", "unet"), "forward", &calls, CALLS);
+    assert_same_outputs("unet", &alone, &joined);
     assert_eq!(s.stats().active_leases, 0);
+}
+
+#[test]
+fn queued_text_encoder_calls_join_with_the_outputs_they_get_alone() {
+    let s = Store::new(StoreConfig {
+        max_batch: 8,
+        batch_window: Duration::ZERO,
+        ..Default::default()
+    });
+    // Prompts as token ids: a CFG pair (negative, prompt) or one prompt, each ending in its own
+    // end-of-text position, which pooling picks per row.
+    let ids = |rows: i64, seed: i64| {
+        let ids = ((Tensor::arange(rows * 77, (Kind::Int64, Device::Cpu)) * 7 + seed * 131)
+            .remainder(400)
+            + 1)
+        .view([rows, 77]);
+        for r in 0..rows {
+            let _ = ids.get(r).narrow(0, 5 + 3 * seed + r, 1).fill_(49407);
+        }
+        vec![("input_ids".to_string(), ids)]
+    };
+    let prompts: Vec<Tensors> = vec![ids(2, 0), ids(1, 1), ids(2, 2)];
+    let (alone, joined) = alone_then_queued(
+        &s,
+        &fixture("sd1-tiny", "text_encoder"),
+        "encode",
+        &prompts,
+        3,
+    );
+    assert_same_outputs("text_encoder.encode", &alone, &joined);
+
+    assert_eq!(s.stats().active_leases, 0);
+}
+
+/// A UNet call that waits for partners does not wait for a request that has moved on: one that
+/// called the UNet with another signature (another size) or whose latest call went elsewhere after
+/// its loop (its VAE decode). The window is far longer than the test, so a wait fails it.
+#[test]
+fn a_call_does_not_wait_for_requests_that_left_its_loop() {
+    let s = Arc::new(Store::new(StoreConfig {
+        max_batch: 4,
+        batch_window: Duration::from_secs(3600),
+        ..Default::default()
+    }));
+    let specs = [fixture("sd1-tiny", "unet"), fixture("sd1-tiny", "vae")];
+    // A call that must not wait out the window.
+    let call = |lease: &Lease, name: &str, method: &str, inputs: Tensors| {
+        let (store, id) = (s.clone(), lease.id.clone());
+        let handle = lease.handle(name).unwrap().id.clone();
+        let method = method.to_string();
+        let (done, answered) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(store.invoke(&id, &handle, &method, inputs, "r"));
+        });
+        answered
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the call waited for requests that will not make it")
+            .unwrap()
+    };
+    // Another size: its calls have another signature.
+    let other_size = acquire(&s, &specs[..1]).unwrap();
+    call(&other_size, "unet", "forward", unet_call(1, 16));
+    // Its loop ended: it decodes.
+    let decoding = acquire(&s, &specs).unwrap();
+    call(&decoding, "unet", "forward", unet_call(2, 8));
+    let latents = vec![("latents".to_string(), pattern(&[1, 4, 8, 8], 3.0))];
+    call(&decoding, "vae", "decode", latents);
+    // Both still hold their leases.
+    let lease = acquire(&s, &specs).unwrap();
+    let out = call(&lease, "unet", "forward", unet_call(0, 8));
+    assert_eq!(out[0].1.size(), [2, 4, 8, 8]);
+    assert_eq!(s.stats().batching, BatchStats::default());
+    for l in [other_size, decoding, lease] {
+        s.release(&l.id).unwrap();
+    }
 }

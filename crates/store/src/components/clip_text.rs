@@ -19,8 +19,13 @@ pub(super) struct CLIPTextModelWithProjection(clip::CLIPTextModelWithProjection)
 unsafe impl Sync for CLIPTextModel {}
 unsafe impl Sync for CLIPTextModelWithProjection {}
 
+/// `encode` works per sequence: attention is causal within each row, pooling picks each row's
+/// end-of-text position, and every output is per row.
+const PER_SEQUENCE: &[&str] = &["encode"];
+
 impl ComponentClass for CLIPTextModel {
     const NAME: &'static str = "CLIPTextModel";
+    const BATCHED: &'static [&'static str] = PER_SEQUENCE;
     const METHODS: &'static [Method<Self>] = &[Method {
         name: "encode",
         required: &["input_ids"],
@@ -52,6 +57,7 @@ impl ComponentClass for CLIPTextModel {
 
 impl ComponentClass for CLIPTextModelWithProjection {
     const NAME: &'static str = "CLIPTextModelWithProjection";
+    const BATCHED: &'static [&'static str] = PER_SEQUENCE;
     const METHODS: &'static [Method<Self>] = &[Method {
         name: "encode",
         required: &["input_ids"],
