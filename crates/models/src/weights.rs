@@ -227,8 +227,10 @@ impl Staging {
         Ok(self.buf.as_ref().expect("staging buffer was just made"))
     }
 
-    /// A contiguous CPU tensor of `shape` and `kind` over a byte buffer reused between weights
-    /// (grown to the largest): where a weight that is packed at load is read first.
+    /// A CPU tensor of `shape` and `kind` over a byte buffer reused between weights (grown to the
+    /// largest): where a weight that is packed at load is read first. 4-D shapes are laid out
+    /// channels-last, the order oneDNN's convolution weight reorder takes them in (it copies any
+    /// other order into that one first, into fresh memory).
     fn scratch(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor> {
         let bytes = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
         if self.scratch.as_ref().is_none_or(|b| b.numel() < bytes) {
@@ -239,10 +241,11 @@ impl Staging {
             )?);
         }
         let buf = self.scratch.as_ref().expect("scratch buffer was just made");
-        Ok(buf
-            .f_narrow(0, 0, bytes as i64)?
-            .f_view_dtype(kind)?
-            .f_view(shape)?)
+        let flat = buf.f_narrow(0, 0, bytes as i64)?.f_view_dtype(kind)?;
+        Ok(match *shape {
+            [n, c, h, w] => flat.f_as_strided([n, c, h, w], [c * h * w, 1, w * c, c], None)?,
+            _ => flat.f_view(shape)?,
+        })
     }
 }
 
