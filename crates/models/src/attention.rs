@@ -10,10 +10,12 @@ use tch::{Device, Kind, Tensor};
 
 use crate::weights::{conv2d, group_norm, layer_norm, linear};
 
-/// Attention-score elements (`batch × heads × queries × keys`) up to which a bf16 CPU attention
-/// runs as two matmuls around a softmax rather than libtorch's fused kernel (see
-/// [`scaled_dot_product`]).
-const EXPLICIT_BF16_SCORES: i64 = 1 << 21;
+/// Attention-score elements per sample (`heads × queries × keys`) up to which a bf16 CPU
+/// attention runs as two matmuls around a softmax rather than libtorch's fused kernel (see
+/// [`scaled_dot_product`]). Per sample, not per call: the store joins requests' calls into one
+/// batch (`autopipe_store` step-level batching), and a joined call must take the same path as
+/// each call alone or its images would change.
+const EXPLICIT_BF16_SCORES: i64 = 1 << 20;
 
 /// `softmax(q kᵀ / √d + mask) v` on `[batch, heads, tokens, head_dim]`: PyTorch's
 /// `scaled_dot_product_attention` (no dropout, not causal), as diffusers' `AttnProcessor2_0` calls
@@ -22,11 +24,11 @@ const EXPLICIT_BF16_SCORES: i64 = 1 << 21;
 /// In bf16 on the CPU, libtorch's fused (flash) kernel computes in fp32 tiles and is slower than
 /// plain bf16 matmuls when the scores are small: on this project's 2-core AVX-512 machine,
 /// single-threaded, 256 self-attention tokens 3.7 → 1.3 ms, 1024 tokens × 77 text tokens 4.0 →
-/// 1.5 ms, the VAE's 1024-token single 512-wide head 39 → 10 ms; from ~4 M score elements up (SD's
-/// 1024-token self-attention, 16 M: 34 vs 41 ms) the fused kernel wins. So up to
-/// [`EXPLICIT_BF16_SCORES`] the scores are one bf16 matmul, the softmax runs in fp32 (as the fused
-/// kernel's does) and is rounded to bf16 for the second matmul. Other dtypes and devices, and
-/// larger scores, use the fused kernel.
+/// 1.5 ms, the VAE's 1024-token single 512-wide head 39 → 10 ms (all batch 2 but the VAE's); from
+/// ~2 M score elements per sample up (SD's 1024-token self-attention, 8 M: 34 vs 41 ms) the fused
+/// kernel wins. So up to [`EXPLICIT_BF16_SCORES`] per sample the scores are one bf16 matmul, the
+/// softmax runs in fp32 (as the fused kernel's does) and is rounded to bf16 for the second
+/// matmul. Other dtypes and devices, and larger scores, use the fused kernel.
 pub(crate) fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -34,7 +36,8 @@ pub(crate) fn scaled_dot_product(
     mask: Option<&Tensor>,
 ) -> Tensor {
     let (qs, ks) = (q.size(), k.size());
-    let scores: i64 = qs[..qs.len() - 1].iter().product::<i64>() * ks[ks.len() - 2];
+    // Heads × queries × keys: every dim of `q` but the batch and the head width.
+    let scores: i64 = qs[1..qs.len() - 1].iter().product::<i64>() * ks[ks.len() - 2];
     if q.kind() == Kind::BFloat16 && q.device() == Device::Cpu && scores <= EXPLICIT_BF16_SCORES {
         let scale = (qs[qs.len() - 1] as f64).powf(-0.5);
         let s = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float) * scale;
@@ -497,6 +500,19 @@ mod tests {
             assert!(
                 d_got <= 0.02,
                 "explicit bf16: {d_got:.4} (fused {d_fused:.4})"
+            );
+        }
+        // A joined batch takes the path of its calls alone: the same values, bit for bit.
+        let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
+        let (q, k) = (bf(&r(&[16, 8, 256, 40])), bf(&r(&[16, 8, 256, 40])));
+        let joined = scaled_dot_product(&q, &k, &k, None);
+        for i in (0..16).step_by(2) {
+            let (qi, ki) = (q.narrow(0, i, 2), k.narrow(0, i, 2));
+            let alone = scaled_dot_product(&qi, &ki, &ki, None);
+            assert!(
+                joined.narrow(0, i, 2).equal(&alone),
+                "rows {i}..{} differ",
+                i + 2
             );
         }
         // Past the threshold: the fused kernel's result exactly.
