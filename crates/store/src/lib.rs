@@ -1,5 +1,4 @@
-//! The component store engine: loads each diffusers component once per (content digest, dtype,
-//! device), leases it out, evicts what no lease holds when the memory budget needs room, and runs
+//! The component store engine: loads each diffusers component once per (content, dtype, device), leases it out, evicts what no lease holds when the memory budget needs room, and runs
 //! component forward passes so that weights never leave the process holding them.
 //!
 //! [`ComponentStore`] (from `autopipe-store-api`, re-exported here) is the one interface pipelines

@@ -6,7 +6,7 @@
 
 use crate::batch::{BatchStats, Batcher, Signature};
 use crate::components::{self, Component};
-use crate::digest::DigestCache;
+use crate::digest::{DigestCache, Source};
 use crate::executor::{Executor, Kernels};
 use crate::{
     kind_name, AcquireRequest, Code, ComponentSpec, ComponentStore, Handle, Lease, StoreError,
@@ -20,6 +20,9 @@ use tch::{Device, Kind};
 
 /// Expired lease ids remembered so that a late call hears "expired" rather than "unknown".
 const REMEMBERED_EXPIRED_LEASES: usize = 4096;
+
+/// Times a request's components are keyed again because a possible twin appeared meanwhile.
+const REKEY_ROUNDS: usize = 4;
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -84,6 +87,7 @@ impl StoreObserver for NoObserver {}
 /// The identity of a resident component: same bytes, dtype and device → one copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ComponentKey {
+    /// The [`Source::identity`] of the files it was first loaded from (see `digest`).
     digest: String,
     kind: Kind,
     /// The kind's name, checked when the key is made.
@@ -134,6 +138,8 @@ impl Slot {
 struct Entry {
     slot: Arc<Slot>,
     class_name: String,
+    /// The files it is loaded from, for telling whether another folder holds the same bytes.
+    source: Source,
     paths: BTreeSet<String>,
     leases: u32,
     /// Loaded by an operator (`Load`): never evicted until `Unload`.
@@ -311,7 +317,7 @@ enum Holder<'a> {
     Pin(&'a [ComponentKey]),
 }
 
-/// A requested component, resolved to its content key.
+/// A requested component, resolved to its key.
 struct Keyed<'a> {
     /// Position in the request, for error messages.
     index: usize,
@@ -319,6 +325,9 @@ struct Keyed<'a> {
     class: &'static components::Class,
     key: ComponentKey,
     bytes: u64,
+    source: Source,
+    /// Keys of the entries its bytes were compared with (see [`Store::key_digest`]).
+    compared: Vec<String>,
 }
 
 /// The in-process component store.
@@ -514,9 +523,9 @@ impl Store {
                         format!("components[{i}].path: {:?}: {e}", spec.name),
                     )
                 })?;
-            let digest = self
-                .digests
-                .component(&spec.class_name, &spec.path, &files)?;
+            let source = self.digests.source(&spec.class_name, &spec.path, &files)?;
+            let mut compared = Vec::new();
+            let digest = self.key_digest(&source, kind, &mut compared)?;
             let bytes = estimate_bytes(&files, kind).map_err(|e| {
                 StoreError::new(
                     e.code,
@@ -534,9 +543,83 @@ impl Store {
                     device: self.config.device,
                 },
                 bytes,
+                source,
+                compared,
             });
         }
         Ok(keyed)
+    }
+
+    /// The key digest for `source` in `kind`: its own identity, unless an entry of the same
+    /// fingerprint, loaded from other files, holds the same bytes: then that entry's key. Hashes
+    /// bytes only when there is such an entry, and records the keys compared in `compared`.
+    fn key_digest(
+        &self,
+        source: &Source,
+        kind: Kind,
+        compared: &mut Vec<String>,
+    ) -> Result<String, StoreError> {
+        let twins: Vec<(String, Source)> = {
+            let st = self.state();
+            let same = |key: &ComponentKey| key.kind == kind && key.device == self.config.device;
+            if st
+                .entries
+                .keys()
+                .any(|key| same(key) && key.digest == source.identity)
+            {
+                return Ok(source.identity.clone());
+            }
+            st.entries
+                .iter()
+                .filter(|(key, e)| same(key) && e.source.fingerprint == source.fingerprint)
+                .map(|(key, e)| (key.digest.clone(), e.source.clone()))
+                .collect()
+        };
+        if twins.is_empty() {
+            return Ok(source.identity.clone());
+        }
+        let Some(mine) = self.digests.content(source)? else {
+            // Rewritten since it was resolved: key it as found (a later request sees the new files).
+            return Ok(source.identity.clone());
+        };
+        for (digest, theirs) in twins {
+            compared.push(digest.clone());
+            if self.digests.content(&theirs)? == Some(mine) {
+                return Ok(digest);
+            }
+        }
+        Ok(source.identity.clone())
+    }
+
+    /// The state lock, once no entry that could hold the same bytes as one of `keyed` has appeared
+    /// since it was resolved (a concurrent request for a copy of the same component in another
+    /// folder): such components are keyed again, so that both requests share one load.
+    fn state_for(&self, keyed: &mut [Keyed<'_>]) -> Result<MutexGuard<'_, State>, StoreError> {
+        for _ in 0..REKEY_ROUNDS {
+            let st = self.state();
+            let unexamined = |k: &Keyed<'_>| {
+                !st.entries.contains_key(&k.key)
+                    && st.entries.iter().any(|(key, e)| {
+                        key.kind == k.key.kind
+                            && key.device == k.key.device
+                            && e.source.fingerprint == k.source.fingerprint
+                            && !k.compared.contains(&key.digest)
+                    })
+            };
+            let stale: Vec<usize> = (0..keyed.len())
+                .filter(|&i| unexamined(&keyed[i]))
+                .collect();
+            if stale.is_empty() {
+                return Ok(st);
+            }
+            drop(st);
+            for i in stale {
+                let k = &mut keyed[i];
+                k.key.digest = self.key_digest(&k.source, k.key.kind, &mut k.compared)?;
+            }
+        }
+        // Entries keep appearing: go on; at worst one component is resident twice.
+        Ok(self.state())
     }
 
     /// Fails fast when the components that still need loading cannot fit even after evicting every
@@ -713,6 +796,7 @@ impl Store {
         let e = st.entries.entry(k.key.clone()).or_insert_with(|| Entry {
             slot: Arc::new(Slot::default()),
             class_name: k.spec.class_name.clone(),
+            source: k.source.clone(),
             paths: BTreeSet::new(),
             leases: 0,
             pinned: false,
@@ -730,11 +814,11 @@ impl Store {
     fn acquire_inner(&self, request: &AcquireRequest) -> Result<Lease, StoreError> {
         self.reap_expired();
         let kind = request.kind.unwrap_or(self.config.default_kind);
-        let keyed = self.resolve(&request.components, kind)?;
+        let mut keyed = self.resolve(&request.components, kind)?;
         // Take the lease first, so nothing this request needs is evicted while its siblings load.
         let lease_id = uuid::Uuid::new_v4().to_string();
         {
-            let mut st = self.state();
+            let mut st = self.state_for(&mut keyed)?;
             self.admit(&st, &keyed)?;
             let mut handles = Vec::with_capacity(keyed.len());
             for k in &keyed {
@@ -778,11 +862,11 @@ impl Store {
     ) -> Result<Vec<Pinned>, StoreError> {
         self.reap_expired();
         let kind = kind.unwrap_or(self.config.default_kind);
-        let keyed = self.resolve(components, kind)?;
+        let mut keyed = self.resolve(components, kind)?;
         let mut newly_pinned = Vec::new();
         let mut was_resident = Vec::with_capacity(keyed.len());
         {
-            let mut st = self.state();
+            let mut st = self.state_for(&mut keyed)?;
             self.admit(&st, &keyed)?;
             for k in &keyed {
                 let e = Self::touch(&mut st, k);

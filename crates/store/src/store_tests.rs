@@ -226,6 +226,104 @@ fn identical_content_in_two_checkpoints_is_stored_once() {
     s.release(&l2.id).unwrap();
 }
 
+/// A copy of `spec`'s folder in a fresh temp dir (other files, same bytes), with `patch` applied
+/// to its weights; removed with the returned guard.
+fn copy_of(
+    spec: &ComponentSpec,
+    tag: &str,
+    patch: impl FnOnce(&mut Vec<u8>),
+) -> (TempDir, ComponentSpec) {
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("autopipe-store-{}-{tag}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::copy(spec.path.join("config.json"), dir.0.join("config.json")).unwrap();
+    let files =
+        autopipe_models::weights::weight_files(&spec.path, spec.variant.as_deref()).unwrap();
+    let (first, rest) = files.split_first().unwrap();
+    let mut bytes = std::fs::read(first).unwrap();
+    patch(&mut bytes);
+    std::fs::write(dir.0.join(first.file_name().unwrap()), bytes).unwrap();
+    for f in rest {
+        std::fs::copy(f, dir.0.join(f.file_name().unwrap())).unwrap();
+    }
+    let copy = ComponentSpec {
+        path: dir.0.clone(),
+        ..spec.clone()
+    };
+    (dir, copy)
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn bytes_are_hashed_only_to_tell_apart_components_that_could_be_the_same() {
+    let s = store(None);
+    let (vae, unet) = (fixture("sd1-tiny", "vae"), fixture("sd1-tiny", "unet"));
+    let l1 = acquire(&s, &[vae.clone(), unet.clone()]).unwrap();
+    // Nothing resident could be the same: keyed by the files alone.
+    assert_eq!(s.digests.files_hashed(), 0);
+    // sd-inpaint-tiny's VAE has the fingerprint (class, config, file sizes) of sd1-tiny's: both are
+    // hashed and found the same. Its UNet (9 input channels) cannot be the same: not hashed.
+    let twins = [
+        fixture("sd-inpaint-tiny", "vae"),
+        fixture("sd-inpaint-tiny", "unet"),
+    ];
+    let l2 = acquire(&s, &twins).unwrap();
+    assert_eq!(s.digests.files_hashed(), 2);
+    assert_eq!(s.stats().loads, 3);
+    let l3 = acquire(&s, &twins).unwrap();
+    assert_eq!(s.digests.files_hashed(), 2, "hashed once per file version");
+    // Same sizes and config, one weight byte different: another component.
+    let (_dir, changed) = copy_of(&vae, "changed", |b| {
+        let last = b.len() - 1;
+        b[last] ^= 0x40;
+    });
+    let l4 = acquire(&s, std::slice::from_ref(&changed)).unwrap();
+    assert_eq!(s.stats().loads, 4);
+    assert_eq!(s.digests.files_hashed(), 3);
+    for l in [l1, l2, l3, l4] {
+        s.release(&l.id).unwrap();
+    }
+}
+
+#[test]
+fn concurrent_requests_for_two_copies_of_a_component_share_one_load() {
+    for round in 0..4 {
+        let s = store(None);
+        let vae = fixture("sd1-tiny", "vae");
+        let (_dir, copy) = copy_of(&vae, &format!("copy{round}"), |_| {});
+        let barrier = Barrier::new(2);
+        let leases: Vec<Lease> = std::thread::scope(|scope| {
+            let run = |spec: &ComponentSpec| {
+                barrier.wait();
+                acquire(&s, std::slice::from_ref(spec)).unwrap()
+            };
+            let (vae, copy) = (&vae, &copy);
+            let a = scope.spawn(move || run(vae));
+            let b = scope.spawn(move || run(copy));
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        // Whichever resolved first, the other found it (before or after taking the state lock).
+        let stats = s.stats();
+        assert_eq!(
+            (stats.loads, stats.components.len()),
+            (1, 1),
+            "round {round}"
+        );
+        assert_eq!(stats.components[0].active_leases, 2);
+        for l in leases {
+            s.release(&l.id).unwrap();
+        }
+    }
+}
+
 #[test]
 fn pinned_components_are_never_evicted_and_unload_frees_them() {
     let (a, b, c) = (
