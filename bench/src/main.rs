@@ -392,19 +392,17 @@ impl Driver<'_> {
             );
             return Ok(());
         }
-        let other = other.canonicalize()?;
-        let index: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(other.join("model_index.json"))?)?;
+        let checkpoint = autopipe_repo::Checkpoint::open(other)?;
         let components = ["text_encoder", "unet", "vae"]
             .iter()
             .map(|name| {
                 Ok(autopipe_proto::v1::ComponentRequest {
                     name: name.to_string(),
-                    class_name: index[name][1]
-                        .as_str()
+                    class_name: checkpoint
+                        .component_class(name)
                         .with_context(|| format!("model_index.json: {name}"))?
                         .to_string(),
-                    path: other.join(name).display().to_string(),
+                    path: checkpoint.component_dir(name)?.display().to_string(),
                     variant: self.args.variant.clone().unwrap_or_default(),
                     upcast_half: false,
                 })
@@ -416,7 +414,10 @@ impl Driver<'_> {
         for load_nice in [autopipe_store::DEFAULT_LOAD_NICE, 0] {
             let mut launch = self.launch(cfg)?;
             // The servers take local models from under their roots: the other checkpoint's too.
-            let root = other.parent().context("checkpoint folder's parent")?;
+            let root = checkpoint
+                .root()
+                .parent()
+                .context("checkpoint folder's parent")?;
             launch.store_args = vec![
                 "--model-root".into(),
                 root.display().to_string(),

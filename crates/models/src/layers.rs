@@ -67,11 +67,6 @@ pub fn take_released_bytes() -> u64 {
 fn release(ws: &Tensor) {
     let bytes = ws.numel() as u64 * ws.kind().elt_size_in_bytes() as u64;
     RELEASED_BYTES.fetch_add(bytes, Ordering::Relaxed);
-    drop_storage(ws);
-}
-
-/// Points `ws` and every handle sharing its storage at an empty tensor of the same kind.
-fn drop_storage(ws: &Tensor) {
     let empty = Tensor::empty([0], (ws.kind(), ws.device()));
     ws.shallow_clone().set_data(&empty);
 }
