@@ -49,10 +49,11 @@ pub struct StoreConfig {
 
 /// `--load-nice` when not given.
 /// The lowest priority: the loader gets the cores the compute thread's team leaves, so a running
-/// request's steps keep their pace (bench, sd1-tiny steps while the SD 1.5-arch checkpoint loads:
-/// fp32 1.10 × their undisturbed time at 19 against 1.61 × at 10, bf16 1.00 × against 1.26 ×); a
-/// load beside a request that never pauses takes 4 × longer (110 s against 26 s fp32), one on an
-/// idle store as long as at 0.
+/// request's steps keep their pace. Bench, sd1-tiny steps while the SD 1.5-arch checkpoint loads,
+/// in three runs each: fp32 1.10 / 1.43 / 1.14 × their undisturbed time at 19 against 1.61 / 1.18 /
+/// 1.24 × at 10; bf16 1.00 / 1.13 / 0.97 × against 1.26 / 1.35 / 1.28 ×. A load beside a request
+/// that never pauses takes 2–4 × longer (fp32 47–110 s against 20–29 s); one on an idle store as
+/// long as at 0.
 pub const DEFAULT_LOAD_NICE: i32 = 19;
 
 /// `--batch-window-ms` when not given: a scheduler step between two UNet calls of a request on
