@@ -179,33 +179,10 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::TempDir;
 
-    /// A fresh folder under the system's temp dir, removed when dropped.
-    struct Folder(PathBuf);
-
-    impl Folder {
-        fn new() -> Self {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("autopipe-digest-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Folder {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn folder(weights: &[u8]) -> (Folder, Vec<PathBuf>) {
-        let dir = Folder::new();
+    fn folder(weights: &[u8]) -> (TempDir, Vec<PathBuf>) {
+        let dir = TempDir::new();
         std::fs::write(dir.path().join("config.json"), b"{\"a\": 1}").unwrap();
         let w = dir.path().join("model.safetensors");
         std::fs::write(&w, weights).unwrap();
@@ -237,7 +214,7 @@ mod tests {
         assert_eq!(content(&sa), content(&sb));
         assert_ne!(content(&sa), content(&sc));
         // A symlink to a file is that file.
-        let d = Folder::new();
+        let d = TempDir::new();
         std::fs::copy(a.path().join("config.json"), d.path().join("config.json")).unwrap();
         let link = d.path().join("model.safetensors");
         std::os::unix::fs::symlink(&fa[0], &link).unwrap();

@@ -227,6 +227,19 @@ struct State {
 }
 
 impl State {
+    /// Entries in `kind` on `device` that could hold the same bytes as `source`: the same
+    /// fingerprint (see `digest`).
+    fn twins<'s>(
+        &'s self,
+        kind: Kind,
+        device: Device,
+        source: &'s Source,
+    ) -> impl Iterator<Item = (&'s ComponentKey, &'s Entry)> {
+        self.entries.iter().filter(move |(key, e)| {
+            key.kind == kind && key.device == device && e.source.fingerprint == source.fingerprint
+        })
+    }
+
     fn charged_bytes(&self) -> u64 {
         self.entries.values().map(|e| e.charged).sum()
     }
@@ -567,19 +580,16 @@ impl Store {
     ) -> Result<String, StoreError> {
         let twins: Vec<(String, Source)> = {
             let st = self.state();
-            let same = |key: &ComponentKey| key.kind == kind && key.device == self.config.device;
-            if st
-                .entries
-                .keys()
-                .any(|key| same(key) && key.digest == source.identity)
-            {
+            let twins = st.twins(kind, self.config.device, source);
+            let twins: Vec<_> = twins
+                .map(|(key, e)| (key.digest.clone(), e.source.clone()))
+                .collect();
+            // Already keyed by its own identity (which includes the fingerprint, so such an entry
+            // is among the twins).
+            if twins.iter().any(|(digest, _)| *digest == source.identity) {
                 return Ok(source.identity.clone());
             }
-            st.entries
-                .iter()
-                .filter(|(key, e)| same(key) && e.source.fingerprint == source.fingerprint)
-                .map(|(key, e)| (key.digest.clone(), e.source.clone()))
-                .collect()
+            twins
         };
         if twins.is_empty() {
             return Ok(source.identity.clone());
@@ -605,12 +615,9 @@ impl Store {
             let st = self.state();
             let unexamined = |k: &Keyed<'_>| {
                 !st.entries.contains_key(&k.key)
-                    && st.entries.iter().any(|(key, e)| {
-                        key.kind == k.key.kind
-                            && key.device == k.key.device
-                            && e.source.fingerprint == k.source.fingerprint
-                            && !k.compared.contains(&key.digest)
-                    })
+                    && st
+                        .twins(k.key.kind, k.key.device, &k.source)
+                        .any(|(key, _)| !k.compared.contains(&key.digest))
             };
             let stale: Vec<usize> = (0..keyed.len())
                 .filter(|&i| unexamined(&keyed[i]))

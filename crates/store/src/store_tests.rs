@@ -2,6 +2,7 @@
 //! admission, coalesced loads, content dedup, pins, lease expiry and input validation.
 
 use super::*;
+use crate::TempDir;
 use std::path::Path;
 use std::sync::{mpsc, Barrier};
 use tch::Tensor;
@@ -228,38 +229,27 @@ fn identical_content_in_two_checkpoints_is_stored_once() {
 
 /// A copy of `spec`'s folder in a fresh temp dir (other files, same bytes), with `patch` applied
 /// to its weights; removed with the returned guard.
-fn copy_of(
-    spec: &ComponentSpec,
-    tag: &str,
-    patch: impl FnOnce(&mut Vec<u8>),
-) -> (TempDir, ComponentSpec) {
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("autopipe-store-{}-{tag}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).unwrap();
-    std::fs::copy(spec.path.join("config.json"), dir.0.join("config.json")).unwrap();
+fn copy_of(spec: &ComponentSpec, patch: impl FnOnce(&mut Vec<u8>)) -> (TempDir, ComponentSpec) {
+    let dir = TempDir::new();
+    std::fs::copy(
+        spec.path.join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     let files =
         autopipe_models::weights::weight_files(&spec.path, spec.variant.as_deref()).unwrap();
     let (first, rest) = files.split_first().unwrap();
     let mut bytes = std::fs::read(first).unwrap();
     patch(&mut bytes);
-    std::fs::write(dir.0.join(first.file_name().unwrap()), bytes).unwrap();
+    std::fs::write(dir.path().join(first.file_name().unwrap()), bytes).unwrap();
     for f in rest {
-        std::fs::copy(f, dir.0.join(f.file_name().unwrap())).unwrap();
+        std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
     }
     let copy = ComponentSpec {
-        path: dir.0.clone(),
+        path: dir.path().to_path_buf(),
         ..spec.clone()
     };
     (dir, copy)
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
@@ -281,7 +271,7 @@ fn bytes_are_hashed_only_to_tell_apart_components_that_could_be_the_same() {
     let l3 = acquire(&s, &twins).unwrap();
     assert_eq!(s.digests.files_hashed(), 2, "hashed once per file version");
     // Same sizes and config, one weight byte different: another component.
-    let (_dir, changed) = copy_of(&vae, "changed", |b| {
+    let (_dir, changed) = copy_of(&vae, |b| {
         let last = b.len() - 1;
         b[last] ^= 0x40;
     });
@@ -298,7 +288,7 @@ fn concurrent_requests_for_two_copies_of_a_component_share_one_load() {
     for round in 0..4 {
         let s = store(None);
         let vae = fixture("sd1-tiny", "vae");
-        let (_dir, copy) = copy_of(&vae, &format!("copy{round}"), |_| {});
+        let (_dir, copy) = copy_of(&vae, |_| {});
         let barrier = Barrier::new(2);
         let leases: Vec<Lease> = std::thread::scope(|scope| {
             let run = |spec: &ComponentSpec| {
